@@ -1,0 +1,128 @@
+"""QuantSpec (what a tensor should become) and QuantizedTensor (what it became).
+
+Passes attach specs; the formats library turns a float tensor and a spec into a
+QuantizedTensor; lowering and kernels consume QuantizedTensors. Every tensor is
+quantized as a 2-D matrix ``[rows, K]`` with groups running along the last
+dimension ``K``: for a Linear weight the rows are output channels, for an
+activation the rows are tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+INT_FORMATS = ("int8", "int4", "int3", "int2")
+FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
+BLOCK_FORMATS = ("nvfp4", "mxfp4", "mxfp8")
+FORMATS = INT_FORMATS + FLOAT_FORMATS + BLOCK_FORMATS
+
+BITS = {
+    "int8": 8, "int4": 4, "int3": 3, "int2": 2,
+    "fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4,
+    "nvfp4": 4, "mxfp4": 4, "mxfp8": 8,
+}
+FIXED_BLOCK = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}
+
+PER_CHANNEL = 0
+"""``group_size`` meaning one scale for a whole row (per output channel or per token)."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor.
+
+    ``group_size`` is the number of consecutive elements along K that share a
+    scale; ``PER_CHANNEL`` (0) means the whole row. Block formats fix it
+    (NVFP4 16, MX 32). ``dynamic`` is for activations: scales are computed at
+    run time from the live tensor (per token), never calibrated.
+    """
+
+    format: str
+    group_size: int = PER_CHANNEL
+    symmetric: bool = True
+    scale_dtype: str = "float16"
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; valid formats: {', '.join(FORMATS)}")
+        if self.format in FIXED_BLOCK:
+            block = FIXED_BLOCK[self.format]
+            if self.group_size not in (PER_CHANNEL, block):
+                raise ValueError(f"{self.format} uses blocks of {block}, not group_size={self.group_size}")
+            object.__setattr__(self, "group_size", block)
+        if self.group_size < 0:
+            raise ValueError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if not self.symmetric and self.format not in INT_FORMATS:
+            raise ValueError(f"asymmetric quantization is only defined for integer formats, not {self.format}")
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.format]
+
+    def short(self) -> str:
+        """A compact human name, e.g. ``int4-g128-asym`` or ``nvfp4``."""
+        if self.format in FIXED_BLOCK:
+            return self.format
+        group = "pc" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        sym = "" if self.symmetric else "-asym"
+        return f"{self.format}-{group}{sym}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantSpec:
+        return cls(**d)
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized ``[rows, K]`` matrix in the canonical (kernel-facing) layout.
+
+    - ``data``: codes. int8 → ``int8 [rows, K]``; int4/int3/int2 and fp4 → ``uint8``
+      bit-packed along K, low bits first (see ``packing``); fp8/mxfp8 →
+      ``float8_e4m3fn``/``float8_e5m2 [rows, K]``.
+    - ``scale``: ``[rows, n_groups]`` (float16/bfloat16/float32 for int and plain fp
+      formats, ``float8_e4m3fn`` for NVFP4, ``uint8`` biased e8m0 exponents for MX).
+    - ``zero``: ``uint8 [rows, n_groups]`` integer zero points, asymmetric int only.
+    - ``global_scale``: float32 scalar tensor, NVFP4 only (second-level scale).
+
+    K is padded with zeros to a whole number of groups (and bytes); ``shape``
+    keeps the logical, unpadded shape.
+    """
+
+    spec: QuantSpec
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def padded_k(self) -> int:
+        return self.scale.shape[1] * self.group_size
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size or self.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"data": self.data, "scale": self.scale}
+        if self.zero is not None:
+            out["zero"] = self.zero
+        if self.global_scale is not None:
+            out["global_scale"] = self.global_scale
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor: codes, scales, zero points."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return QuantizedTensor(self.spec, self.shape, moved["data"], moved["scale"],
+                               moved.get("zero"), moved.get("global_scale"), dict(self.extra))

@@ -1,0 +1,46 @@
+"""Canonical ops of the qcompile IR.
+
+Frontends raise decomposed patterns to these so that passes match one node
+instead of a dozen. Each is a ``torch.library`` custom op with a fake kernel,
+so graphs that hold them still export, trace and run anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("qcompile::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama-family models compute it: normalize in at least float32,
+    cast back to the input dtype, then scale by ``weight``."""
+    xf = x.float() if x.dtype in _LOW_PRECISION else x
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y * weight if weight is not None else y.clone()
+
+
+@rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("qcompile::layer_norm", mutates_args=())
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dimension."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+RMS_NORM = torch.ops.qcompile.rms_norm.default
+LAYER_NORM = torch.ops.qcompile.layer_norm.default
+NORM_OPS = (RMS_NORM, LAYER_NORM)
+LINEAR = torch.ops.aten.linear.default
