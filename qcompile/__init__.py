@@ -1,0 +1,22 @@
+"""qcompile: a quantization compiler for PyTorch models.
+
+    cm = qcompile.compile(model, example_inputs, target="cpu", recipe="w4a16")
+    out = cm(*example_inputs)
+    print(cm.report())
+"""
+
+from qcompile.api import CompiledModel, compile
+from qcompile.artifact import load
+from qcompile.formats import QuantizedTensor, QuantSpec
+from qcompile.passes.base import Pass, PassContext, PassManager, PassResult, register_pass, registered_passes
+from qcompile.recipes import RECIPES, Recipe, get_recipe
+from qcompile.report import Report
+from qcompile.targets import TARGETS, Target, get_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RECIPES", "TARGETS", "CompiledModel", "Pass", "PassContext", "PassManager", "PassResult", "QuantSpec",
+    "QuantizedTensor", "Recipe", "Report", "Target", "compile", "get_recipe", "get_target", "load",
+    "register_pass", "registered_passes",
+]

@@ -1,0 +1,129 @@
+"""Fused dequantize-GEMM Triton kernels.
+
+Public API:
+
+- :func:`triton_quantized_linear` — ``y = x @ dequant(W).T (+ bias) (silu_mul) (+ residual)``
+- :func:`unsupported_reason` — why no Triton kernel handles a (weight, activation) spec pair
+- :func:`force_triton` / ``QCOMPILE_FORCE_TRITON=1`` and :func:`use_triton`
+
+Kernel families (one per file): ``weight_only.py`` (W4A16 int4, W8A16 int8/fp8,
+FP4 e2m1/NVFP4/MXFP4 weight-only), ``fp8.py`` (FP8 W8A8 with per-token activation
+quantization). ``configs.py`` holds the cached tile heuristic, ``reference.py``
+the float64 references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor, QuantSpec
+
+__all__ = ["triton_quantized_linear", "unsupported_reason", "force_triton", "use_triton"]
+
+_FORCED: list[bool] = []
+EPILOGUES = ("none", "silu_mul")
+WEIGHT_ONLY_FORMATS = ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "mxfp8")
+
+
+@contextlib.contextmanager
+def force_triton(enabled: bool = True) -> Iterator[None]:
+    """Run the Triton kernels even without CUDA (on CPU they need ``TRITON_INTERPRET=1``)."""
+    _FORCED.append(enabled)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def _forced() -> bool:
+    if _FORCED:
+        return _FORCED[-1]
+    return os.environ.get("QCOMPILE_FORCE_TRITON", "0") not in ("", "0", "false", "False")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when ``x`` should go through a Triton kernel: on CUDA, or when forced."""
+    return x.is_cuda or _forced()
+
+
+def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
+                       device: torch.device | str | None = None) -> str | None:
+    """``None`` if a Triton GEMM kernel handles this pair on ``device``, else a reason."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda" and not _forced():
+        return f"Triton GEMM kernels run on CUDA devices (got {dev}); force_triton() runs them in the interpreter"
+    fmt = weight_spec.format
+    if act_spec is None:
+        if fmt not in WEIGHT_ONLY_FORMATS:
+            return f"no weight-only Triton kernel for {fmt} weights (supported: {', '.join(WEIGHT_ONLY_FORMATS)})"
+        if fmt in ("fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "mxfp8") and not weight_spec.symmetric:
+            return f"{fmt} is symmetric only"
+        return None
+    if act_spec.format == "fp8_e4m3":
+        if not act_spec.dynamic or act_spec.group_size != PER_CHANNEL:
+            return "FP8 activations are supported as dynamic per-token scales only"
+        if fmt != "fp8_e4m3" or weight_spec.group_size != PER_CHANNEL:
+            return f"FP8 W8A8 needs fp8_e4m3 per-channel weights, got {weight_spec.short()}"
+        if dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+            return "FP8 tensor-core GEMM needs compute capability >= 8.9"
+        return None
+    if act_spec.format in ("nvfp4", "mxfp4"):
+        return f"W4A4 ({fmt} weights x {act_spec.format} activations via tl.dot_scaled) is not implemented yet"
+    if act_spec.format == "int8":
+        return "W4A8 / W8A8-int8 kernels are not implemented yet"
+    return f"no Triton kernel for {act_spec.format} activations"
+
+
+def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                            act_spec: QuantSpec | None = None, residual: torch.Tensor | None = None,
+                            epilogue: str = "none") -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16) times the quantized weight ``qt [N, K]``.
+
+    Returns ``[..., N]``, or ``[..., N/2]`` for ``epilogue="silu_mul"`` where ``qt``
+    is a merged gate/up weight (rows ``[0, N/2)`` gate, ``[N/2, N)`` up) and the
+    result is ``silu(gate) * up``. ``bias`` ``[N]`` is added before the epilogue,
+    ``residual`` ``[..., N_out]`` after it.
+    """
+    from qcompile.codegen.gemm.configs import pick_config
+    from qcompile.codegen.gemm.fp8 import launch_fp8
+    from qcompile.codegen.gemm.weight_only import launch_weight_only
+    from qcompile.formats.kernel_layouts import gemm_weight_operands
+
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    reason = unsupported_reason(qt.spec, act_spec, x.device)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"activations must be bfloat16 or float16, got {x.dtype}")
+    N, K = qt.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={K}")
+    silu = epilogue == "silu_mul"
+    if silu and N % 2:
+        raise ValueError("silu_mul needs an even number of output rows (gate then up)")
+    n_out = N // 2 if silu else N
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    res2 = None
+    if residual is not None:
+        res2 = residual.reshape(-1, n_out)
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    ops = gemm_weight_operands(qt)
+    M = x2.shape[0]
+    if act_spec is None:
+        kind = "w4" if ops.code in (0, 2) else "w8"
+        cfg = pick_config(M, N, K, kind, ops.group or K)
+        out = launch_weight_only(x2, ops.data, ops.scale, ops.zero, ops.global_scale, K, ops.group,
+                                 ops.per_channel, ops.code, ops.scale_kind, cfg, bias, res2, silu)
+    else:
+        cfg = pick_config(M, N, K, "fp8", K)
+        out = launch_fp8(x2, ops.data, ops.scale, cfg, bias, res2, silu)
+    return out.reshape(*lead, n_out)

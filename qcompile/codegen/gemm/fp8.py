@@ -1,0 +1,110 @@
+"""FP8 W8A8: e4m3 weights with per-channel scales, activations quantized per token on the fly.
+
+Two launches: ``act_quant_fp8_kernel`` turns each bf16/fp16 token row into e4m3
+codes plus one fp32 scale (amax / 448), then ``fp8_gemm_kernel`` runs an
+e4m3 x e4m3 -> fp32 ``tl.dot`` (Hopper wgmma) and multiplies the accumulator by
+``token_scale[m] * channel_scale[n]`` in the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.gemm.common import finish_split_k, store_epilogue, swizzle, virtual_rows
+from qcompile.codegen.gemm.configs import GemmConfig
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    """One program per token: scale = amax / 448, q = e4m3(x / scale)."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+@triton.jit
+def fp8_gemm_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om, stride_rm,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_v < N
+    rows = tl.where(n_mask, virtual_rows(offs_v, N, SILU_MUL), 0)
+    m_ld = tl.where(offs_m < M, offs_m, 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + m_ld[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+
+    xs = tl.load(xs_ptr + m_ld)
+    ws = tl.load(ws_ptr + rows).to(tl.float32)
+    acc = acc * xs[:, None] * ws[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(out_ptr + offs_m[:, None] * N + rows[None, :], acc,
+                      mask=(offs_m[:, None] < M) & n_mask[None, :], sem="relaxed")
+    else:
+        store_epilogue(acc, offs_m, pid_n, M, N, rows, n_mask, out_ptr, stride_om, bias_ptr, res_ptr,
+                       stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
+
+
+def quantize_act_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 quantization of ``x2 [M, K]``: codes and fp32 scales ``[M]``."""
+    M, K = x2.shape
+    q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty((M,), device=x2.device, dtype=torch.float32)
+    act_quant_fp8_kernel[(M,)](x2, q, s, K, x2.stride(0), q.stride(0), BLOCK_K=min(2048, triton.next_power_of_2(K)))
+    return q, s
+
+
+def launch_fp8(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, cfg: GemmConfig,
+               bias: torch.Tensor | None, residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+    M, K = x2.shape
+    N = data.shape[0]
+    xq, xs = quantize_act_fp8(x2)
+    n_out = N // 2 if silu_mul else N
+    out = torch.empty((M, n_out), device=x2.device, dtype=x2.dtype)
+    split = cfg.split_k
+    target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    fp8_gemm_kernel[grid](
+        xq, xs, data, scale.reshape(-1), bias if bias is not None else xs, residual if residual is not None else xs,
+        target, M, N, K, xq.stride(0), data.stride(0), target.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
+        SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        finish_split_k(target, out, bias, residual, silu_mul)
+    return out

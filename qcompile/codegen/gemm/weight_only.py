@@ -1,0 +1,160 @@
+"""Weight-only quantized GEMM: ``y = x @ dequant(W).T`` with bf16/fp16 activations.
+
+One kernel covers W4A16 (int4 sym/asym, group-wise or per-channel), W8A16 (int8,
+fp8-e4m3 weights) and FP4 weights (plain e2m1, NVFP4, MXFP4), because they differ
+only in how a stored code and a stored scale become numbers.
+
+Per tile of ``BLOCK_K`` the kernel loads packed codes (16-byte vector loads along
+K: two int4 codes per byte, low nibble first), unpacks them in registers,
+subtracts the offset / zero point, multiplies by the group scale, casts to the
+activation dtype and feeds ``tl.dot``. Per-channel scales are applied once to the
+fp32 accumulator instead. Decode (M <= 16) uses one 16-row M tile and splits K
+across programs (fp32 atomics, then a tiny epilogue kernel) so that even N = 4096
+puts every SM to work streaming weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.gemm.common import (
+    decode_fp4,
+    decode_scale,
+    finish_split_k,
+    store_epilogue,
+    swizzle,
+    virtual_rows,
+)
+from qcompile.codegen.gemm.configs import GemmConfig
+
+
+@triton.jit
+def weight_only_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K, KD, G,
+    stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_rm,
+    CODE: tl.constexpr, SCALE_KIND: tl.constexpr, GROUP: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_GS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    PACKED: tl.constexpr = CODE == 0 or CODE == 2
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_v < N
+    rows = tl.where(n_mask, virtual_rows(offs_v, N, SILU_MUL), 0)
+    m_ld = tl.where(offs_m < M, offs_m, 0)  # clamp instead of masking: rows stay vectorizable
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + m_ld[:, None] * stride_xm + offs_k[None, :]
+        # ---- codes: [BLOCK_N, BLOCK_K] ----
+        if PACKED:
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_b[None, :]
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                packed = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                packed = tl.load(w_ptrs, mask=offs_b[None, :] < KD, other=0)
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+        else:
+            w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                q = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                q = tl.load(w_ptrs, mask=offs_k[None, :] < KD, other=0)
+        if CODE == 2:  # noqa: SIM108 (constexpr branch)
+            w = decode_fp4(q)
+        else:
+            w = q.to(tl.float32)
+        # ---- offset / zero point and scale ----
+        if PER_CHANNEL:
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rows * stride_zn).to(tl.float32)
+                w = w - z[:, None]
+            elif CODE == 0:
+                w = w - 8.0
+        elif GROUP >= BLOCK_K:
+            # the whole tile lies in one group
+            g = k0 // GROUP
+            s = decode_scale(tl.load(s_ptr + rows * stride_sn + g), SCALE_KIND)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+                w = (w - z[:, None]) * s[:, None]
+            elif CODE == 0:
+                w = (w - 8.0) * s[:, None]
+            else:
+                w = w * s[:, None]
+        else:
+            # BLOCK_K // GROUP groups per tile: broadcast each group's scale over its columns
+            NG: tl.constexpr = BLOCK_K // GROUP
+            offs_g = k0 // GROUP + tl.arange(0, NG)
+            s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
+            s = decode_scale(tl.load(s_ptrs, mask=offs_g[None, :] < G, other=0), SCALE_KIND)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rows[:, None] * stride_zn + offs_g[None, :], mask=offs_g[None, :] < G, other=0)
+                z = tl.reshape(tl.broadcast_to(z.to(tl.float32)[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
+                w = (w - z) * s
+            elif CODE == 0:
+                w = (w - 8.0) * s
+            else:
+                w = w * s
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+
+    if PER_CHANNEL:
+        s = decode_scale(tl.load(s_ptr + rows * stride_sn), SCALE_KIND)
+        acc = acc * s[None, :]
+    if HAS_GS:
+        acc = acc * tl.load(gs_ptr).to(tl.float32)
+    if SPLIT_K > 1:
+        # partial sums: the workspace is indexed by physical rows
+        tl.atomic_add(out_ptr + offs_m[:, None] * N + rows[None, :], acc,
+                      mask=(offs_m[:, None] < M) & n_mask[None, :], sem="relaxed")
+    else:
+        store_epilogue(acc, offs_m, pid_n, M, N, rows, n_mask, out_ptr, stride_om, bias_ptr, res_ptr,
+                       stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
+
+
+def launch_weight_only(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       global_scale: torch.Tensor | None, K: int, group: int, per_channel: bool,
+                       code: int, scale_kind: int, cfg: GemmConfig, bias: torch.Tensor | None,
+                       residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+    """Run the kernel on 2-D ``x2 [M, K]`` (contiguous) and canonical weight tensors."""
+    M = x2.shape[0]
+    N = data.shape[0]
+    n_out = N // 2 if silu_mul else N
+    out = torch.empty((M, n_out), device=x2.device, dtype=x2.dtype)
+    KD = data.shape[1]
+    even_k = K % cfg.block_k == 0 and KD * (2 if code in (0, 2) else 1) >= K
+    split = cfg.split_k
+    target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    dummy = data
+    weight_only_gemm_kernel[grid](
+        x2, data, scale, zero if zero is not None else dummy, global_scale if global_scale is not None else dummy,
+        bias if bias is not None else dummy, residual if residual is not None else dummy, target,
+        M, N, K, KD, scale.shape[1],
+        x2.stride(0), data.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+        target.stride(0), residual.stride(0) if residual is not None else 0,
+        CODE=code, SCALE_KIND=scale_kind, GROUP=group, PER_CHANNEL=per_channel,
+        HAS_ZERO=zero is not None, HAS_GS=global_scale is not None,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
+        SPLIT_K=split, EVEN_K=even_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        finish_split_k(target, out, bias, residual, silu_mul)
+    return out

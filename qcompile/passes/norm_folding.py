@@ -1,0 +1,75 @@
+"""fold_norm_scales: move a norm's affine weight (and bias) into the linears it feeds.
+
+``W · (γ ⊙ n(x) + β) + c = (W·diag(γ)) · n(x) + (W·β + c)``, so when every consumer
+of a norm is a linear, the norm can lose its affine part. This is exact, and it is
+the first step of rotation folding: a rotation can only pass through a norm that
+has no per-channel scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompile.ir.graph import add_get_attr, get_attr, is_linear, linear_bias
+from qcompile.ir.ops import LAYER_NORM, NORM_OPS, RMS_NORM
+from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass("fold_norm_scales")
+class FoldNormScales(Pass):
+    exact = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        folded, skipped = 0, {}
+        for norm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in NORM_OPS]:
+            reason = _why_not(norm)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            _fold(gm, norm)
+            folded += 1
+        return PassResult(folded > 0, {"folded": folded, "skipped": skipped})
+
+
+def _affine(norm: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    if norm.target == RMS_NORM:
+        return norm.args[1], None
+    return norm.args[1], norm.args[2]
+
+
+def _why_not(norm: fx.Node) -> str | None:
+    weight, bias = _affine(norm)
+    if weight is None and bias is None:
+        return "no affine parameters"
+    if any(not (isinstance(p, fx.Node) and p.op == "get_attr") for p in (weight, bias) if p is not None):
+        return "affine parameters computed in the graph"
+    users = list(norm.users)
+    if not users or not all(is_linear(u) and u.args[0] is norm and u.args[1] is not norm for u in users):
+        return "a consumer is not a linear (e.g. a residual)"
+    return None
+
+
+def _fold(gm: fx.GraphModule, norm: fx.Node) -> None:
+    weight, bias = _affine(norm)
+    gamma = get_attr(gm, weight.target).double() if weight is not None else None
+    beta = get_attr(gm, bias.target).double() if bias is not None else None
+    for lin in list(norm.users):
+        w_node = lin.args[1]
+        w = get_attr(gm, w_node.target)
+        w64 = w.double()
+        new_w = w64 * gamma[None, :] if gamma is not None else w64
+        lin.update_arg(1, add_get_attr(gm, w_node.target + "_folded", new_w.to(w.dtype), before=lin))
+        if beta is not None:
+            c = linear_bias(gm, lin)
+            new_c = w64 @ beta + (c.double() if c is not None else 0.0)
+            name = w_node.target.rsplit(".", 1)[0] + ".bias_folded"
+            new_c_node = add_get_attr(gm, name, new_c.to(w.dtype), before=lin)
+            lin.args = (lin.args[0], lin.args[1], new_c_node)
+    if norm.target == RMS_NORM:
+        norm.update_arg(1, None)
+    elif norm.target == LAYER_NORM:
+        norm.args = (norm.args[0], None, None, norm.args[3])
+    for p in (weight, bias):
+        if p is not None and not p.users:
+            gm.graph.erase_node(p)

@@ -1,0 +1,102 @@
+"""The compile report: per-layer formats, sizes and errors, and model-level accuracy."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class LayerReport:
+    path: str
+    weight_format: str
+    activation_format: str | None
+    bits_per_weight: float
+    bytes_before: int
+    bytes_fp16: int
+    bytes_after: int
+    weight_rel_error: float
+    output_rel_error: float | None = None
+    method: str = "rtn"
+
+
+@dataclass
+class Report:
+    """What compile() did. ``str(report)`` is a table; ``to_dict``/``to_json`` for tools."""
+
+    model: str
+    target: str
+    recipe: str
+    layers: list[LayerReport]
+    output_cosine: float | None = None
+    output_rel_error: float | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_fp16(self) -> int:
+        return sum(layer.bytes_fp16 for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["totals"] = {
+            "linear_bytes_before": self.bytes_before,
+            "linear_bytes_fp16": self.bytes_fp16,
+            "linear_bytes_after": self.bytes_after,
+            "ratio_to_fp16": self.bytes_after / self.bytes_fp16 if self.bytes_fp16 else None,
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        d = {k: v for k, v in d.items() if k != "totals"}
+        d["layers"] = [LayerReport(**layer) for layer in d["layers"]]
+        return cls(**d)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> Table:
+        t = Table(title=f"qcompile: {self.model} → target {self.target}, recipe {self.recipe}", show_lines=False)
+        for col in ("layer", "weights", "acts", "bits/w", "KiB before", "KiB after", "weight err", "output err"):
+            t.add_column(col, justify="left" if col in ("layer", "weights", "acts") else "right")
+        for layer in self.layers:
+            t.add_row(
+                layer.path, layer.weight_format, layer.activation_format or "-", f"{layer.bits_per_weight:.2f}",
+                f"{layer.bytes_before / 1024:.1f}", f"{layer.bytes_after / 1024:.1f}",
+                f"{layer.weight_rel_error:.4f}",
+                f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-",
+            )
+        ratio = self.bytes_after / self.bytes_fp16 if self.bytes_fp16 else float("nan")
+        t.add_section()
+        t.add_row(
+            f"total ({len(self.layers)} linears)", "", "", "", f"{self.bytes_before / 1024:.1f}",
+            f"{self.bytes_after / 1024:.1f}", "", "",
+        )
+        t.caption = f"linear weights {self.bytes_after / 2**20:.2f} MiB = {ratio:.3f}× of fp16"
+        if self.output_cosine is not None:
+            t.caption += f"; model output vs float: cosine {self.output_cosine:.5f}, relative error {self.output_rel_error:.4f}"
+        return t
+
+    def __str__(self) -> str:
+        buf = io.StringIO()
+        Console(file=buf, width=140, force_terminal=False).print(self.table())
+        for note in self.notes:
+            buf.write(f"note: {note}\n")
+        return buf.getvalue()
+
+    def __rich__(self) -> Table:
+        return self.table()

@@ -1,0 +1,40 @@
+"""Normalized Hadamard matrices (Sylvester construction) for rotating keys and queries.
+
+An orthogonal rotation applied to both q and k leaves every logit q·k unchanged, while it spreads
+a few large key channels over all channels, so that per-token quantization loses less
+(QuaRot / TurboQuant style). Only power-of-two sizes; the rotation-folding pass brings its own
+general construction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / (n ** 0.5)
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The symmetric orthogonal ``n × n`` Hadamard matrix ``H`` (``H @ H == I``)."""
+    if not is_power_of_two(n):
+        raise ValueError(f"Hadamard rotation needs a power-of-two size, got head_dim={n}")
+    return _hadamard_cpu(n).to(device=device, dtype=dtype)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` along the last dimension, computed in float32 (float64 stays float64)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = hadamard_matrix(x.shape[-1], work, x.device)
+    return (x.to(work) @ h).to(x.dtype)

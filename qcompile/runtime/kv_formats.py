@@ -1,0 +1,176 @@
+"""KV-cache formats: the cache's own spec and its reference (torch) quantizers.
+
+Layouts, per layer, batch row and KV head (``S`` = max_seq_len, ``D`` = head_dim):
+
+- ``bf16``: no compression, stored in the cache's dtype (bf16 or fp16).
+- ``fp8_e4m3`` / ``int8``: per token and head. Codes ``[S, D]`` (fp8 stored as its uint8 bits),
+  one float32 scale per token ``[S]``. Symmetric: ``x ≈ code * scale``.
+- ``int4`` / ``int2`` (KIVI / KVQuant style, asymmetric): codes bit-packed along D, low bits
+  first (channel ``PER*j + i`` in bits ``i*bits`` of byte ``j``).
+  Keys are quantized per channel over groups of ``group_size`` tokens: scale and minimum
+  ``[S / group_size, D]`` float16. The newest tokens stay in a bf16 residual ring of
+  ``residual_length`` slots (keys and values) until it fills; then it is quantized as a whole.
+  Values are quantized per token over groups of ``group_size`` channels: scale and minimum
+  ``[S, D / group_size]`` float16. ``x ≈ code * scale + minimum``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+KV_FORMATS = ("bf16", "fp8_e4m3", "int8", "int4", "int2")
+PER_TOKEN_FORMATS = ("fp8_e4m3", "int8")
+GROUPED_FORMATS = ("int4", "int2")
+KV_BITS = {"bf16": 16, "fp8_e4m3": 8, "int8": 8, "int4": 4, "int2": 2}
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How a KV cache is compressed.
+
+    ``group_size``: int4/int2 only: tokens per key group and channels per value group.
+    ``residual_length``: int4/int2 keys only: how many newest tokens stay in bf16 before they
+    are quantized together (a multiple of ``group_size``; defaults to ``group_size``).
+    ``rotate_keys``: Hadamard-rotate keys before quantization (queries are rotated alike).
+    ``pre_rope``: the cache receives keys *before* RoPE and applies RoPE (rotate-half / NeoX
+    style, base ``rope_theta``, position = slot index) after dequantization.
+    """
+
+    key_format: str = "int4"
+    value_format: str | None = None
+    group_size: int = 64
+    residual_length: int | None = None
+    rotate_keys: bool = False
+    pre_rope: bool = False
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.value_format is None:
+            object.__setattr__(self, "value_format", self.key_format)
+        for role, fmt in (("key_format", self.key_format), ("value_format", self.value_format)):
+            if fmt not in KV_FORMATS:
+                raise ValueError(f"unknown KV {role} {fmt!r}; valid formats: {', '.join(KV_FORMATS)}")
+        g = self.group_size
+        if g < 4 or (g & (g - 1)) != 0:
+            raise ValueError(f"group_size must be a power of two >= 4, got {g}")
+        if self.residual_length is None:
+            object.__setattr__(self, "residual_length", g)
+        r = self.residual_length
+        if r < g or r % g != 0:
+            raise ValueError(f"residual_length must be a positive multiple of group_size={g}, got {r}")
+        if self.rotate_keys and self.pre_rope:
+            raise ValueError("rotate_keys and pre_rope cannot be combined: a Hadamard rotation "
+                             "does not commute with RoPE")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def grouped_keys(self) -> bool:
+        """Keys quantized per channel over token groups (and a bf16 residual kept)."""
+        return self.key_format in GROUPED_FORMATS
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim={head_dim} is not supported; supported head dims: "
+                             f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+        if self.value_format in GROUPED_FORMATS and head_dim % self.group_size != 0:
+            raise ValueError(f"value group_size={self.group_size} must divide head_dim={head_dim}")
+
+    def bytes_per_token(self, head_dim: int, itemsize: int = 2) -> float:
+        """Bytes one token of one KV head costs (keys + values, codes and scales), amortized."""
+        total = 0.0
+        for fmt in (self.key_format, self.value_format):
+            if fmt == "bf16":
+                total += head_dim * itemsize
+            elif fmt in PER_TOKEN_FORMATS:
+                total += head_dim + 4
+            else:
+                total += head_dim * KV_BITS[fmt] / 8 + 4 * head_dim / self.group_size
+        return total
+
+    def short(self) -> str:
+        name = self.key_format if self.key_format == self.value_format else \
+            f"k{self.key_format}-v{self.value_format}"
+        if self.key_format in GROUPED_FORMATS or self.value_format in GROUPED_FORMATS:
+            name += f"-g{self.group_size}"
+        if self.rotate_keys:
+            name += "-rot"
+        if self.pre_rope:
+            name += "-prerope"
+        return name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- reference quantizers
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last dim, low bits first."""
+    per = 8 // bits
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = torch.zeros(c.shape[:-1], dtype=torch.int32, device=codes.device)
+    for i in range(per):
+        out |= c[..., i] << (bits * i)
+    return out.to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    p = packed.to(torch.int32)
+    parts = [(p >> (bits * i)) & ((1 << bits) - 1) for i in range(per)]
+    return torch.stack(parts, -1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization along the last dim: (codes, float32 scale)."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    qmax = FP8_MAX if fmt == "fp8_e4m3" else 127.0
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    y = x * (1.0 / scale)[..., None]
+    if fmt == "fp8_e4m3":
+        codes = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    else:
+        codes = torch.floor(y + 0.5).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, fmt: str,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if fmt == "fp8_e4m3":
+        vals = codes.view(torch.float8_e4m3fn).to(dtype)
+    else:
+        vals = codes.to(dtype)
+    return vals * scale.to(dtype)[..., None]
+
+
+def quantize_asym(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization reducing over ``dim``: (codes int32, scale fp16, min fp16).
+
+    Codes are computed against the float16-rounded scale and minimum that are stored.
+    """
+    x = x.float()
+    qmax = (1 << bits) - 1
+    mn = x.amin(dim, keepdim=True)
+    mx = x.amax(dim, keepdim=True)
+    scale16 = ((mx - mn) / qmax).to(torch.float16)
+    mn16 = mn.to(torch.float16)
+    s = scale16.float()
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    codes = torch.floor((x - mn16.float()) * inv + 0.5).clamp(0, qmax).to(torch.int32)
+    return codes, scale16.squeeze(dim), mn16.squeeze(dim)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half (NeoX / Llama) RoPE along the last dim at the given positions (``[..., S]``)."""
+    d = x.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, d // 2, dtype=work, device=x.device) * 2.0 / d)
+    ang = positions.to(work)[..., None] * inv_freq
+    cos, sin = ang.cos(), ang.sin()
+    lo, hi = x[..., : d // 2].to(work), x[..., d // 2:].to(work)
+    return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], -1).to(x.dtype)
