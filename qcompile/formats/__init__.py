@@ -1,36 +1,50 @@
-"""Number formats: reference quantize, dequantize and bit packing, bit-exact.
+"""Number formats: quantize, dequantize, pack (see docs/formats.md).
 
-Integer (int8/4/3/2), fp8 (e4m3/e5m2), fp4 e2m1, NVFP4 and MXFP4/MXFP8. See
-docs/formats.md for layouts and rounding rules.
+Reference implementations, bit-exact and property-tested; kernels, ONNX
+export and passes all build on them.
 """
 
 from .api import (
-    PACKED_FORMATS,
     bits_per_weight,
     dequantize,
     fake_quantize,
     quantization_error,
     quantize,
+    scale_nbytes,
 )
-from .floating import E2M1_VALUES, fp4_e2m1_decode, fp4_e2m1_encode
-from .packing import pack_bits, packed_width, unpack_bits
-from .spec import FORMATS, PER_CHANNEL, QuantizedTensor, QuantSpec
+from .codec import Codec, Parts
+from .floating import (
+    E2M1_BOUNDS,
+    E2M1_MAX,
+    E2M1_TABLE,
+    E2M1_VALUES,
+    FP8_DTYPES,
+    FP8_MAX,
+    fp4_e2m1_decode,
+    fp4_e2m1_encode,
+    fp4_e2m1_round,
+    fp8_cast,
+)
+from .microscaling import e8m0_decode, mx_scale_exponent, nvfp4_global_scale
+from .packing import pack_bits, packed_nbytes, unpack_bits
+from .registry import CODECS, get_codec
+from .spec import (
+    BITS,
+    BLOCK_FORMATS,
+    FIXED_BLOCK,
+    FLOAT_FORMATS,
+    FORMATS,
+    INT_FORMATS,
+    PER_CHANNEL,
+    QuantizedTensor,
+    QuantSpec,
+)
 
 __all__ = [
-    "E2M1_VALUES",
-    "FORMATS",
-    "PACKED_FORMATS",
-    "PER_CHANNEL",
-    "QuantSpec",
-    "QuantizedTensor",
-    "bits_per_weight",
-    "dequantize",
-    "fake_quantize",
-    "fp4_e2m1_decode",
-    "fp4_e2m1_encode",
-    "pack_bits",
-    "packed_width",
-    "quantization_error",
-    "quantize",
-    "unpack_bits",
+    "BITS", "BLOCK_FORMATS", "CODECS", "E2M1_BOUNDS", "E2M1_MAX", "E2M1_TABLE", "E2M1_VALUES",
+    "FIXED_BLOCK", "FLOAT_FORMATS", "FORMATS", "FP8_DTYPES", "FP8_MAX", "INT_FORMATS",
+    "PER_CHANNEL", "Codec", "Parts", "QuantSpec", "QuantizedTensor", "bits_per_weight",
+    "dequantize", "e8m0_decode", "fake_quantize", "fp4_e2m1_decode", "fp4_e2m1_encode",
+    "fp4_e2m1_round", "fp8_cast", "get_codec", "mx_scale_exponent", "nvfp4_global_scale",
+    "pack_bits", "packed_nbytes", "quantization_error", "quantize", "scale_nbytes", "unpack_bits",
 ]

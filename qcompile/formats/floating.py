@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
-E2M1_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAGNITUDES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 """Magnitudes of codes 0..7; codes 8..15 are the same values negated (8 is -0.0)."""
 E2M1_MAX = 6.0
 E2M1_EMAX = 2
 """Exponent of the largest normal E2M1 value (6 = 1.5 * 2**2); used by MX scaling."""
 
-E2M1_TABLE = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
+E2M1_VALUES = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES), dtype=torch.float32)
+"""``float32 [16]``: value of each 4-bit code (the public name)."""
+E2M1_TABLE = E2M1_VALUES
 """``float32 [16]``: decode table, index = 4-bit code."""
 
 # Decision thresholds between neighbouring magnitudes. A tie goes to the code

@@ -36,10 +36,10 @@ def encode(wg: torch.Tensor, spec: QuantSpec) -> Parts:
     top = 2**spec.bits - 1
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)
-    # Rounded up so that (hi - lo) / scale <= top: the min lands on code 0 and
-    # the max on code `top` (barring exact ties), which makes the re-quantization
-    # of the dequantized tensor reproduce scale and zero.
-    scale = cast_scale((hi - lo) / top, sdtype, round_up=True)
+    # Rounded down so that (hi - lo) / scale >= top: with zero = -round(lo / scale)
+    # the min lands on code 0 and the max on code `top` (barring exact ties),
+    # so re-quantizing the dequantized tensor reproduces scale and zero.
+    scale = cast_scale((hi.double() - lo.double()) / top, sdtype, round_down=True)
     s = scale.float()
     zero = torch.round(-lo / s).clamp_(0, top)
     codes = (torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, top)

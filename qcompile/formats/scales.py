@@ -26,22 +26,24 @@ def scale_torch_dtype(name: str) -> torch.dtype:
             f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {name!r}") from None
 
 
-def cast_scale(s: torch.Tensor, dtype: torch.dtype, round_up: bool = False) -> torch.Tensor:
+def cast_scale(s: torch.Tensor, dtype: torch.dtype, round_down: bool = False) -> torch.Tensor:
     """Cast float32 scales to ``dtype``, clamped to ``[smallest normal, largest finite]``.
 
     Clamping at the smallest *normal* keeps all-zero groups free of 0/0 and
     keeps the scale's relative precision, which the exact re-quantization
-    round trip relies on. ``round_up`` rounds toward +inf instead of to
-    nearest (asymmetric integer scales need it so the group max lands on the
-    top code, see ``integer.py``).
+    round trip relies on. ``round_down`` rounds toward zero (from float64 ``s``) instead of to
+    nearest (asymmetric integer scales need it so that the group's min and
+    max land on codes 0 and 2**b - 1, see ``integer.py``).
     """
     info = torch.finfo(dtype)
-    target = s.float().clamp(min=info.tiny, max=info.max)
+    if not round_down or dtype == torch.float32:
+        # float32: the dequantized values are rounded anyway and rounding down
+        # would drift on every round trip; api.quantize iterates to the fixed point.
+        return s.float().clamp(min=info.tiny, max=info.max).to(dtype)
+    target = s.double().clamp(min=info.tiny, max=info.max)
     out = target.to(dtype)
-    if round_up and dtype != torch.float32:
-        up = torch.nextafter(out, torch.full_like(out, float("inf")))
-        out = torch.where(out.float() < target, up, out)
-    return out
+    down = torch.nextafter(out, torch.zeros_like(out))
+    return torch.where(out.double() > target, down, out)
 
 
 def to_groups(w: torch.Tensor, group: int) -> torch.Tensor:

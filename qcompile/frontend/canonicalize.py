@@ -84,7 +84,7 @@ def _raise_rms_norm(gm: fx.GraphModule) -> int:
         x = strip_casts(m["x"])
         with gm.graph.inserting_before(m.root):
             new = gm.graph.call_function(RMS_NORM, (x, m["weight"], float(eps)))
-        new.meta.update({k: v for k, v in m.root.meta.items() if k != "val"})
+        new.meta.update(m.root.meta)
         new.meta[MODULE_PATH] = module_path(m.root)
         m.root.replace_all_uses_with(new)
         gm.graph.erase_node(m.root)

@@ -44,17 +44,59 @@ def _why_not(norm: fx.Node) -> str | None:
         return "no affine parameters"
     if any(not (isinstance(p, fx.Node) and p.op == "get_attr") for p in (weight, bias) if p is not None):
         return "affine parameters computed in the graph"
-    users = list(norm.users)
-    if not users or not all(is_linear(u) and u.args[0] is norm and u.args[1] is not norm for u in users):
+    if _linear_consumers(norm) is None:
         return "a consumer is not a linear (e.g. a residual)"
     return None
+
+
+_ROW_OPS = {
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
+}
+"""Ops that move or pick whole rows and keep the channel (last) dimension: a
+per-channel scale commutes with them (GPT-2 flattens to 2-D, Llama slices the
+positions whose logits it keeps)."""
+
+
+def _keeps_channels(node: fx.Node, channels: int) -> bool:
+    if node.op != "call_function" or node.target not in _ROW_OPS:
+        return False
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or val.shape[-1] != channels:
+        return False
+    if node.target in (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int):
+        src = node.args[0].meta.get("val")
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return isinstance(src, torch.Tensor) and dim % src.dim() != src.dim() - 1
+    return True
+
+
+def _linear_consumers(norm: fx.Node) -> list[fx.Node] | None:
+    """The linears fed by ``norm`` through row-only ops, or None if anything else
+    consumes it."""
+    val = norm.meta.get("val")
+    channels = val.shape[-1] if isinstance(val, torch.Tensor) else None
+    linears, frontier = [], [norm]
+    while frontier:
+        node = frontier.pop()
+        if not node.users:
+            return None
+        for user in node.users:
+            if is_linear(user) and user.args[0] is node and user.args[1] is not node:
+                linears.append(user)
+            elif channels is not None and _keeps_channels(user, channels):
+                frontier.append(user)
+            else:
+                return None
+    return linears
 
 
 def _fold(gm: fx.GraphModule, norm: fx.Node) -> None:
     weight, bias = _affine(norm)
     gamma = get_attr(gm, weight.target).double() if weight is not None else None
     beta = get_attr(gm, bias.target).double() if bias is not None else None
-    for lin in list(norm.users):
+    for lin in _linear_consumers(norm):
         w_node = lin.args[1]
         w = get_attr(gm, w_node.target)
         w64 = w.double()

@@ -27,9 +27,18 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """The symmetric orthogonal ``n × n`` Hadamard matrix ``H`` (``H @ H == I``)."""
+    """The symmetric orthogonal ``n × n`` Hadamard matrix ``H`` (``H @ H == I``).
+
+    Cached per (size, dtype, device), so that calls inside a CUDA graph capture copy nothing.
+    Treat the result as read-only.
+    """
     if not is_power_of_two(n):
         raise ValueError(f"Hadamard rotation needs a power-of-two size, got head_dim={n}")
+    return _hadamard_on(n, dtype, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_on(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return _hadamard_cpu(n).to(device=device, dtype=dtype)
 
 

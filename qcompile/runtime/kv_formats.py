@@ -141,10 +141,7 @@ def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
 
 def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, fmt: str,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if fmt == "fp8_e4m3":
-        vals = codes.view(torch.float8_e4m3fn).to(dtype)
-    else:
-        vals = codes.to(dtype)
+    vals = codes.view(torch.float8_e4m3fn).to(dtype) if fmt == "fp8_e4m3" else codes.to(dtype)
     return vals * scale.to(dtype)[..., None]
 
 

@@ -37,7 +37,7 @@ def test_non_2d_rejected(shape: tuple[int, ...]) -> None:
 def test_other_input_errors() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         quantize(torch.ones(2, 8, dtype=torch.int32), QuantSpec("int8"))
-    with pytest.raises(ValueError, match="K >= 1"):
+    with pytest.raises(ValueError, match="empty|K >= 1"):
         quantize(torch.ones(2, 0), QuantSpec("int8"))
 
 

@@ -122,12 +122,21 @@ def _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES: tl.constexpr, DT: t
 
 
 @triton.jit
+def _dot(a, b, INTERP: tl.constexpr):
+    """``a @ b`` accumulated in float32; the interpreter mishandles bf16 dots, so upcast there."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
                  K, Ks, Km, V, Vs, Vm, Kres, Vres, sm_scale_log2, log2_theta,
                  RES: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  K_FMT: tl.constexpr, V_FMT: tl.constexpr, GROUP: tl.constexpr,
                  VGROUP: tl.constexpr, R: tl.constexpr, PRE_ROPE: tl.constexpr,
-                 FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr):
+                 FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr, INTERP: tl.constexpr):
     """One BLOCK_N-token tile of the online softmax for all query rows of a KV head."""
     DT: tl.constexpr = q.dtype
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -137,12 +146,13 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
         # int4/int2 keys, tile inside one token group: fold scale and minimum into q.
         g = n0 // GROUP
         d = tl.arange(0, D)
-        sc = tl.load(Ks + (bh * NG + g) * D + d).to(tl.float32)
-        mn = tl.load(Km + (bh * NG + g) * D + d).to(tl.float32)
+        in_range = n0 < end
+        sc = tl.load(Ks + (bh * NG + g) * D + d, mask=in_range, other=0.0).to(tl.float32)
+        mn = tl.load(Km + (bh * NG + g) * D + d, mask=in_range, other=0.0).to(tl.float32)
         qf = q.to(tl.float32)
         c = _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES, 0, D, BLOCK_N, K_FMT,
                        GROUP, R, FOLD, FP8_NATIVE)
-        s = tl.dot((qf * sc[None, :]).to(DT), tl.trans(c.to(DT)))
+        s = _dot((qf * sc[None, :]).to(DT), tl.trans(c.to(DT)), INTERP)
         s += tl.sum(qf * mn[None, :], axis=1)[:, None]
     else:
         k = _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES, 0, D, BLOCK_N, K_FMT,
@@ -157,7 +167,7 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
             ang = offs_n.to(tl.float32)[:, None] * inv_freq[None, :]
             sign = tl.where(d < HALF, -1.0, 1.0)
             k = k * tl.cos(ang) + (sign[None, :] * kp) * tl.sin(ang)
-        s = tl.dot(q, tl.trans(k.to(DT)))
+        s = _dot(q, tl.trans(k.to(DT)), INTERP)
     if (K_FMT == 1 or K_FMT == 2) and not RES:
         ks = tl.load(Ks + bh * S + offs_n, mask=nmask, other=0.0)
         s = s * ks[None, :]
@@ -176,8 +186,34 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
         p = p * vs[None, :]
     v = _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES, DT, D, BLOCK_N, V_FMT, VGROUP,
                      R, FP8_NATIVE)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+    acc = acc * alpha[:, None] + _dot(p.to(DT), v, INTERP)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_range(q, m_i, l_i, acc, qpos, start, end, bh, S, NG,
+                  K, Ks, Km, V, Vs, Vm, Kres, Vres, sm_scale_log2, log2_theta,
+                  RES: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  K_FMT: tl.constexpr, V_FMT: tl.constexpr, GROUP: tl.constexpr,
+                  VGROUP: tl.constexpr, R: tl.constexpr, PRE_ROPE: tl.constexpr,
+                  FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr, INTERP: tl.constexpr,
+                  ITERS: tl.constexpr):
+    """The online softmax over tokens [start, end), BLOCK_N at a time."""
+    if INTERP:
+        # The interpreter cannot bound a loop by a loaded scalar (numpy >= 2.4): run a fixed
+        # trip count; the tiles past ``end`` are fully masked.
+        for it in range(0, ITERS):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, qpos, start + it * BLOCK_N, end, bh, S, NG, K, Ks, Km, V, Vs,
+                Vm, Kres, Vres, sm_scale_log2, log2_theta, RES, D, BLOCK_N, K_FMT, V_FMT, GROUP,
+                VGROUP, R, PRE_ROPE, FOLD, FP8_NATIVE, INTERP)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, qpos, n0, end, bh, S, NG, K, Ks, Km, V, Vs,
+                Vm, Kres, Vres, sm_scale_log2, log2_theta, RES, D, BLOCK_N, K_FMT, V_FMT, GROUP,
+                VGROUP, R, PRE_ROPE, FOLD, FP8_NATIVE, INTERP)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -190,15 +226,13 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, V_FMT: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr,
     R: tl.constexpr, PRE_ROPE: tl.constexpr, FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr,
+    INTERP: tl.constexpr, ITERS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
     L = tl.load(Lengths + b)
-    if K_FMT >= 3:
-        QL = (L // R) * R          # tokens in the compressed store; the rest are in the ring
-    else:
-        QL = L
+    QL = (L // R) * R          # tokens in the compressed store, the rest in the ring (R=1: all)
     # Query rows (head in group, token) of this KV head; q is [B, Hq, T, D] contiguous.
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < GQA * T
@@ -206,26 +240,26 @@ def _decode_split_kernel(
     qpos = L - T + rows % T
     d = tl.arange(0, D)
     q = tl.load(Q + qrow[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    if INTERP:
+        q = q.to(tl.float32)   # the interpreter keeps bf16 as raw bits: compute in float32 there
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if split < NUM_SPLITS:
-        start = split * CHUNK
-        end = tl.minimum(start + CHUNK, QL)
-        # Under TRITON_INTERPRET a loaded scalar cannot bound a loop (numpy >= 2.4): there the
-        # loop runs a fixed trip count and masks the tiles past ``end`` instead.
-        for n0 in range(start, start + ITERS_Q * BLOCK_N if INTERP else end, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, qpos, n0, end, bh, S, NG, K, Ks, Km, V, Vs, Vm, Kres, Vres,
-                sm_scale_log2, log2_theta, False, D, BLOCK_N, K_FMT, V_FMT, GROUP, VGROUP, R,
-                PRE_ROPE, FOLD, FP8_NATIVE)
+    # Split NUM_SPLITS (if any) reads the residual ring: tokens [QL, L).
+    is_res = split >= NUM_SPLITS
+    start = tl.where(is_res, QL, split * CHUNK)
+    end = tl.where(is_res, L, tl.minimum(split * CHUNK + CHUNK, QL))
+    if is_res:
+        m_i, l_i, acc = _attend_range(
+            q, m_i, l_i, acc, qpos, start, end, bh, S, NG, K, Ks, Km, V, Vs, Vm, Kres, Vres,
+            sm_scale_log2, log2_theta, True, D, BLOCK_N, K_FMT, V_FMT, GROUP, VGROUP, R,
+            PRE_ROPE, FOLD, FP8_NATIVE, INTERP, ITERS)
     else:
-        for n0 in range(0, ITERS_R * BLOCK_N, BLOCK_N) if INTERP else range(QL, L, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, qpos, n0, L, bh, S, NG, K, Ks, Km, V, Vs, Vm, Kres, Vres,
-                sm_scale_log2, log2_theta, True, D, BLOCK_N, K_FMT, V_FMT, GROUP, VGROUP, R,
-                PRE_ROPE, FOLD, FP8_NATIVE)
+        m_i, l_i, acc = _attend_range(
+            q, m_i, l_i, acc, qpos, start, end, bh, S, NG, K, Ks, Km, V, Vs, Vm, Kres, Vres,
+            sm_scale_log2, log2_theta, False, D, BLOCK_N, K_FMT, V_FMT, GROUP, VGROUP, R,
+            PRE_ROPE, FOLD, FP8_NATIVE, INTERP, ITERS)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -264,7 +298,7 @@ def _sm_count(device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | None = None,
                      impl: str = "auto", num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``T`` new query tokens per row over ``cache``'s ``layer``.
 
     ``q``: ``[B, Hq, D]`` (one token) or ``[B, Hq, T, D]`` with ``T <= 8``, already RoPE'd; the
@@ -272,6 +306,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     ``length - T + t`` and sees keys up to it). ``Hq`` must be a multiple of the cache's KV heads.
     Returns the shape of ``q``, in ``q``'s dtype. ``impl``: ``auto`` (Triton on CUDA, torch on
     CPU), ``triton`` (also on CPU under ``TRITON_INTERPRET=1``) or ``torch``.
+    ``out`` (shaped and typed like ``q``, contiguous) receives the result if given.
     The remaining keyword arguments override the launch heuristics (benchmarks, tests).
     """
     from qcompile.codegen.attention.reference import reference_decode_attention
@@ -283,7 +318,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
         raise ValueError(f"q must be [B, Hq, D] or [B, Hq, T, D], got shape {tuple(q.shape)}")
     B, Hq, T, D = q4.shape
     Hkv = cache.num_kv_heads
-    if B != cache.batch or D != cache.head_dim or Hq % Hkv != 0:
+    if cache.batch != B or cache.head_dim != D or Hq % Hkv != 0:
         raise ValueError(f"q shape {tuple(q.shape)} does not fit the cache (batch={cache.batch}, "
                          f"num_kv_heads={Hkv}, head_dim={cache.head_dim}; Hq must be a multiple "
                          f"of num_kv_heads)")
@@ -294,9 +329,13 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
         raise ValueError(f"q must be bfloat16 or float16, got {q4.dtype}")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     if resolve_impl(impl, q4.device) == "torch":
-        out = reference_decode_attention(q4, cache, layer, sm_scale=sm_scale,
+        res = reference_decode_attention(q4, cache, layer, sm_scale=sm_scale,
                                          dtype=torch.float32).to(q4.dtype)
-        return out.squeeze(2) if squeeze else out
+        res = res.squeeze(2) if squeeze else res
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
 
     spec = cache.spec
     if spec.rotate_keys:
@@ -325,7 +364,12 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
             for n in ("k", "k_scale", "k_min", "v", "v_scale", "v_min", "k_res", "v_res")]
     opart = torch.empty(B * Hq * T, ns_total, D, dtype=torch.float32, device=q4.device)
     lpart = torch.empty(B * Hq * T, ns_total, dtype=torch.float32, device=q4.device)
-    out = torch.empty_like(q4)
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+            raise ValueError("out must be contiguous, with q's shape and dtype")
+        result = out.view(q4.shape)
+    else:
+        result = torch.empty_like(q4)
     extra = {}
     if num_warps is not None:
         extra["num_warps"] = num_warps
@@ -338,7 +382,10 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
         T=T, GQA=GQA, D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         K_FMT=FMT_CODES[spec.key_format], V_FMT=FMT_CODES[spec.value_format],
         GROUP=G, VGROUP=min(G, D), R=spec.residual_length if spec.grouped_keys else 1,
-        PRE_ROPE=spec.pre_rope, FOLD=fold, FP8_NATIVE=not interp, **extra)
+        PRE_ROPE=spec.pre_rope, FOLD=fold, FP8_NATIVE=not interp, INTERP=interp,
+        ITERS=triton.cdiv(max(chunk, spec.residual_length), block_n) if interp else 0, **extra)
     _decode_reduce_kernel[(B * Hq * T,)](
-        opart, lpart, out, ns_total, D=D, BLOCK_S=triton.next_power_of_2(ns_total))
-    return out.squeeze(2) if squeeze else out
+        opart, lpart, result, ns_total, D=D, BLOCK_S=triton.next_power_of_2(ns_total))
+    if out is not None:
+        return out
+    return result.squeeze(2) if squeeze else result

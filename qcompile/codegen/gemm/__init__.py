@@ -15,12 +15,17 @@ the float64 references.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
 import torch
 
+from qcompile.codegen.gemm._interpret_compat import patch_triton_interpreter
+from qcompile.codegen.gemm.configs import NUM_SMS_DEFAULT, GemmConfig, pick_config
 from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor, QuantSpec
+
+patch_triton_interpreter()
 
 __all__ = ["triton_quantized_linear", "unsupported_reason", "force_triton", "use_triton"]
 
@@ -48,6 +53,13 @@ def _forced() -> bool:
 def use_triton(x: torch.Tensor) -> bool:
     """True when ``x`` should go through a Triton kernel: on CUDA, or when forced."""
     return x.is_cuda or _forced()
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS_DEFAULT
 
 
 def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
@@ -80,15 +92,15 @@ def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None
 
 def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,
                             act_spec: QuantSpec | None = None, residual: torch.Tensor | None = None,
-                            epilogue: str = "none") -> torch.Tensor:
+                            epilogue: str = "none", config: GemmConfig | None = None) -> torch.Tensor:
     """``x [..., K]`` (bf16/fp16) times the quantized weight ``qt [N, K]``.
 
     Returns ``[..., N]``, or ``[..., N/2]`` for ``epilogue="silu_mul"`` where ``qt``
     is a merged gate/up weight (rows ``[0, N/2)`` gate, ``[N/2, N)`` up) and the
     result is ``silu(gate) * up``. ``bias`` ``[N]`` is added before the epilogue,
-    ``residual`` ``[..., N_out]`` after it.
+    ``residual`` ``[..., N_out]`` after it. ``config`` overrides the tile heuristic
+    (benchmarks and tests only).
     """
-    from qcompile.codegen.gemm.configs import pick_config
     from qcompile.codegen.gemm.fp8 import launch_fp8
     from qcompile.codegen.gemm.weight_only import launch_weight_only
     from qcompile.formats.kernel_layouts import gemm_weight_operands
@@ -120,10 +132,10 @@ def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Te
     M = x2.shape[0]
     if act_spec is None:
         kind = "w4" if ops.code in (0, 2) else "w8"
-        cfg = pick_config(M, N, K, kind, ops.group or K)
+        cfg = config or pick_config(M, N, K, kind, ops.group, _num_sms(x2.device))
         out = launch_weight_only(x2, ops.data, ops.scale, ops.zero, ops.global_scale, K, ops.group,
                                  ops.per_channel, ops.code, ops.scale_kind, cfg, bias, res2, silu)
     else:
-        cfg = pick_config(M, N, K, "fp8", K)
+        cfg = config or pick_config(M, N, K, "fp8", 0, _num_sms(x2.device))
         out = launch_fp8(x2, ops.data, ops.scale, cfg, bias, res2, silu)
     return out.reshape(*lead, n_out)

@@ -10,6 +10,8 @@ epilogue can split them without any re-layout of the weight.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,30 @@ CODE_FP8 = 3  # float8_e4m3fn
 SCALE_FLOAT = 0  # float16 / bfloat16 / float32
 SCALE_E4M3 = 1  # NVFP4 block scale
 SCALE_E8M0 = 2  # MX biased exponent, 127 = 2**0
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels then take the EMULATE_DOT path)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer; NaN-filled when ``QCOMPILE_GEMM_POISON=1`` so that a GPU check
+    catches any element a kernel forgets to write."""
+    if os.environ.get("QCOMPILE_GEMM_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def mma(acc, a, b, EMULATE_DOT: tl.constexpr):
+    """``acc += a @ b``. The Triton 3.6 interpreter mis-computes ``tl.dot`` on bf16 / fp8
+    operands, so under the interpreter both (already rounded) operands are upcast to
+    fp32 and multiplied exactly; on GPUs this is a plain tensor-core ``tl.dot``."""
+    if EMULATE_DOT:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit

@@ -34,7 +34,10 @@ def m_bucket(M: int) -> int:
 
 
 def _block_k_for_group(block_k: int, group: int, K: int) -> int:
-    """BLOCK_K must divide the group or be a multiple of it (one scale load per tile row)."""
+    """BLOCK_K must divide the group or be a multiple of it (one scale load per tile row).
+    ``group == 0`` (per channel) puts no constraint on BLOCK_K."""
+    if group == 0:
+        return block_k
     if group >= block_k:
         bk = block_k
         while group % bk:
@@ -46,7 +49,7 @@ def _block_k_for_group(block_k: int, group: int, K: int) -> int:
 @lru_cache(maxsize=4096)
 def pick_config(M: int, N: int, K: int, kind: str, group: int, num_sms: int = NUM_SMS_DEFAULT) -> GemmConfig:
     """Config for one GEMM. ``kind``: ``"w4"`` (int4/fp4 weight-only), ``"w8"``
-    (int8/fp8 weight-only) or ``"fp8"`` (W8A8). ``group`` = K for per-channel."""
+    (int8/fp8 weight-only) or ``"fp8"`` (W8A8). ``group`` = 0 for per-channel."""
     mb = m_bucket(M)
     if mb <= 16:
         # Decode: memory bound. Narrow N tiles, long K tiles, then split K until

@@ -12,15 +12,25 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.codegen.gemm.common import finish_split_k, store_epilogue, swizzle, virtual_rows
+from qcompile.codegen.gemm.common import (
+    finish_split_k,
+    interpreting,
+    mma,
+    new_output,
+    store_epilogue,
+    swizzle,
+    virtual_rows,
+)
 from qcompile.codegen.gemm.configs import GemmConfig
 
 FP8_MAX = 448.0
 
 
 @triton.jit
-def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    """One program per token: scale = amax / 448, q = e4m3(x / scale)."""
+def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ROUND_FIRST: tl.constexpr):
+    """One program per token: scale = amax / 448, q = e4m3(x / scale); columns
+    ``[K, KP)`` of ``q`` are written as zeros so the GEMM never masks fp8 loads."""
     row = tl.program_id(0)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -29,11 +39,17 @@ def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: 
         amax = tl.maximum(amax, tl.abs(x))
     scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
     tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, KP, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         q = tl.clamp(x / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+        if ROUND_FIRST:
+            # Triton 3.6's interpreter drops the carry when fp32 -> e4m3 rounding crosses a
+            # power of two (124.9 -> 64); round onto the e4m3 grid first so the cast is exact.
+            e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(q), 1e-30))), -6.0)
+            step = tl.exp2(e - 3.0)
+            q = tl.floor(q / step + 0.5) * step
+        tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < KP)
 
 
 @triton.jit
@@ -42,7 +58,7 @@ def fp8_gemm_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_om, stride_rm,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -58,13 +74,12 @@ def fp8_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + m_ld[:, None] * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+        x = tl.load(x_ptrs)  # zero-padded to a whole number of BLOCK_K by the quant kernel
         if EVEN_K:
-            x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
-        acc += tl.dot(x, tl.trans(w))
+        else:  # clamp, don't mask: finite codes times x == 0
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(offs_k, K - 1)[None, :])
+        acc = mma(acc, x, tl.trans(w), EMULATE_DOT)
 
     xs = tl.load(xs_ptr + m_ld)
     ws = tl.load(ws_ptr + rows).to(tl.float32)
@@ -77,12 +92,15 @@ def fp8_gemm_kernel(
                        stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
 
 
-def quantize_act_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token e4m3 quantization of ``x2 [M, K]``: codes and fp32 scales ``[M]``."""
+def quantize_act_fp8(x2: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 quantization of ``x2 [M, K]``: codes ``[M, K rounded up to pad_to]``
+    (zero padded) and fp32 scales ``[M]``."""
     M, K = x2.shape
-    q = torch.empty((M, K), device=x2.device, dtype=torch.float8_e4m3fn)
+    KP = triton.cdiv(K, pad_to) * pad_to
+    q = torch.empty((M, KP), device=x2.device, dtype=torch.float8_e4m3fn)
     s = torch.empty((M,), device=x2.device, dtype=torch.float32)
-    act_quant_fp8_kernel[(M,)](x2, q, s, K, x2.stride(0), q.stride(0), BLOCK_K=min(2048, triton.next_power_of_2(K)))
+    act_quant_fp8_kernel[(M,)](x2, q, s, K, KP, x2.stride(0), q.stride(0),
+                               BLOCK_K=min(2048, triton.next_power_of_2(KP)), ROUND_FIRST=interpreting())
     return q, s
 
 
@@ -90,9 +108,9 @@ def launch_fp8(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, cfg: G
                bias: torch.Tensor | None, residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
     M, K = x2.shape
     N = data.shape[0]
-    xq, xs = quantize_act_fp8(x2)
+    xq, xs = quantize_act_fp8(x2, pad_to=cfg.block_k)
     n_out = N // 2 if silu_mul else N
-    out = torch.empty((M, n_out), device=x2.device, dtype=x2.dtype)
+    out = new_output((M, n_out), x2.dtype, x2.device)
     split = cfg.split_k
     target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
@@ -101,7 +119,7 @@ def launch_fp8(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, cfg: G
         target, M, N, K, xq.stride(0), data.stride(0), target.stride(0),
         residual.stride(0) if residual is not None else 0,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
-        SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
+        SPLIT_K=split, EMULATE_DOT=interpreting(), EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

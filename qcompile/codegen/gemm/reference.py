@@ -112,7 +112,7 @@ def random_quantized(spec: QuantSpec, N: int, K: int, device: str | torch.device
         data = torch.where(valid, randint(-127, 128, N, Kp), 0).to(torch.int8)
         scale = (weight_std / 73.0 * (0.5 + rand(N, G))).to(sdtype)
     elif fmt in ("fp8_e4m3", "mxfp8"):
-        data = torch.where(valid, torch.randn(N, Kp, generator=generator) * 64, 0).to(torch.float8_e4m3fn)
+        data = torch.where(valid, (torch.randn(N, Kp, generator=generator) * 64).clamp(-448, 448), 0).to(torch.float8_e4m3fn)
         if fmt == "mxfp8":
             scale = randint(127 - 14, 127 - 10, N, G).to(torch.uint8)
         else:

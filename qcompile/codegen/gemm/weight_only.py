@@ -23,6 +23,9 @@ from qcompile.codegen.gemm.common import (
     decode_fp4,
     decode_scale,
     finish_split_k,
+    interpreting,
+    mma,
+    new_output,
     store_epilogue,
     swizzle,
     virtual_rows,
@@ -38,7 +41,7 @@ def weight_only_gemm_kernel(
     CODE: tl.constexpr, SCALE_KIND: tl.constexpr, GROUP: tl.constexpr,
     PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_GS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PACKED: tl.constexpr = CODE == 0 or CODE == 2
@@ -63,8 +66,9 @@ def weight_only_gemm_kernel(
                 x = tl.load(x_ptrs)
                 packed = tl.load(w_ptrs)
             else:
+                # x is zero past K; weight indices are clamped (finite codes) rather than masked
                 x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-                packed = tl.load(w_ptrs, mask=offs_b[None, :] < KD, other=0)
+                packed = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(offs_b, KD - 1)[None, :])
             q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
         else:
             w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
@@ -73,7 +77,7 @@ def weight_only_gemm_kernel(
                 q = tl.load(w_ptrs)
             else:
                 x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-                q = tl.load(w_ptrs, mask=offs_k[None, :] < KD, other=0)
+                q = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(offs_k, KD - 1)[None, :])
         if CODE == 2:  # noqa: SIM108 (constexpr branch)
             w = decode_fp4(q)
         else:
@@ -100,18 +104,18 @@ def weight_only_gemm_kernel(
             # BLOCK_K // GROUP groups per tile: broadcast each group's scale over its columns
             NG: tl.constexpr = BLOCK_K // GROUP
             offs_g = k0 // GROUP + tl.arange(0, NG)
-            s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
-            s = decode_scale(tl.load(s_ptrs, mask=offs_g[None, :] < G, other=0), SCALE_KIND)
+            offs_g = tl.minimum(offs_g, G - 1)  # groups past K multiply x == 0
+            s = decode_scale(tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :]), SCALE_KIND)
             s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
             if HAS_ZERO:
-                z = tl.load(z_ptr + rows[:, None] * stride_zn + offs_g[None, :], mask=offs_g[None, :] < G, other=0)
+                z = tl.load(z_ptr + rows[:, None] * stride_zn + offs_g[None, :])
                 z = tl.reshape(tl.broadcast_to(z.to(tl.float32)[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
                 w = (w - z) * s
             elif CODE == 0:
                 w = (w - 8.0) * s
             else:
                 w = w * s
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc = mma(acc, x, tl.trans(w.to(x.dtype)), EMULATE_DOT)
 
     if PER_CHANNEL:
         s = decode_scale(tl.load(s_ptr + rows * stride_sn), SCALE_KIND)
@@ -135,7 +139,7 @@ def launch_weight_only(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor
     M = x2.shape[0]
     N = data.shape[0]
     n_out = N // 2 if silu_mul else N
-    out = torch.empty((M, n_out), device=x2.device, dtype=x2.dtype)
+    out = new_output((M, n_out), x2.dtype, x2.device)
     KD = data.shape[1]
     even_k = K % cfg.block_k == 0 and KD * (2 if code in (0, 2) else 1) >= K
     split = cfg.split_k
@@ -151,7 +155,7 @@ def launch_weight_only(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor
         CODE=code, SCALE_KIND=scale_kind, GROUP=group, PER_CHANNEL=per_channel,
         HAS_ZERO=zero is not None, HAS_GS=global_scale is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
-        SPLIT_K=split, EVEN_K=even_k,
+        SPLIT_K=split, EMULATE_DOT=interpreting(), EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
