@@ -43,7 +43,7 @@ FORMATS = {
 }
 TARGET = {"fp8": 1.3, "int4": 1.4, "int4-rot": 1.4, "int2": 1.6}
 SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st, split_mult=sm)
-         for bn in (32, 64) for w in (4, 8) for st in (2, 3, 4) for sm in (1, 2)]
+         for bn in (32, 64) for w in (4, 8) for st in (2, 3) for sm in (1, 2)]
 
 
 def copy_bandwidth() -> float:

@@ -52,7 +52,9 @@ def sweep(out_rows: list) -> None:
     """Time a few candidate tile configs for W4A16 (used to set configs.py)."""
     cands = {
         1: [GemmConfig(16, 64, 256, 0), GemmConfig(16, 32, 256, 0), GemmConfig(16, 128, 128, 0),
-            GemmConfig(16, 64, 128, 0), GemmConfig(16, 64, 256, 1), GemmConfig(16, 32, 128, 0, num_warps=2)],
+            GemmConfig(16, 64, 128, 0), GemmConfig(16, 64, 256, 1), GemmConfig(16, 32, 128, 0, num_warps=2),
+            GemmConfig(1, 32, 256, 0), GemmConfig(1, 64, 128, 0), GemmConfig(1, 16, 256, 0),
+            GemmConfig(1, 64, 256, 0, num_warps=8)],
         16: [GemmConfig(16, 64, 256, 0), GemmConfig(16, 32, 256, 0), GemmConfig(16, 128, 128, 0),
              GemmConfig(16, 64, 128, 0)],
         64: [GemmConfig(64, 64, 128, 1, 8, 4, 4), GemmConfig(64, 128, 64, 1, 8, 4, 4),

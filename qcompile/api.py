@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -125,7 +126,8 @@ def compile(  # noqa: A001 - the public name is the point
         verify = sum(p.numel() for p in model.parameters()) <= VERIFY_AUTO_MAX_PARAMS
     pass_list = [p if isinstance(p, Pass) else make_pass(p) for p in (passes or rcp.passes)]
 
-    with CompileProgress(progress) as prog:
+    with CompileProgress(progress) as prog, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal noise
         prog.step(f"export {type(model).__name__} with torch.export")
         exported = export_model(model, args, kwargs, dynamic=dynamic)
         float_gm = copy.deepcopy(exported.gm)

@@ -15,7 +15,7 @@ def _compile(args: argparse.Namespace) -> int:
     from qcompile.demo import DEMO_NAME, embedding_agreement, mean_pool
     from qcompile.models import load_source
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     model, ex_args, ex_kwargs = load_source(args.model)
     cm = qcompile.compile(model, ex_args, target=args.target, recipe=args.recipe, example_kwargs=ex_kwargs,
                           verify=args.verify, progress=not args.quiet)

@@ -40,10 +40,16 @@ def readme_sentences(limit: int | None = None) -> list[str]:
 def load_minilm(max_sentences: int | None = None):
     """(model, tokenizer, encoded inputs) for the demo, all from local files."""
     from transformers import AutoTokenizer, BertModel
+    from transformers.utils import logging as hf_logging
 
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = BertModel.from_pretrained(str(path), add_pooling_layer=False).eval()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
+    try:
+        model = BertModel.from_pretrained(str(path), add_pooling_layer=False).eval()
+    finally:
+        hf_logging.set_verbosity(level)
     enc = tokenizer(readme_sentences(max_sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
     return model, tokenizer, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

@@ -34,7 +34,7 @@ class CompileProgress:
 
     def step(self, description: str) -> None:
         if self._progress is not None:
-            self._progress.console.log(description)
+            self._progress.console.print(f"[dim]·[/] {description}")
 
     def start_layers(self, description: str, total: int) -> None:
         if self._progress is not None:

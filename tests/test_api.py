@@ -48,7 +48,7 @@ def test_bytes_shrink_as_the_format_says():
 
 def test_lm_head_stays_float_by_default_and_overrides_apply():
     cm = qcompile.compile(tiny_model("llama"), tiny_inputs(), recipe="w4a16",
-                          overrides={"*.mlp.down_proj": "int8", "model.layers.0.*": None}, progress=False)
+                          overrides={"model.layers.0.*": None, "*.mlp.down_proj": "int8"}, progress=False)
     fmt = {layer.path: layer.weight_format for layer in cm.report().layers}
     assert fmt["lm_head"] == "float32"
     assert fmt["model.layers.1.mlp.down_proj"] == "int8-pc"

@@ -79,7 +79,7 @@ class QuantizeWeights(Pass):
                     weight_format=str(w.dtype).removeprefix("torch."), activation_format=None,
                     bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
                     bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(),
-                    weight_rel_error=0.0, method="kept float",
+                    weight_rel_error=0.0, output_rel_error=0.0, method="kept float",
                 )
         stats = {"quantized": len(todo), "kept_float": len(chosen) - len(todo)}
         if errors:

@@ -70,6 +70,7 @@ def test_weight_only(spec, tol, M):
     GemmConfig(16, 16, 32, split_k=3),      # split-K, BLOCK_K == group
     GemmConfig(16, 32, 64, split_k=1),      # two groups per tile
     GemmConfig(32, 16, 16, split_k=2),      # group spans several tiles
+    GemmConfig(1, 16, 64, split_k=2),       # GEMV (M tile of 1)
 ])
 def test_int4_tile_paths(cfg):
     """Every scale-broadcast path and the split-K epilogue, with bias + residual."""
@@ -152,8 +153,10 @@ def test_dispatch_switches(monkeypatch):
     with force_triton():
         assert unsupported_reason(QuantSpec("int4", 128), None, "cpu") is None
         assert unsupported_reason(QuantSpec("int3", 128), None, "cpu") is not None
-        assert unsupported_reason(QuantSpec("nvfp4"), QuantSpec("nvfp4", dynamic=True), "cpu") is not None
-        assert unsupported_reason(QuantSpec("int4", 128), QuantSpec("fp8_e4m3", dynamic=True), "cpu") is not None
+        assert unsupported_reason(QuantSpec("nvfp4"), QuantSpec("nvfp4", dynamic=True), "cpu") is None
+        assert unsupported_reason(QuantSpec("nvfp4"), QuantSpec("mxfp4", dynamic=True), "cpu") is not None
+        assert unsupported_reason(QuantSpec("int4", 128), QuantSpec("fp8_e4m3", dynamic=True), "cpu") is None
+        assert unsupported_reason(QuantSpec("int4", 0), QuantSpec("fp8_e4m3", dynamic=True), "cpu") is not None
 
 
 def test_configs_heuristic():

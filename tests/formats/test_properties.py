@@ -2,9 +2,12 @@
 
 Tensors are generated from a seed (fast) with a random magnitude profile,
 exact zeros and occasional all-zero groups, rather than element by element.
+Set QC_HYPOTHESIS_EXAMPLES (default 120) for a longer search; 1500 passes.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +25,7 @@ from qcompile.formats import (
 
 from .helpers import raw, same_bits
 
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("QC_HYPOTHESIS_EXAMPLES", "120")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIXED = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}
 INPUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

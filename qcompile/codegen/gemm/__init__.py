@@ -78,15 +78,24 @@ def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None
     if act_spec.format == "fp8_e4m3":
         if not act_spec.dynamic or act_spec.group_size != PER_CHANNEL:
             return "FP8 activations are supported as dynamic per-token scales only"
-        if fmt != "fp8_e4m3" or weight_spec.group_size != PER_CHANNEL:
-            return f"FP8 W8A8 needs fp8_e4m3 per-channel weights, got {weight_spec.short()}"
+        if fmt == "int4":  # W4A8 (w4a8.py): one fp8 MMA per weight group
+            from qcompile.codegen.gemm.w4a8 import W4A8_GROUPS
+
+            if weight_spec.group_size not in W4A8_GROUPS:
+                return f"W4A8 needs int4 group size in {W4A8_GROUPS}, got {weight_spec.short()}"
+        elif fmt != "fp8_e4m3" or weight_spec.group_size != PER_CHANNEL:
+            return f"FP8 activations need fp8_e4m3 per-channel or int4 group-wise weights, got {weight_spec.short()}"
         if dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
             return "FP8 tensor-core GEMM needs compute capability >= 8.9"
         return None
-    if act_spec.format in ("nvfp4", "mxfp4"):
-        return f"W4A4 ({fmt} weights x {act_spec.format} activations via tl.dot_scaled) is not implemented yet"
+    if act_spec.format in ("nvfp4", "mxfp4"):  # W4A4 (w4a4.py)
+        if not act_spec.dynamic:
+            return f"{act_spec.format} activations are supported as dynamic (per-token block) scales only"
+        if fmt != act_spec.format:
+            return f"W4A4 needs weights and activations in the same format, got {fmt} x {act_spec.format}"
+        return None
     if act_spec.format == "int8":
-        return "W4A8 / W8A8-int8 kernels are not implemented yet"
+        return "int8 activation kernels (W8A8-int8, W4A8-int8) are not implemented; use fp8_e4m3 activations"
     return f"no Triton kernel for {act_spec.format} activations"
 
 
@@ -128,6 +137,14 @@ def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Te
             res2 = res2.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    if act_spec is not None and qt.spec.format == "int4":
+        from qcompile.codegen.gemm.w4a8 import launch_w4a8
+
+        return launch_w4a8(x2, qt, bias, res2, silu).reshape(*lead, n_out)
+    if act_spec is not None and act_spec.format in ("nvfp4", "mxfp4"):
+        from qcompile.codegen.gemm.w4a4 import launch_w4a4
+
+        return launch_w4a4(x2, qt, act_spec.format, bias, res2, silu).reshape(*lead, n_out)
     ops = gemm_weight_operands(qt)
     M = x2.shape[0]
     if act_spec is None:

@@ -115,7 +115,11 @@ def weight_only_gemm_kernel(
                 w = (w - 8.0) * s
             else:
                 w = w * s
-        acc = mma(acc, x, tl.trans(w.to(x.dtype)), EMULATE_DOT)
+        if BLOCK_M == 1:
+            # GEMV (M == 1): FMAs and a row reduction, no 16-row tensor-core padding
+            acc += tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
+        else:
+            acc = mma(acc, x, tl.trans(w.to(x.dtype)), EMULATE_DOT)
 
     if PER_CHANNEL:
         s = decode_scale(tl.load(s_ptr + rows * stride_sn), SCALE_KIND)
