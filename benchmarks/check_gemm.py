@@ -38,11 +38,15 @@ CASES = [
     (QuantSpec("mxfp4"), None, 1e-2),
     (QuantSpec("mxfp8"), None, 1e-2),
     (QuantSpec("fp8_e4m3", 0, True, "float32"), FP8_ACT, 1e-2),
+    (QuantSpec("int4", 128, False), FP8_ACT, 2e-2),  # W4A8
+    (QuantSpec("int4", 32, True), FP8_ACT, 2e-2),  # W4A8
+    (QuantSpec("nvfp4"), QuantSpec("nvfp4", dynamic=True), 2e-2),  # W4A4 (emulated on Hopper)
+    (QuantSpec("mxfp4"), QuantSpec("mxfp4", dynamic=True), 2e-2),  # W4A4 via tl.dot_scaled
 ]
 # (N, K) -> the Ms run on it. 1000: N not a tile multiple, K not a BLOCK_K multiple.
 SHAPES = {(1000, 1000): [1, 3, 16, 33, 300], (4096, 4096): [1, 33]}
 BIG = {(14336, 4096): [1, 16, 300]}  # int4 g128 sym only: the benchmark's main format
-FULL = {"int4-g128", "int4-g32-asym", "fp8_e4m3-pc+a8", "nvfp4", "int8-pc"}  # + fp16, epilogues
+FULL = {"int4-g128", "int4-g32-asym", "fp8_e4m3-pc+fp8_e4m3", "nvfp4", "int8-pc", "int4-g128-asym+fp8_e4m3", "mxfp4+mxfp4"}  # + fp16, epilogues
 
 
 def main() -> int:
@@ -53,7 +57,7 @@ def main() -> int:
     n_run = 0
     t0 = time.time()
     for spec, act, tol in CASES:
-        name = spec.short() + ("+a8" if act else "")
+        name = spec.short() + (f"+{act.format}" if act else "")
         shapes = dict(SHAPES)
         if name == "int4-g128":
             shapes.update(BIG)

@@ -36,7 +36,7 @@ class _FakeQuantInput(torch.nn.Module):
 
 def plain_rtn(model, weight: QuantSpec, act: QuantSpec | None):
     rtn = copy.deepcopy(model)
-    for name, module in list(rtn.named_modules()):
+    for module in list(rtn.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
                 with torch.no_grad():

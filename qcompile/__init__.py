@@ -8,7 +8,14 @@
 from qcompile.api import CompiledModel, compile
 from qcompile.artifact import load
 from qcompile.formats import QuantizedTensor, QuantSpec
-from qcompile.passes.base import Pass, PassContext, PassManager, PassResult, register_pass, registered_passes
+from qcompile.passes.base import (
+    Pass,
+    PassContext,
+    PassManager,
+    PassResult,
+    register_pass,
+    registered_passes,
+)
 from qcompile.recipes import RECIPES, Recipe, get_recipe
 from qcompile.report import Report
 from qcompile.targets import TARGETS, Target, get_target

@@ -2,7 +2,15 @@ import networkx as nx
 import torch
 
 from qcompile.frontend import export_model
-from qcompile.ir.graph import consumers, get_attr, linear_nodes, module_path, producers, set_attr, to_networkx
+from qcompile.ir.graph import (
+    consumers,
+    get_attr,
+    linear_nodes,
+    module_path,
+    producers,
+    set_attr,
+    to_networkx,
+)
 from qcompile.passes.base import PassContext, PassManager
 from tests.tiny_models import tiny_inputs, tiny_model
 

@@ -5,7 +5,14 @@ from torch import fx
 from qcompile.frontend import export_model
 from qcompile.ir.graph import get_attr, linear_nodes, set_attr
 from qcompile.ir.verify import VerificationError
-from qcompile.passes.base import Pass, PassContext, PassManager, PassResult, make_pass, register_pass
+from qcompile.passes.base import (
+    Pass,
+    PassContext,
+    PassManager,
+    PassResult,
+    make_pass,
+    register_pass,
+)
 
 
 class BreaksTheModel(Pass):

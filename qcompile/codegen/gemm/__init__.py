@@ -8,7 +8,8 @@ Public API:
 
 Kernel families (one per file): ``weight_only.py`` (W4A16 int4, W8A16 int8/fp8,
 FP4 e2m1/NVFP4/MXFP4 weight-only), ``fp8.py`` (FP8 W8A8 with per-token activation
-quantization). ``configs.py`` holds the cached tile heuristic, ``reference.py``
+quantization), ``w4a8.py`` (int4 x fp8, one fp8 MMA per weight group), ``w4a4.py``
+(NVFP4/MXFP4 x same, ``tl.dot_scaled`` for MXFP4). ``configs.py`` holds the cached tile heuristic, ``reference.py``
 the float64 references.
 """
 

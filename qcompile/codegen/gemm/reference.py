@@ -70,7 +70,15 @@ def reference_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
                      act_spec: QuantSpec | None = None, residual: torch.Tensor | None = None,
                      epilogue: str = "none") -> torch.Tensor:
     """Float64 ``x @ dequant(W).T`` (+ bias, silu_mul, residual)."""
-    xd = x.to(torch.float64) if act_spec is None else fake_quant_act_fp8(x)
+    if act_spec is None:
+        xd = x.to(torch.float64)
+    elif act_spec.format in ("nvfp4", "mxfp4"):
+        # W4A4: the formats library's own per-token block quantization (independent of the kernel's)
+        from qcompile.formats import fake_quantize
+
+        xd = fake_quantize(x.double(), QuantSpec(act_spec.format))
+    else:
+        xd = fake_quant_act_fp8(x)
     y = xd @ dequantize_reference(qt).T
     if bias is not None:
         y = y + bias.to(torch.float64)

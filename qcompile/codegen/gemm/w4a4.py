@@ -51,15 +51,22 @@ def encode_e2m1(v):
 
 
 @triton.jit
+def pow2(e):
+    """Exact 2**e (float32) for integer e in [-126, 127], built from the exponent bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_to_e4m3(s):
     """Positive float32 -> nearest e4m3 value (as float32), clamped to [2^-6, 448].
 
-    Done arithmetically rather than by an fp8 cast, which the Triton 3.6
-    interpreter gets wrong when rounding carries into the next power of two."""
+    Exponent read from the float's bits and power-of-two steps built from bits, so it
+    is exact on GPUs too (``tl.log2`` / ``tl.exp2`` are approximate there), and no fp8
+    cast (the Triton 3.6 interpreter gets that wrong when rounding carries into the
+    next power of two)."""
     s = tl.minimum(tl.maximum(s, 0.015625), 448.0)
-    e = tl.floor(tl.log2(s))
-    step = tl.exp2(e - 3.0)
-    r = tl.floor(s / step + 0.5) * step
+    e = ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    r = tl.floor(s * pow2(3 - e) + 0.5) * pow2(e - 3)  # 3 mantissa bits
     return tl.minimum(r, 448.0)
 
 
@@ -81,7 +88,7 @@ def act_quant_fp4_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, K, NBLK, stride_xm, stride
         # shared exponent floor(log2(amax)) - 2, read from the float's bits (exact)
         e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 2
         e = tl.where(amax > 0, tl.minimum(tl.maximum(e, -127), 127), -127)
-        v = x * tl.exp2(-e.to(tl.float32))[:, None]
+        v = x * pow2(-e)[:, None]  # -e in [-125, 127]: a normal float, exact product
         tl.store(s_ptr + row * stride_sm + blk, (e + 127).to(tl.uint8), mask=blk < NBLK)
     codes = encode_e2m1(v)
     lo, hi = tl.split(tl.reshape(codes, (NB, B // 2, 2)))

@@ -34,6 +34,66 @@ from qcompile.codegen.gemm.configs import GemmConfig
 
 
 @triton.jit
+def load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn, stride_zn,
+                     CODE: tl.constexpr, SCALE_KIND: tl.constexpr, GROUP: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Load and dequantize W[rows, k0:k0+BLOCK_K] -> float32 ``[BLOCK_N, BLOCK_K]``
+    (per-channel scales are left to the caller: they factor out of the K sum)."""
+    PACKED: tl.constexpr = CODE == 0 or CODE == 2
+    # ---- codes ----
+    if PACKED:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        if not EVEN_K:  # clamp, don't mask: finite codes past K meet x == 0
+            offs_b = tl.minimum(offs_b, KD - 1)
+        packed = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :])
+        # two codes per byte, element 2i in the low nibble
+        q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if not EVEN_K:
+            offs_k = tl.minimum(offs_k, KD - 1)
+        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :])
+    if CODE == 2:  # noqa: SIM108 (constexpr branch)
+        w = decode_fp4(q)
+    else:
+        w = q.to(tl.float32)
+    # ---- offset / zero point and scale ----
+    if PER_CHANNEL:
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows * stride_zn).to(tl.float32)
+            w = w - z[:, None]
+        elif CODE == 0:
+            w = w - 8.0
+    elif GROUP >= BLOCK_K:
+        # the whole tile lies in one group
+        g = k0 // GROUP
+        s = decode_scale(tl.load(s_ptr + rows * stride_sn + g), SCALE_KIND)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+            w = (w - z[:, None]) * s[:, None]
+        elif CODE == 0:
+            w = (w - 8.0) * s[:, None]
+        else:
+            w = w * s[:, None]
+    else:
+        # BLOCK_K // GROUP groups per tile: broadcast each group's scale over its columns
+        NG: tl.constexpr = BLOCK_K // GROUP
+        offs_g = tl.minimum(k0 // GROUP + tl.arange(0, NG), G - 1)  # groups past K meet x == 0
+        s = decode_scale(tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :]), SCALE_KIND)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows[:, None] * stride_zn + offs_g[None, :])
+            z = tl.reshape(tl.broadcast_to(z.to(tl.float32)[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
+            w = (w - z) * s
+        elif CODE == 0:
+            w = (w - 8.0) * s
+        else:
+            w = w * s
+    return w
+
+
+@triton.jit
 def weight_only_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K, KD, G,
@@ -44,7 +104,6 @@ def weight_only_gemm_kernel(
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    PACKED: tl.constexpr = CODE == 0 or CODE == 2
     pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
 
@@ -58,63 +117,12 @@ def weight_only_gemm_kernel(
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + m_ld[:, None] * stride_xm + offs_k[None, :]
-        # ---- codes: [BLOCK_N, BLOCK_K] ----
-        if PACKED:
-            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_b[None, :]
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-                packed = tl.load(w_ptrs)
-            else:
-                # x is zero past K; weight indices are clamped (finite codes) rather than masked
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-                packed = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(offs_b, KD - 1)[None, :])
-            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+        if EVEN_K:  # noqa: SIM108 (constexpr branch)
+            x = tl.load(x_ptrs)
         else:
-            w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-                q = tl.load(w_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-                q = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(offs_k, KD - 1)[None, :])
-        if CODE == 2:  # noqa: SIM108 (constexpr branch)
-            w = decode_fp4(q)
-        else:
-            w = q.to(tl.float32)
-        # ---- offset / zero point and scale ----
-        if PER_CHANNEL:
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rows * stride_zn).to(tl.float32)
-                w = w - z[:, None]
-            elif CODE == 0:
-                w = w - 8.0
-        elif GROUP >= BLOCK_K:
-            # the whole tile lies in one group
-            g = k0 // GROUP
-            s = decode_scale(tl.load(s_ptr + rows * stride_sn + g), SCALE_KIND)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
-                w = (w - z[:, None]) * s[:, None]
-            elif CODE == 0:
-                w = (w - 8.0) * s[:, None]
-            else:
-                w = w * s[:, None]
-        else:
-            # BLOCK_K // GROUP groups per tile: broadcast each group's scale over its columns
-            NG: tl.constexpr = BLOCK_K // GROUP
-            offs_g = k0 // GROUP + tl.arange(0, NG)
-            offs_g = tl.minimum(offs_g, G - 1)  # groups past K multiply x == 0
-            s = decode_scale(tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :]), SCALE_KIND)
-            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rows[:, None] * stride_zn + offs_g[None, :])
-                z = tl.reshape(tl.broadcast_to(z.to(tl.float32)[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
-                w = (w - z) * s
-            elif CODE == 0:
-                w = (w - 8.0) * s
-            else:
-                w = w * s
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+        w = load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn, stride_zn,
+                             CODE, SCALE_KIND, GROUP, PER_CHANNEL, HAS_ZERO, EVEN_K, BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
             # GEMV (M == 1): FMAs and a row reduction, no 16-row tensor-core padding
             acc += tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
