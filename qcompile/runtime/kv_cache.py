@@ -84,8 +84,9 @@ class QuantizedKVCache:
         if spec.value_format in PER_TOKEN_FORMATS:
             self._t["v_scale"] = torch.ones(*lead, S, dtype=torch.float32, device=dev)
         if spec.value_format in GROUPED_FORMATS:
-            self._t["v_scale"] = torch.zeros(*lead, S, D // G, dtype=torch.float16, device=dev)
-            self._t["v_min"] = torch.zeros(*lead, S, D // G, dtype=torch.float16, device=dev)
+            VG = spec.vgroup(D)
+            self._t["v_scale"] = torch.zeros(*lead, S, D // VG, dtype=torch.float16, device=dev)
+            self._t["v_min"] = torch.zeros(*lead, S, D // VG, dtype=torch.float16, device=dev)
         self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=dev)
         self._len_bound = [0] * num_layers   # host-side upper bound of max(lengths[layer])
 
@@ -163,8 +164,7 @@ class QuantizedKVCache:
             codes.copy_(c)
             self._t[f"{prefix}_scale"][layer, b, :, p0:p0 + n] = s
         else:
-            G = self.spec.group_size
-            xg = x.float().reshape(*x.shape[:-1], -1, G)
+            xg = x.float().reshape(*x.shape[:-1], -1, self.spec.vgroup(self.head_dim))
             c, s, m = quantize_asym(xg, KV_BITS[fmt], dim=-1)
             codes.copy_(pack_bits(c.reshape(x.shape), KV_BITS[fmt]))
             self._t[f"{prefix}_scale"][layer, b, :, p0:p0 + n] = s
@@ -217,7 +217,8 @@ class QuantizedKVCache:
             codes = unpack_bits(c, KV_BITS[fmt]).to(dtype)
             s, m = t[f"{prefix}_scale"].to(dtype), t[f"{prefix}_min"].to(dtype)
             if prefix == "v":
-                return (codes.reshape(*codes.shape[:-1], D // G, G) * s[..., None] + m[..., None]
+                VG = spec.vgroup(D)
+                return (codes.reshape(*codes.shape[:-1], D // VG, VG) * s[..., None] + m[..., None]
                         ).reshape(codes.shape)
             ng = S // G
             cg = codes[..., : ng * G, :].reshape(*codes.shape[:-2], ng, G, D)

@@ -10,8 +10,8 @@ Layouts, per layer, batch row and KV head (``S`` = max_seq_len, ``D`` = head_dim
   Keys are quantized per channel over groups of ``group_size`` tokens: scale and minimum
   ``[S / group_size, D]`` float16. The newest tokens stay in a bf16 residual ring of
   ``residual_length`` slots (keys and values) until it fills; then it is quantized as a whole.
-  Values are quantized per token over groups of ``group_size`` channels: scale and minimum
-  ``[S, D / group_size]`` float16. ``x ≈ code * scale + minimum``.
+  Values are quantized per token over groups of ``value_group_size`` channels (default: the
+  whole head): scale and minimum ``[S, D / value_group_size]`` float16. ``x ≈ code * scale + minimum``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ FP8_MAX = 448.0
 class KVCacheSpec:
     """How a KV cache is compressed.
 
-    ``group_size``: int4/int2 only: tokens per key group and channels per value group.
+    ``group_size``: int4/int2 keys: tokens per key group (scale and minimum per channel).
+    ``value_group_size``: int4/int2 values: channels per value group; ``None`` (default) means
+    the whole head, one scale and minimum per token, which the kernel folds into the
+    probabilities (fast); smaller groups are more accurate and slower.
     ``residual_length``: int4/int2 keys only: how many newest tokens stay in bf16 before they
     are quantized together (a multiple of ``group_size``; defaults to ``group_size``).
     ``rotate_keys``: Hadamard-rotate keys before quantization (queries are rotated alike).
@@ -47,6 +50,7 @@ class KVCacheSpec:
     rotate_keys: bool = False
     pre_rope: bool = False
     rope_theta: float = 10000.0
+    value_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.value_format is None:
@@ -57,6 +61,9 @@ class KVCacheSpec:
         g = self.group_size
         if g < 4 or (g & (g - 1)) != 0:
             raise ValueError(f"group_size must be a power of two >= 4, got {g}")
+        vg = self.value_group_size
+        if vg is not None and (vg < 4 or (vg & (vg - 1)) != 0):
+            raise ValueError(f"value_group_size must be a power of two >= 4 or None, got {vg}")
         if self.residual_length is None:
             object.__setattr__(self, "residual_length", g)
         r = self.residual_length
@@ -77,26 +84,34 @@ class KVCacheSpec:
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head_dim={head_dim} is not supported; supported head dims: "
                              f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-        if self.value_format in GROUPED_FORMATS and head_dim % self.group_size != 0:
-            raise ValueError(f"value group_size={self.group_size} must divide head_dim={head_dim}")
+        if self.value_format in GROUPED_FORMATS and head_dim % self.vgroup(head_dim) != 0:
+            raise ValueError(f"value_group_size={self.value_group_size} must divide "
+                             f"head_dim={head_dim}")
+
+    def vgroup(self, head_dim: int) -> int:
+        """Channels per value group (int4/int2 values)."""
+        return self.value_group_size or head_dim
 
     def bytes_per_token(self, head_dim: int, itemsize: int = 2) -> float:
         """Bytes one token of one KV head costs (keys + values, codes and scales), amortized."""
         total = 0.0
-        for fmt in (self.key_format, self.value_format):
+        for fmt, group in ((self.key_format, self.group_size),
+                           (self.value_format, self.vgroup(head_dim))):
             if fmt == "bf16":
                 total += head_dim * itemsize
             elif fmt in PER_TOKEN_FORMATS:
                 total += head_dim + 4
             else:
-                total += head_dim * KV_BITS[fmt] / 8 + 4 * head_dim / self.group_size
+                total += head_dim * KV_BITS[fmt] / 8 + 4 * head_dim / group
         return total
 
     def short(self) -> str:
         name = self.key_format if self.key_format == self.value_format else \
             f"k{self.key_format}-v{self.value_format}"
-        if self.key_format in GROUPED_FORMATS or self.value_format in GROUPED_FORMATS:
+        if self.key_format in GROUPED_FORMATS:
             name += f"-g{self.group_size}"
+        if self.value_format in GROUPED_FORMATS and self.value_group_size:
+            name += f"-vg{self.value_group_size}"
         if self.rotate_keys:
             name += "-rot"
         if self.pre_rope:

@@ -112,6 +112,24 @@ def test_silu_mul_residual(act, M):
     assert rel_err(y, ref) < (1e-2 if act is None else FP8_TOL)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("int4", 32, False), QuantSpec("int4", 0, True), QuantSpec("nvfp4"),
+                                  QuantSpec("int8", 0, True)], ids=lambda s: s.short())
+@pytest.mark.parametrize("epilogue", ["none", "silu_mul"])
+def test_prefill_dequant_path(spec, epilogue):
+    """Dequantize-then-matmul (large M): dequant kernel + torch GEMM + torch epilogue."""
+    g = torch.Generator().manual_seed(7)
+    M, N, K = 5, 40, 160
+    qt = random_quantized(spec, N, K, DEV, g, weight_std=0.2)
+    x = torch.randn(M, K, generator=g).to(DEV, torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(DEV, torch.bfloat16)
+    n_out = N // 2 if epilogue == "silu_mul" else N
+    res = torch.randn(M, n_out, generator=g).to(DEV, torch.bfloat16)
+    cfg = GemmConfig(128, 128, 64, dequant=True)
+    y = run(x, qt, bias=bias, residual=res, epilogue=epilogue, config=cfg)
+    ref = reference_linear(x, qt, bias=bias, residual=res, epilogue=epilogue)
+    assert rel_err(y, ref) < 1e-2
+
+
 def test_silu_mul_split_k():
     g = torch.Generator().manual_seed(5)
     qt = random_quantized(QuantSpec("int4", 32, False), 40, 96, DEV, g, weight_std=0.2)
@@ -119,6 +137,17 @@ def test_silu_mul_split_k():
     bias = torch.randn(40, generator=g).to(DEV, torch.bfloat16)
     y = run(x, qt, bias=bias, epilogue="silu_mul", config=GemmConfig(16, 16, 32, split_k=2))
     assert rel_err(y, reference_linear(x, qt, bias=bias, epilogue="silu_mul")) < 1e-2
+
+
+def test_act_quant_two_pass():
+    """Rows longer than 16384 take the two-pass (amax, then quantize) path."""
+    from qcompile.codegen.gemm.fp8 import quantize_act_fp8
+    from qcompile.codegen.gemm.reference import fake_quant_act_fp8
+    x = torch.randn(2, 20000, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
+    with force_triton():
+        q, s = quantize_act_fp8(x, pad_to=128)
+    assert q.shape == (2, 20096) and (q[:, 20000:].float() == 0).all()
+    assert torch.equal(q[:, :20000].double() * s[:, None].double(), fake_quant_act_fp8(x))
 
 
 def test_reference_dequant_layout():
@@ -162,7 +191,10 @@ def test_dispatch_switches(monkeypatch):
 def test_configs_heuristic():
     assert m_bucket(1) == 1 and m_bucket(3) == 4 and m_bucket(17) == 32
     c = pick_config(1, 4096, 4096, "w4", 128)
-    assert c.block_m == 16 and c.split_k > 1 and 128 % c.block_k == 0 or c.block_k % 128 == 0
+    assert c.block_m == 1 and c.split_k > 1 and (128 % c.block_k == 0 or c.block_k % 128 == 0)
+    assert pick_config(16, 4096, 4096, "w4", 128).block_m == 16
+    assert pick_config(2048, 4096, 4096, "w4", 128).dequant
+    assert not pick_config(2048, 4096, 4096, "fp8", 0).dequant
     c = pick_config(2048, 4096, 4096, "w4", 32)
     assert c.block_k % 32 == 0
     assert pick_config(2048, 4096, 4096, "w4", 32) is c  # cached

@@ -56,14 +56,15 @@ def test_w4a8(spec, M):
     assert rel_err(y, ref) < 1e-2
 
 
-def test_w4a8_epilogues():
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_w4a8_epilogues(split_k):
     g = torch.Generator().manual_seed(3)
-    N, K, M = 48, 96, 3
+    N, K, M = 48, 160, 3  # 5 groups: with split 2 the programs take 3 and 2 groups
     qt = random_quantized(QuantSpec("int4", 32, False), N, K, DEV, g, weight_std=0.2)
     x = torch.randn(M, K, generator=g).to(DEV, torch.float16)
     bias = torch.randn(N, generator=g).to(DEV, torch.float16)
     res = torch.randn(M, N // 2, generator=g).to(DEV, torch.float16)
-    y = launch_w4a8(x, qt, bias, res, True)
+    y = launch_w4a8(x, qt, bias, res, True, split_k=split_k)
     assert y.shape == (M, N // 2) and y.dtype == torch.float16
     ref = epilogue_ref(fake_quant_act_fp8(x) @ dequantize_reference(qt).T, bias, res, True)
     assert rel_err(y, ref) < 1e-2
@@ -140,3 +141,33 @@ def test_public_entry_point_dispatch(wspec, aspec):
     else:
         ref = dequantize_reference(quantize_act_fp4(x2, aspec.format)) @ dequantize_reference(qt).T
     assert rel_err(y.reshape(6, 24), ref) < 1e-2
+
+
+def test_nvfp4_block_scale_ties_round_to_even():
+    """Block scales exactly halfway between two e4m3 values (common with bf16 inputs, e.g.
+    448 * 3/8 = 168 between 160 and 176) round to even, bit-identical to the formats library."""
+    from qcompile.formats import quantize
+
+    x = torch.zeros(1, 64)
+    x[0, 0] = 8.0  # global amax: its block scale is 448
+    x[0, 16] = 3.0  # 448 * 3/8 = 168: tie between 160 and 176 -> 160
+    x[0, 32] = 6.0  # 448 * 6/8 = 336: tie between 320 and 352 -> 320
+    x[0, 48] = 0.1
+    xq = quantize_act_fp4(x.to(DEV, torch.bfloat16), "nvfp4")
+    ref = quantize(x.to(torch.bfloat16).double(), QuantSpec("nvfp4"))
+    assert xq.scale.float().cpu()[0, :3].tolist() == [448.0, 160.0, 320.0]
+    assert torch.equal(xq.scale.cpu().view(torch.uint8), ref.scale.view(torch.uint8))
+    assert torch.equal(xq.data.cpu(), ref.data)
+    assert xq.global_scale.item() == ref.global_scale.item()
+
+
+def test_nvfp4_act_quant_bit_exact_random():
+    """Random bf16 rows: codes, block scales and the (nudged) global scale equal the library's."""
+    from qcompile.formats import quantize
+
+    x = (torch.randn(4, 512, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
+    xq = quantize_act_fp4(x.to(DEV), "nvfp4")
+    ref = quantize(x.double(), QuantSpec("nvfp4"))
+    assert xq.global_scale.item() == ref.global_scale.item()
+    assert torch.equal(xq.scale.cpu().view(torch.uint8), ref.scale.view(torch.uint8))
+    assert torch.equal(xq.data.cpu(), ref.data)

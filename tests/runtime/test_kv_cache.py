@@ -40,7 +40,7 @@ def test_cache_rejects_bad_head_dim_and_overflow():
     with pytest.raises(ValueError, match="head_dim=96"):
         QuantizedKVCache(1, 1, 16, 1, 96, KVCacheSpec("int8"))
     with pytest.raises(ValueError, match="must divide head_dim"):
-        QuantizedKVCache(1, 1, 16, 1, 32, KVCacheSpec("int4", group_size=64))
+        QuantizedKVCache(1, 1, 16, 1, 32, KVCacheSpec("int4", value_group_size=64))
     c = QuantizedKVCache(1, 2, 8, 1, 16, KVCacheSpec("int8"), impl="torch")
     c.append(0, torch.randn(2, 1, 6, 16), torch.randn(2, 1, 6, 16))
     with pytest.raises(ValueError, match="append past max_seq_len"):

@@ -175,5 +175,5 @@ def launch_append(cache, layer: int, k, v, num_new, max_new: int) -> None:
         t["k_res"] if t.get("k_res") is not None else dummy,
         t["v_res"] if t.get("v_res") is not None else dummy,
         H, T, cache.max_seq_len,
-        D=D, K_FMT=kf, V_FMT=vf, VGROUP=min(spec.group_size, D),
+        D=D, K_FMT=kf, V_FMT=vf, VGROUP=spec.vgroup(D),
         R=spec.residual_length if spec.grouped_keys else 1)

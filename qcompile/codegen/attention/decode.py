@@ -58,7 +58,8 @@ def _unpack(byt, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES: tl.constexpr, SHIFT: tl.constexpr,
                D: tl.constexpr, BLOCK_N: tl.constexpr, K_FMT: tl.constexpr, GROUP: tl.constexpr,
-               R: tl.constexpr, FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr):
+               R: tl.constexpr, FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr,
+               GATHER: tl.constexpr):
     """Key tile [BLOCK_N, D] in float32, columns rotated by SHIFT (for RoPE's partner channel).
 
     Per-token scales are left out (applied to the logits); grouped scales too when FOLD.
@@ -79,9 +80,16 @@ def _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES: tl.constexpr, SHI
     else:
         BITS: tl.constexpr = 4 if K_FMT == 3 else 2
         NB: tl.constexpr = D * BITS // 8
-        jb = (tl.arange(0, NB) + SHIFT * BITS // 8) % NB
-        byt = tl.load(K + (bh * S + offs_n)[:, None] * NB + jb[None, :], mask=nmask[:, None], other=0)
-        c = _unpack(byt.to(tl.int32), BLOCK_N, D, BITS).to(tl.float32)
+        if GATHER:
+            # each element loads its own byte (repeats hit L1) and shifts: no join / reshape
+            byt = tl.load(K + (bh * S + offs_n)[:, None] * NB + (ch // (8 // BITS))[None, :],
+                          mask=nmask[:, None], other=0).to(tl.int32)
+            c = ((byt >> ((ch % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        else:
+            jb = (tl.arange(0, NB) + SHIFT * BITS // 8) % NB
+            byt = tl.load(K + (bh * S + offs_n)[:, None] * NB + jb[None, :], mask=nmask[:, None],
+                          other=0)
+            c = _unpack(byt.to(tl.int32), BLOCK_N, D, BITS).to(tl.float32)
         if FOLD:
             return c
         sidx = (bh * NG + offs_n // GROUP)[:, None] * D + ch[None, :]
@@ -93,8 +101,10 @@ def _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES: tl.constexpr, SHI
 @triton.jit
 def _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES: tl.constexpr, DT: tl.constexpr,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, V_FMT: tl.constexpr,
-                 VGROUP: tl.constexpr, R: tl.constexpr, FP8_NATIVE: tl.constexpr):
-    """Value tile [BLOCK_N, D] in DT; per-token scales are left out (applied to p)."""
+                 VGROUP: tl.constexpr, R: tl.constexpr, FOLD: tl.constexpr,
+                 FP8_NATIVE: tl.constexpr, GATHER: tl.constexpr):
+    """Value tile [BLOCK_N, D] in DT; per-token scales are left out (applied to p), and so are
+    int4/int2 scales and minimums when FOLD (one group per token)."""
     d = tl.arange(0, D)
     if RES:
         ptr = Vres + (bh * R + offs_n % R)[:, None] * D + d[None, :]
@@ -113,8 +123,17 @@ def _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES: tl.constexpr, DT: t
         NB: tl.constexpr = D * BITS // 8
         NGC: tl.constexpr = D // VGROUP
         row = bh * S + offs_n
-        byt = tl.load(V + row[:, None] * NB + tl.arange(0, NB)[None, :], mask=nmask[:, None], other=0)
-        c = _unpack(byt.to(tl.int32), BLOCK_N, D, BITS).to(tl.float32)
+        if GATHER:
+            byt = tl.load(V + row[:, None] * NB + (d // (8 // BITS))[None, :], mask=nmask[:, None],
+                          other=0).to(tl.int32)
+            c = (byt >> ((d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
+        else:
+            byt = tl.load(V + row[:, None] * NB + tl.arange(0, NB)[None, :], mask=nmask[:, None],
+                          other=0)
+            c = _unpack(byt.to(tl.int32), BLOCK_N, D, BITS)
+        if FOLD:
+            return c.to(DT)
+        c = c.to(tl.float32)
         sidx = row[:, None] * NGC + (d // VGROUP)[None, :]
         sc = tl.load(Vs + sidx, mask=nmask[:, None], other=0.0).to(tl.float32)
         mn = tl.load(Vm + sidx, mask=nmask[:, None], other=0.0).to(tl.float32)
@@ -136,7 +155,8 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
                  RES: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  K_FMT: tl.constexpr, V_FMT: tl.constexpr, GROUP: tl.constexpr,
                  VGROUP: tl.constexpr, R: tl.constexpr, PRE_ROPE: tl.constexpr,
-                 FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr, INTERP: tl.constexpr):
+                 FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr, INTERP: tl.constexpr,
+                 GATHER: tl.constexpr):
     """One BLOCK_N-token tile of the online softmax for all query rows of a KV head."""
     DT: tl.constexpr = q.dtype
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -149,29 +169,33 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
         in_range = n0 < end
         sc = tl.load(Ks + (bh * NG + g) * D + d, mask=in_range, other=0.0).to(tl.float32)
         mn = tl.load(Km + (bh * NG + g) * D + d, mask=in_range, other=0.0).to(tl.float32)
-        qf = q.to(tl.float32)
+        qf = q.to(tl.float32) * sm_scale_log2
         c = _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES, 0, D, BLOCK_N, K_FMT,
-                       GROUP, R, FOLD, FP8_NATIVE)
-        s = _dot((qf * sc[None, :]).to(DT), tl.trans(c.to(DT)), INTERP)
+                       GROUP, R, FOLD, FP8_NATIVE, GATHER)
+        # float16 operands: codes are exact, and q*s keeps 3 more bits than in bfloat16
+        s = _dot((qf * sc[None, :]).to(tl.float16), tl.trans(c.to(tl.float16)), INTERP)
         s += tl.sum(qf * mn[None, :], axis=1)[:, None]
     else:
         k = _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES, 0, D, BLOCK_N, K_FMT,
-                       GROUP, R, False, FP8_NATIVE)
+                       GROUP, R, False, FP8_NATIVE, GATHER)
         if PRE_ROPE:
             # RoPE (rotate-half) at the key's slot position, applied after dequantization.
             HALF: tl.constexpr = D // 2
             kp = _load_keys(K, Ks, Km, Kres, bh, S, NG, offs_n, nmask, RES, HALF, D, BLOCK_N,
-                            K_FMT, GROUP, R, False, FP8_NATIVE)
+                            K_FMT, GROUP, R, False, FP8_NATIVE, GATHER)
             d = tl.arange(0, D)
             inv_freq = tl.exp2(-((d % HALF).to(tl.float32) * (2.0 / D)) * log2_theta)
             ang = offs_n.to(tl.float32)[:, None] * inv_freq[None, :]
             sign = tl.where(d < HALF, -1.0, 1.0)
             k = k * tl.cos(ang) + (sign[None, :] * kp) * tl.sin(ang)
-        s = _dot(q, tl.trans(k.to(DT)), INTERP)
-    if (K_FMT == 1 or K_FMT == 2) and not RES:
-        ks = tl.load(Ks + bh * S + offs_n, mask=nmask, other=0.0)
-        s = s * ks[None, :]
-    s = s * sm_scale_log2
+        # Dequantized keys go through float16 (3 more mantissa bits than bfloat16: keys with
+        # outlier channels lose too much in bfloat16); a bf16 cache stays in q's dtype.
+        KDT: tl.constexpr = DT if K_FMT == 0 else tl.float16
+        s = _dot(q.to(KDT), tl.trans(k.to(KDT)), INTERP)
+        if (K_FMT == 1 or K_FMT == 2) and not RES:
+            ks = tl.load(Ks + bh * S + offs_n, mask=nmask, other=0.0)
+            s = s * ks[None, :]
+        s = s * sm_scale_log2
     valid = nmask[None, :] & (offs_n[None, :] <= qpos[:, None])
     s = tl.where(valid, s, float("-inf"))
     # ---- online softmax (base 2), safe for rows that have seen no key yet
@@ -181,12 +205,24 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # ---- p·v
+    VDT: tl.constexpr = DT if V_FMT == 0 else tl.float16
+    acc = acc * alpha[:, None]
     if (V_FMT == 1 or V_FMT == 2) and not RES:
+        # per-token value scale folded into p
         vs = tl.load(Vs + bh * S + offs_n, mask=nmask, other=0.0)
         p = p * vs[None, :]
-    v = _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES, DT, D, BLOCK_N, V_FMT, VGROUP,
-                     R, FP8_NATIVE)
-    acc = acc * alpha[:, None] + _dot(p.to(DT), v, INTERP)
+    if V_FMT >= 3 and VGROUP == D and not RES:
+        # int4/int2 values, one scale and minimum per token: p·(c*s + m) = (p*s)·c + p·m
+        vs = tl.load(Vs + bh * S + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        vm = tl.load(Vm + bh * S + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc += tl.sum(p * vm[None, :], axis=1)[:, None]
+        p = p * vs[None, :]
+        v = _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES, VDT, D, BLOCK_N, V_FMT,
+                         VGROUP, R, True, FP8_NATIVE, GATHER)
+    else:
+        v = _load_values(V, Vs, Vm, Vres, bh, S, offs_n, nmask, RES, VDT, D, BLOCK_N, V_FMT,
+                         VGROUP, R, False, FP8_NATIVE, GATHER)
+    acc += _dot(p.to(VDT), v, INTERP)
     return m_new, l_i, acc
 
 
@@ -197,7 +233,7 @@ def _attend_range(q, m_i, l_i, acc, qpos, start, end, bh, S, NG,
                   K_FMT: tl.constexpr, V_FMT: tl.constexpr, GROUP: tl.constexpr,
                   VGROUP: tl.constexpr, R: tl.constexpr, PRE_ROPE: tl.constexpr,
                   FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr, INTERP: tl.constexpr,
-                  ITERS: tl.constexpr):
+                  ITERS: tl.constexpr, GATHER: tl.constexpr):
     """The online softmax over tokens [start, end), BLOCK_N at a time."""
     if INTERP:
         # The interpreter cannot bound a loop by a loaded scalar (numpy >= 2.4): run a fixed
@@ -206,13 +242,13 @@ def _attend_range(q, m_i, l_i, acc, qpos, start, end, bh, S, NG,
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, qpos, start + it * BLOCK_N, end, bh, S, NG, K, Ks, Km, V, Vs,
                 Vm, Kres, Vres, sm_scale_log2, log2_theta, RES, D, BLOCK_N, K_FMT, V_FMT, GROUP,
-                VGROUP, R, PRE_ROPE, FOLD, FP8_NATIVE, INTERP)
+                VGROUP, R, PRE_ROPE, FOLD, FP8_NATIVE, INTERP, GATHER)
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, qpos, n0, end, bh, S, NG, K, Ks, Km, V, Vs,
                 Vm, Kres, Vres, sm_scale_log2, log2_theta, RES, D, BLOCK_N, K_FMT, V_FMT, GROUP,
-                VGROUP, R, PRE_ROPE, FOLD, FP8_NATIVE, INTERP)
+                VGROUP, R, PRE_ROPE, FOLD, FP8_NATIVE, INTERP, GATHER)
     return m_i, l_i, acc
 
 
@@ -226,7 +262,7 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, V_FMT: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr,
     R: tl.constexpr, PRE_ROPE: tl.constexpr, FOLD: tl.constexpr, FP8_NATIVE: tl.constexpr,
-    INTERP: tl.constexpr, ITERS: tl.constexpr,
+    INTERP: tl.constexpr, ITERS: tl.constexpr, GATHER: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -254,12 +290,12 @@ def _decode_split_kernel(
         m_i, l_i, acc = _attend_range(
             q, m_i, l_i, acc, qpos, start, end, bh, S, NG, K, Ks, Km, V, Vs, Vm, Kres, Vres,
             sm_scale_log2, log2_theta, True, D, BLOCK_N, K_FMT, V_FMT, GROUP, VGROUP, R,
-            PRE_ROPE, FOLD, FP8_NATIVE, INTERP, ITERS)
+            PRE_ROPE, FOLD, FP8_NATIVE, INTERP, ITERS, GATHER)
     else:
         m_i, l_i, acc = _attend_range(
             q, m_i, l_i, acc, qpos, start, end, bh, S, NG, K, Ks, Km, V, Vs, Vm, Kres, Vres,
             sm_scale_log2, log2_theta, False, D, BLOCK_N, K_FMT, V_FMT, GROUP, VGROUP, R,
-            PRE_ROPE, FOLD, FP8_NATIVE, INTERP, ITERS)
+            PRE_ROPE, FOLD, FP8_NATIVE, INTERP, ITERS, GATHER)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -298,7 +334,8 @@ def _sm_count(device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | None = None,
                      impl: str = "auto", num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, out: torch.Tensor | None = None,
+                     unpack: str = "join") -> torch.Tensor:
     """Attention of ``T`` new query tokens per row over ``cache``'s ``layer``.
 
     ``q``: ``[B, Hq, D]`` (one token) or ``[B, Hq, T, D]`` with ``T <= 8``, already RoPE'd; the
@@ -307,7 +344,9 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     Returns the shape of ``q``, in ``q``'s dtype. ``impl``: ``auto`` (Triton on CUDA, torch on
     CPU), ``triton`` (also on CPU under ``TRITON_INTERPRET=1``) or ``torch``.
     ``out`` (shaped and typed like ``q``, contiguous) receives the result if given.
-    The remaining keyword arguments override the launch heuristics (benchmarks, tests).
+    The remaining keyword arguments override the launch heuristics (benchmarks, tests);
+    ``unpack`` picks how int4/int2 codes are unpacked (``join``: load bytes, split nibbles and
+    interleave; ``gather``: every element loads its byte and shifts).
     """
     from qcompile.codegen.attention.reference import reference_decode_attention
     from qcompile.runtime.kv_cache import resolve_impl
@@ -381,9 +420,10 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
         Hkv, cache.max_seq_len, cache.max_seq_len // G, num_splits, ns_total, chunk,
         T=T, GQA=GQA, D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         K_FMT=FMT_CODES[spec.key_format], V_FMT=FMT_CODES[spec.value_format],
-        GROUP=G, VGROUP=min(G, D), R=spec.residual_length if spec.grouped_keys else 1,
+        GROUP=G, VGROUP=spec.vgroup(D), R=spec.residual_length if spec.grouped_keys else 1,
         PRE_ROPE=spec.pre_rope, FOLD=fold, FP8_NATIVE=not interp, INTERP=interp,
-        ITERS=triton.cdiv(max(chunk, spec.residual_length), block_n) if interp else 0, **extra)
+        ITERS=triton.cdiv(max(chunk, spec.residual_length), block_n) if interp else 0,
+        GATHER=unpack == "gather", **extra)
     _decode_reduce_kernel[(B * Hq * T,)](
         opart, lpart, result, ns_total, D=D, BLOCK_S=triton.next_power_of_2(ns_total))
     if out is not None:

@@ -26,6 +26,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    dequant: bool = False  # prefill: dequantize W once, then cuBLAS (weight-only kernels)
 
 
 def m_bucket(M: int) -> int:
@@ -46,26 +47,41 @@ def _block_k_for_group(block_k: int, group: int, K: int) -> int:
     return max(group, block_k - block_k % group)
 
 
+def _split_k(tiles: int, k_tiles: int, target_programs: int) -> int:
+    """Smallest power-of-two K split giving >= ``target_programs`` (each keeps >= 4 K tiles)."""
+    split = 1
+    while tiles * split < target_programs and split * 2 <= max(1, k_tiles // 4):
+        split *= 2
+    return split
+
+
 @lru_cache(maxsize=4096)
 def pick_config(M: int, N: int, K: int, kind: str, group: int, num_sms: int = NUM_SMS_DEFAULT) -> GemmConfig:
     """Config for one GEMM. ``kind``: ``"w4"`` (int4/fp4 weight-only), ``"w8"``
     (int8/fp8 weight-only) or ``"fp8"`` (W8A8). ``group`` = 0 for per-channel."""
     mb = m_bucket(M)
-    if mb <= 16:
-        # Decode: memory bound. Narrow N tiles, long K tiles, then split K until
-        # there are >= 2 programs per SM so the whole HBM bandwidth is in use.
-        block_n = 64 if kind == "w4" else 32
-        block_k = 256 if kind == "w4" else 128
-        block_k = _block_k_for_group(block_k, group, K)
-        tiles = triton.cdiv(N, block_n)
-        k_tiles = triton.cdiv(K, block_k)
-        split = 1
-        while tiles * split < 2 * num_sms and split * 2 <= max(1, k_tiles // 4):
-            split *= 2
-        return GemmConfig(16, block_n, block_k, split, 1, num_warps=4, num_stages=4)
     if mb <= 64:
-        block_k = _block_k_for_group(128, group, K)
-        return GemmConfig(mb, 64, block_k, 1, 8, num_warps=4, num_stages=4)
+        # Decode / small batch: memory bound. Narrow N tiles, long K tiles, then split K
+        # until there are >= 2 programs per SM so that all of HBM's bandwidth is in use.
+        if mb == 1 and kind != "fp8":
+            block_m, block_n, block_k, warps = 1, 32, 256, 4  # GEMV: FMAs, no tensor-core padding
+        elif mb <= 16:
+            block_m, block_n, block_k, warps = 16, 32, (256 if kind == "w4" else 128), 4
+        else:
+            block_m, block_n, block_k, warps = mb, 64, 128, 4
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+        if mb >= 32 and tiles < num_sms // 2:
+            block_k = 64  # few tiles (N = 4096): split K in short tiles (H200 sweep: 58.6 vs 100 us)
+        block_k = _block_k_for_group(block_k, group, K)
+        # M >= 32: fp32 atomics on 32-64-row tiles are costly; split only when under half a wave
+        if mb >= 32 and tiles >= num_sms // 2:
+            split = 1
+        else:
+            split = _split_k(tiles, triton.cdiv(K, block_k), 2 * num_sms)
+        return GemmConfig(block_m, block_n, block_k, split, 1 if mb <= 16 else 8, num_warps=warps, num_stages=4)
+    if kind != "fp8" and mb >= 256:
+        # Prefill: compute bound; one dequant pass + cuBLAS beats re-dequantizing per M tile.
+        return GemmConfig(128, 128, 64, dequant=True)
     if mb <= 256:
         block_k = _block_k_for_group(64 if kind != "fp8" else 128, group, K)
         return GemmConfig(64 if mb <= 128 else 128, 128, block_k, 1, 8, num_warps=4 if mb <= 128 else 8, num_stages=4)

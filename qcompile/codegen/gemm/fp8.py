@@ -27,11 +27,36 @@ FP8_MAX = 448.0
 
 
 @triton.jit
+def round_to_e4m3_grid(q):
+    """Round-to-nearest-even onto the e4m3 grid, in fp32. Only under the interpreter:
+    Triton 3.6's interpreter drops the carry when its fp32 -> e4m3 cast rounds across a
+    power of two (124.9 -> 64), so we round first and the cast becomes exact."""
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(q), 1e-30))), -6.0)
+    step = tl.exp2(e - 3.0)
+    t = q / step
+    r = tl.floor(t + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    r = tl.where(((r - t) == 0.5) & odd, r - 1.0, r)
+    return r * step
+
+
+@triton.jit
 def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ROUND_FIRST: tl.constexpr):
+                         ROUND_FIRST: tl.constexpr, ONE_PASS: tl.constexpr):
     """One program per token: scale = amax / 448, q = e4m3(x / scale); columns
     ``[K, KP)`` of ``q`` are written as zeros so the GEMM never masks fp8 loads."""
     row = tl.program_id(0)
+    if ONE_PASS:
+        # the whole (padded) row fits in registers: read x once
+        offs = tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+        tl.store(s_ptr + row, scale)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        if ROUND_FIRST:
+            q = round_to_e4m3_grid(q)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < KP)
+        return
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
@@ -44,11 +69,7 @@ def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, KP, stride_xm, stride_qm, BLOCK
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         q = tl.clamp(x / scale, -448.0, 448.0)
         if ROUND_FIRST:
-            # Triton 3.6's interpreter drops the carry when fp32 -> e4m3 rounding crosses a
-            # power of two (124.9 -> 64); round onto the e4m3 grid first so the cast is exact.
-            e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(q), 1e-30))), -6.0)
-            step = tl.exp2(e - 3.0)
-            q = tl.floor(q / step + 0.5) * step
+            q = round_to_e4m3_grid(q)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < KP)
 
 
@@ -99,8 +120,11 @@ def quantize_act_fp8(x2: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, t
     KP = triton.cdiv(K, pad_to) * pad_to
     q = torch.empty((M, KP), device=x2.device, dtype=torch.float8_e4m3fn)
     s = torch.empty((M,), device=x2.device, dtype=torch.float32)
+    one_pass = triton.next_power_of_2(KP) <= 16384
+    block = triton.next_power_of_2(KP) if one_pass else 2048
     act_quant_fp8_kernel[(M,)](x2, q, s, K, KP, x2.stride(0), q.stride(0),
-                               BLOCK_K=min(2048, triton.next_power_of_2(KP)), ROUND_FIRST=interpreting())
+                               BLOCK_K=block, ROUND_FIRST=interpreting(), ONE_PASS=one_pass,
+                               num_warps=max(4, min(16, block // 1024)))
     return q, s
 
 

@@ -76,7 +76,8 @@ def reference_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
         # W4A4: the formats library's own per-token block quantization (independent of the kernel's)
         from qcompile.formats import fake_quantize
 
-        xd = fake_quantize(x.double(), QuantSpec(act_spec.format))
+        # (on the CPU: the library's reference semantics, whatever device x is on)
+        xd = fake_quantize(x.double().cpu(), QuantSpec(act_spec.format)).to(x.device)
     else:
         xd = fake_quant_act_fp8(x)
     y = xd @ dequantize_reference(qt).T

@@ -34,7 +34,7 @@ from qcompile.formats.spec import QuantizedTensor, QuantSpec
 
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
 SCALE_KIND = {"nvfp4": 1, "mxfp4": 2}
-NVFP4_GLOBAL_DIVISOR = 6.0 * 448.0
+NVFP4_GLOBAL_DIVISOR: tl.constexpr = tl.constexpr(6.0 * 448.0)
 DOT_SCALED_STATUS: dict[str, str] = {}
 """Per device name: "ok" once ``tl.dot_scaled`` compiled there, else the error text."""
 
@@ -58,7 +58,7 @@ def pow2(e):
 
 @triton.jit
 def round_to_e4m3(s):
-    """Positive float32 -> nearest e4m3 value (as float32), clamped to [2^-6, 448].
+    """Positive float32 -> nearest e4m3 value, ties to even (as float32), clamped to [2^-6, 448].
 
     Exponent read from the float's bits and power-of-two steps built from bits, so it
     is exact on GPUs too (``tl.log2`` / ``tl.exp2`` are approximate there), and no fp8
@@ -66,12 +66,27 @@ def round_to_e4m3(s):
     next power of two)."""
     s = tl.minimum(tl.maximum(s, 0.015625), 448.0)
     e = ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    r = tl.floor(s * pow2(3 - e) + 0.5) * pow2(e - 3)  # 3 mantissa bits
-    return tl.minimum(r, 448.0)
+    y = s * pow2(3 - e)  # in [8, 16): the integer part keeps 3 mantissa bits
+    f = tl.floor(y)
+    d = y - f
+    odd = (f.to(tl.int32) & 1) == 1
+    f = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)  # ties to even, as the formats library
+    return tl.minimum(f * pow2(e - 3), 448.0)
 
 
 @triton.jit
-def act_quant_fp4_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, K, NBLK, stride_xm, stride_qm, stride_sm,
+def nvfp4_global_scale(amax):
+    """``amax / 2688`` nudged to a fixed point of ``g -> fl(fl(2688 g) / 2688)``, 1 for amax = 0:
+    bit-identical to ``qcompile.formats.microscaling.nvfp4_global_scale``, without its host loop."""
+    d = tl.full(amax.shape, NVFP4_GLOBAL_DIVISOR, tl.float32)
+    g = tl.div_rn(amax, d)
+    for _ in tl.static_range(8):
+        g = tl.div_rn(g * d, d)
+    return tl.where((amax > 0) & (g > 0), g, 1.0)
+
+
+@triton.jit
+def act_quant_fp4_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, gs_ptr, K, NBLK, stride_xm, stride_qm, stride_sm,
                          IS_NV: tl.constexpr, B: tl.constexpr, NB: tl.constexpr):
     """Program (row, chunk): NB blocks of B elements -> packed codes + one scale per block."""
     row = tl.program_id(0)
@@ -80,9 +95,13 @@ def act_quant_fp4_kernel(x_ptr, q_ptr, s_ptr, gs_ptr, K, NBLK, stride_xm, stride
     x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)  # [NB]
     if IS_NV:
-        gs = tl.load(gs_ptr)
-        s = round_to_e4m3((amax / 6.0) / gs)  # e4m3 block scale
-        v = x / (s * gs)[:, None]
+        gs = nvfp4_global_scale(tl.load(amax_ptr))
+        if (row == 0) & (tl.program_id(1) == 0):
+            tl.store(gs_ptr, gs)
+        s = round_to_e4m3(tl.div_rn(tl.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)),
+                                    tl.broadcast_to(gs, amax.shape)))  # e4m3 block scale
+        # correctly rounded division: GPUs' default fp32 '/' is approximate and flips e2m1 ties
+        v = tl.div_rn(x, tl.broadcast_to((s * gs)[:, None], (NB, B)))
         tl.store(s_ptr + row * stride_sm + blk, s.to(s_ptr.dtype.element_ty), mask=blk < NBLK)
     else:
         # shared exponent floor(log2(amax)) - 2, read from the float's bits (exact)
@@ -170,13 +189,13 @@ def quantize_act_fp4(x2: torch.Tensor, fmt: str) -> QuantizedTensor:
     if fmt == "nvfp4":
         s = torch.empty((M, nblk), device=x2.device, dtype=torch.float8_e4m3fn)
         amax = x2.abs().amax().float().reshape(1)
-        gs = torch.where(amax > 0, amax / NVFP4_GLOBAL_DIVISOR, torch.ones_like(amax))
+        gs = torch.empty(1, device=x2.device, dtype=torch.float32)  # written by the kernel
     else:
         s = torch.empty((M, nblk), device=x2.device, dtype=torch.uint8)
-        gs = None
+        gs = amax = None
     NB = min(64, triton.next_power_of_2(nblk))
     act_quant_fp4_kernel[(M, triton.cdiv(nblk, NB))](
-        x2, q, s, gs if gs is not None else s, K, nblk, x2.stride(0), q.stride(0), s.stride(0),
+        x2, q, s, amax if gs is not None else s, gs if gs is not None else s, K, nblk, x2.stride(0), q.stride(0), s.stride(0),
         IS_NV=fmt == "nvfp4", B=B, NB=NB,
     )
     return QuantizedTensor(QuantSpec(fmt, dynamic=True), (M, K), q, s, None,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.gemm.common import (
+    finish_split_k,
     interpreting,
     mma,
     new_output,
@@ -36,10 +37,11 @@ def w4a8_gemm_kernel(
     M, N, K, G,
     stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_rm,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
-    EMULATE_DOT: tl.constexpr,
+    EMULATE_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_v < N
@@ -47,7 +49,7 @@ def w4a8_gemm_kernel(
     m_ld = tl.where(offs_m < M, offs_m, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, G):
+    for g in range(pid_k, G, SPLIT_K):  # split-K (decode): program pid_k takes every SPLIT_K-th group
         # one weight group per K step: x [BLOCK_M, GROUP] e4m3, padded with zeros past K
         offs_k = g * GROUP + tl.arange(0, GROUP)
         x = tl.load(x_ptr + m_ld[:, None] * stride_xm + offs_k[None, :])
@@ -67,21 +69,29 @@ def w4a8_gemm_kernel(
 
     xs = tl.load(xs_ptr + m_ld)
     acc = acc * xs[:, None]
-    store_epilogue(acc, offs_m, pid_n, M, N, rows, n_mask, out_ptr, stride_om, bias_ptr, res_ptr,
-                   stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
+    if SPLIT_K > 1:  # fp32 partials into the [M, N] workspace; common.finish_split_k does the epilogue
+        tl.atomic_add(out_ptr + offs_m[:, None] * N + rows[None, :], acc,
+                      mask=(offs_m[:, None] < M) & n_mask[None, :], sem="relaxed")
+    else:
+        store_epilogue(acc, offs_m, pid_n, M, N, rows, n_mask, out_ptr, stride_om, bias_ptr, res_ptr,
+                       stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
 
 
-def w4a8_config(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the M bucket; no autotuning."""
+def w4a8_config(M: int, N: int, G: int, num_sms: int = 132) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages) from the M bucket; no autotuning.
+    Decode splits the groups across programs until there are >= 2 programs per SM."""
     if M <= 16:
-        return 16, 64, 4, 4
+        split = 1
+        while triton.cdiv(N, 64) * split < 2 * num_sms and split * 2 <= max(1, G // 4):
+            split *= 2
+        return 16, 64, split, 4, 4
     if M <= 64:
-        return 64, 64, 4, 4
-    return 128, 128, 8, 3
+        return 64, 64, 1, 4, 4
+    return 128, 128, 1, 8, 3
 
 
 def launch_w4a8(x2: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-                residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+                residual: torch.Tensor | None, silu_mul: bool, split_k: int | None = None) -> torch.Tensor:
     """``x2 [M, K]`` bf16/fp16 (contiguous) times canonical int4 ``qt`` with fp8 activations."""
     from qcompile.codegen.gemm.fp8 import quantize_act_fp8
 
@@ -94,19 +104,25 @@ def launch_w4a8(x2: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     xq, xs = quantize_act_fp8(x2, pad_to=group)  # [M, G * group], zero padded
     n_out = N // 2 if silu_mul else N
     out = new_output((M, n_out), x2.dtype, x2.device)
-    bm, bn, warps, stages = w4a8_config(M)
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 132
+    bm, bn, split, warps, stages = w4a8_config(M, N, G, sms)
+    if split_k is not None:
+        split = split_k
+    target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
     data = qt.data.contiguous()
     scale = qt.scale.contiguous()
     zero = qt.zero.contiguous() if qt.zero is not None else None
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     w4a8_gemm_kernel[grid](
         xq, xs, data, scale, zero if zero is not None else data,
-        bias if bias is not None else xs, residual if residual is not None else xs, out,
+        bias if bias is not None else xs, residual if residual is not None else xs, target,
         M, N, K, G,
         xq.stride(0), data.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
-        out.stride(0), residual.stride(0) if residual is not None else 0,
+        target.stride(0), residual.stride(0) if residual is not None else 0,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        SILU_MUL=silu_mul, EMULATE_DOT=interpreting(),
+        SILU_MUL=silu_mul, EMULATE_DOT=interpreting(), SPLIT_K=split,
         BLOCK_M=bm, BLOCK_N=bn, GROUP=group, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
+    if split > 1:
+        finish_split_k(target, out, bias, residual, silu_mul)
     return out

@@ -30,7 +30,7 @@ from qcompile.codegen.gemm.common import (
     swizzle,
     virtual_rows,
 )
-from qcompile.codegen.gemm.configs import GemmConfig
+from qcompile.codegen.gemm.configs import GemmConfig, _block_k_for_group
 
 
 @triton.jit
@@ -143,11 +143,71 @@ def weight_only_gemm_kernel(
                        stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
 
 
+@triton.jit
+def dequant_weight_kernel(
+    w_ptr, s_ptr, z_ptr, gs_ptr, out_ptr,
+    N, K, KD, G, stride_wn, stride_sn, stride_zn, stride_on,
+    CODE: tl.constexpr, SCALE_KIND: tl.constexpr, GROUP: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_GS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Write W[N, K] in the activation dtype. Prefill path: at large M the GEMM is
+    compute bound, and re-dequantizing each weight tile for every M tile costs more
+    than one streaming dequant pass plus cuBLAS."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn, stride_zn,
+                         CODE, SCALE_KIND, GROUP, PER_CHANNEL, HAS_ZERO, EVEN_K, BLOCK_N, BLOCK_K)
+    if PER_CHANNEL:
+        w = w * decode_scale(tl.load(s_ptr + rows * stride_sn), SCALE_KIND)[:, None]
+    if HAS_GS:
+        w = w * tl.load(gs_ptr).to(tl.float32)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      global_scale: torch.Tensor | None, K: int, group: int, per_channel: bool,
+                      code: int, scale_kind: int, dtype: torch.dtype) -> torch.Tensor:
+    """Canonical quantized weight -> dense ``[N, K]`` tensor of ``dtype`` (one streaming pass)."""
+    N, KD = data.shape
+    out = torch.empty((N, K), device=data.device, dtype=dtype)
+    block_n = 32
+    block_k = _block_k_for_group(256, group, K)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    dequant_weight_kernel[grid](
+        data, scale, zero if zero is not None else data, global_scale if global_scale is not None else data, out,
+        N, K, KD, scale.shape[1], data.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+        out.stride(0),
+        CODE=code, SCALE_KIND=scale_kind, GROUP=group, PER_CHANNEL=per_channel,
+        HAS_ZERO=zero is not None, HAS_GS=global_scale is not None, EVEN_K=K % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def dequant_then_matmul(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                        residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+    """cuBLAS GEMM on the dequantized weight, epilogue in PyTorch (prefill only)."""
+    y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+    if silu_mul:
+        n = y.shape[1] // 2
+        y = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
+    if residual is not None:
+        y = y + residual
+    return y
+
+
 def launch_weight_only(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                        global_scale: torch.Tensor | None, K: int, group: int, per_channel: bool,
                        code: int, scale_kind: int, cfg: GemmConfig, bias: torch.Tensor | None,
                        residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
     """Run the kernel on 2-D ``x2 [M, K]`` (contiguous) and canonical weight tensors."""
+    if cfg.dequant:
+        w = dequantize_weight(data, scale, zero, global_scale, K, group, per_channel, code, scale_kind, x2.dtype)
+        return dequant_then_matmul(x2, w, bias, residual, silu_mul)
     M = x2.shape[0]
     N = data.shape[0]
     n_out = N // 2 if silu_mul else N

@@ -1,0 +1,60 @@
+"""The op lowered graphs call: reference path, Triton dispatch, and saying so when it falls back."""
+
+import warnings
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.codegen import gemm
+from qcompile.codegen import quantized_linear as ql
+from qcompile.formats import QuantSpec, dequantize, quantize
+
+
+def _call(x, qt, bias=None, act=None):
+    z, g = qt.zero, qt.global_scale
+    return torch.ops.qcompile.quantized_linear(
+        x, qt.data, qt.scale, z, g, bias, qt.spec.format, qt.spec.group_size, qt.spec.symmetric, qt.shape[1],
+        act.format if act else "", act.group_size if act else 0)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", 32, symmetric=False), QuantSpec("int8"), QuantSpec("nvfp4")])
+def test_reference_path_matches_float64(spec):
+    w, x, b = torch.randn(24, 96), torch.randn(5, 96), torch.randn(24)
+    qt = quantize(w, spec)
+    out = _call(x, qt, b)
+    ref = x.double() @ dequantize(qt, torch.float64).t() + b.double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_triton_path_matches_reference():
+    w, x = torch.randn(40, 64), torch.randn(3, 64, dtype=torch.float16)
+    qt = quantize(w, QuantSpec("int4", 32, symmetric=False))
+    ref = ql.reference_quantized_linear(x, qt, None, None)
+    with gemm.force_triton():
+        out = _call(x, qt)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fallback_is_announced_once():
+    ql._warned.clear()
+    w, x = torch.randn(16, 64), torch.randn(2, 64, dtype=torch.float16)
+    qt = quantize(w, QuantSpec("int4", 32, symmetric=False))
+    act = QuantSpec("int4", dynamic=True)  # int4 activations: simulated, no kernel
+    assert gemm.unsupported_reason(qt.spec, act, "cpu") is not None
+    with gemm.force_triton(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _call(x, qt, act=act)
+        _call(x, qt, act=act)
+    messages = [str(c.message) for c in caught if "no Triton kernel" in str(c.message)]
+    assert len(messages) == 1 and "int4" in messages[0]
+
+
+def test_compiled_model_through_triton_kernels():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)).eval()
+    x = torch.randn(3, 64)
+    cm = qcompile.compile(model.half(), x.half(), recipe="w4a16-g32", progress=False, verify=False)
+    ref = cm(x.half())
+    with gemm.force_triton():
+        out = cm(x.half())
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
