@@ -46,8 +46,8 @@ def main() -> None:
                 out = cm(prefill[:, :64]).logits.float()
             fallbacks = [str(w.message) for w in caught if "no Triton kernel" in str(w.message) or "unavailable" in str(w.message)]
         cos = torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0).item()
-        q_dec = do_bench(lambda: cm(decode), return_mode="median")
-        q_pre = do_bench(lambda: cm(prefill), return_mode="median")
+        q_dec = do_bench(lambda cm=cm: cm(decode), return_mode="median")
+        q_pre = do_bench(lambda cm=cm: cm(prefill), return_mode="median")
         print(f"{name:12s} {cos:8.5f} {len(fallbacks):9d} {q_dec:9.3f} {t_dec:8.3f} {q_pre:10.3f} {t_pre:8.3f}")
         for f in fallbacks:
             print("   fallback:", f)

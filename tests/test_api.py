@@ -9,7 +9,7 @@ from tests.tiny_models import FAMILIES, tiny_inputs, tiny_model
 
 
 def _cos(a, b):
-    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+    return float(torch.nn.functional.cosine_similarity(a.detach().double().flatten(), b.detach().double().flatten(), dim=0))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

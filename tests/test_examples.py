@@ -45,5 +45,5 @@ def _weight_sq_error(cm, model):
         t = {k: get_attr(gm, v) if v else None for k, v in info["tensors"].items()}
         qt = as_quantized_tensor(t["data"], t["scale"], t["zero"], t["global_scale"], info["weight_format"],
                                  info["group_size"], info["symmetric"], info["in_features"])
-        total += float((dequantize(qt) - weights[path + ".weight"].float()).pow(2).sum())
+        total += float((dequantize(qt) - weights[path + ".weight"].detach().float()).pow(2).sum())
     return total
