@@ -166,7 +166,7 @@ def _attend_tile(q, m_i, l_i, acc, qpos, n0, end, bh, S, NG,
         # int4/int2 keys, tile inside one token group: fold scale and minimum into q.
         g = n0 // GROUP
         d = tl.arange(0, D)
-        in_range = n0 < end
+        in_range = (n0 + d * 0) < end  # a vector mask: scalar masks fail in newer interpreters
         sc = tl.load(Ks + (bh * NG + g) * D + d, mask=in_range, other=0.0).to(tl.float32)
         mn = tl.load(Km + (bh * NG + g) * D + d, mask=in_range, other=0.0).to(tl.float32)
         qf = q.to(tl.float32) * sm_scale_log2
