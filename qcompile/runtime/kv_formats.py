@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from qcompile import formats
+
 KV_FORMATS = ("bf16", "fp8_e4m3", "int8", "int4", "int2")
 PER_TOKEN_FORMATS = ("fp8_e4m3", "int8")
 GROUPED_FORMATS = ("int4", "int2")
@@ -124,20 +126,13 @@ class KVCacheSpec:
 
 # ----------------------------------------------------------------------------- reference quantizers
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits)`` along the last dim, low bits first."""
-    per = 8 // bits
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    out = torch.zeros(c.shape[:-1], dtype=torch.int32, device=codes.device)
-    for i in range(per):
-        out |= c[..., i] << (bits * i)
-    return out.to(torch.uint8)
+    """Pack integer codes in ``[0, 2**bits)`` along the last dim, low bits first
+    (the formats library's canonical packing, so kernels share one layout)."""
+    return formats.pack_bits(codes.to(torch.uint8), bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    per = 8 // bits
-    p = packed.to(torch.int32)
-    parts = [(p >> (bits * i)) & ((1 << bits) - 1) for i in range(per)]
-    return torch.stack(parts, -1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    return formats.unpack_bits(packed, bits, packed.shape[-1] * (8 // bits)).to(torch.int32)
 
 
 def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
