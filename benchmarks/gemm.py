@@ -25,7 +25,7 @@ import triton
 from triton.testing import do_bench
 
 from qcompile.codegen.gemm import triton_quantized_linear
-from qcompile.codegen.gemm.configs import GemmConfig, _split_k, pick_config
+from qcompile.codegen.gemm.configs import GemmConfig, pick_config
 from qcompile.codegen.gemm.reference import random_quantized
 from qcompile.formats.spec import QuantSpec
 
@@ -81,36 +81,64 @@ def copy_bandwidth() -> float:
     return 2 * 1024**3 / (t * 1e-6)  # bytes / s
 
 
-def sweep(out_rows: list) -> None:
-    """Graph-timed candidate tile configs for W4A16 (how configs.py was chosen).
-    ``split_k=0`` means: split K like the heuristic does for that tile shape."""
+def _int_mma_candidates(M: int, code: int) -> list[GemmConfig]:
+    """Tile candidates for the int_mma sweep; ``split_k`` 0/-1/+1 = the heuristic's split,
+    half of it, twice it."""
     C = GemmConfig
-    cands = {
-        1: [C(1, 32, 256, 0), C(1, 16, 256, 0), C(1, 64, 128, 0), C(1, 32, 128, 0), C(1, 64, 256, 0, num_warps=8),
-            C(16, 32, 256, 0), C(16, 64, 256, 0), C(1, 32, 256, 1)],
-        16: [C(16, 32, 256, 0), C(16, 64, 256, 0), C(16, 32, 128, 0), C(16, 64, 128, 0), C(16, 128, 128, 0)],
-        64: [C(64, 64, 128, 0, 8), C(32, 64, 128, 0, 8), C(64, 128, 64, 0, 8), C(64, 64, 128, 1, 8),
-             C(64, 32, 128, 0, 8), C(64, 64, 64, 0, 8)],
-        4: [C(1, 32, 256, 0), C(16, 32, 256, 0), C(16, 64, 256, 0)],
-    }
+    bk = 128 if code == 0 else 64
+    if M <= 16:
+        base = [C(16, 64, bk, 0, 8, 4, 4), C(16, 128, bk, 0, 8, 4, 4), C(16, 128, bk, 0, 8, 4, 3),
+                C(16, 128, bk, 0, 8, 8, 4), C(16, 256, bk, 0, 8, 8, 4), C(16, 128, bk // 2, 0, 8, 4, 4),
+                C(16, 128, bk, 0, 8, 4, 4, swap=True)]
+        return base + [dataclasses.replace(c, split_k=d) for c in base[:4] for d in (-1, 1)]
+    return [C(64, 128, bk, 0, 8, 4, 3), C(64, 128, bk, 0, 8, 8, 3), C(64, 64, bk, 0, 8, 4, 4),
+            C(64, 128, bk // 2, 0, 8, 4, 4), C(64, 128, bk, 0, 8, 4, 3, swap=True),
+            C(64, 128, bk, -1, 8, 4, 3), C(64, 128, bk, 1, 8, 4, 3)]
+
+
+def sweep(out_rows: list, bw: float) -> None:
+    """Graph-timed int_mma tile candidates (how ``pick_int_mma_config`` was chosen), each one
+    also checked against a float32 reference; peers (cuBLAS bf16, tinygemm) in the same run."""
+    from qcompile.codegen.gemm.configs import pick_int_mma_config
+    from qcompile.codegen.gemm.reference import dequantize_reference
+
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for N, K in [(14336, 4096), (4096, 14336)]:
-        qts = [random_quantized(W4, N, K, "cuda") for _ in range(4)]
-        nbytes = qts[0].nbytes()
-        for M, cfgs in cands.items():
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            for c in cfgs:
-                if c.split_k == 0:
-                    tiles = triton.cdiv(N, c.block_n) * triton.cdiv(M, c.block_m)
-                    c = dataclasses.replace(c, split_k=_split_k(tiles, triton.cdiv(K, c.block_k), 2 * sms))
-                try:
-                    t = bench_graph(lambda i, c=c, x=x, qts=qts: (lambda: triton_quantized_linear(x, qts[i % 4], config=c)),
-                                    nbytes * 4)
-                except Exception as e:  # noqa: BLE001
-                    print("sweep fail", c, repr(e)[:200])
-                    continue
-                out_rows.append({"N": N, "K": K, "M": M, "cfg": c.__dict__, "us": t})
-                print(f"sweep N={N} K={K} M={M} {c} {t:.1f}us", flush=True)
+    for spec, code, shapes, ms in [(W4, 0, SHAPES, [1, 16, 64]), (W8, 1, SHAPES[1:3], [1, 16])]:
+        for N, K in shapes:
+            qts = [random_quantized(spec, N, K, "cuda")]
+            nbytes = qts[0].nbytes()
+            copies = max(1, min(32, -(-3 * 50 * 2**20 // nbytes)))
+            qts += [random_quantized(spec, N, K, "cuda") for _ in range(copies - 1)]
+            w_ref = dequantize_reference(qts[0]).float()
+            W = w_ref.to(torch.bfloat16)
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ w_ref.T
+                floor = (nbytes + M * K * 2 + M * N * 2) / bw * 1e6
+                peers = {"bf16": bench_graph(lambda i, x=x, W=W: (lambda: x @ W.t()), W.numel() * 2)}
+                auto = pick_int_mma_config(M, N, K, code, spec.group_size, sms)
+                for c in [None] + _int_mma_candidates(M, code):
+                    if c is None:
+                        c = auto
+                    elif c.split_k <= 0 or c.split_k == 1:
+                        h = pick_int_mma_config(M, N, K, code, spec.group_size, sms).split_k
+                        c = dataclasses.replace(c, split_k={0: h, -1: max(1, h // 2), 1: h * 2}[c.split_k])
+                    try:
+                        y = triton_quantized_linear(x, qts[0], config=c)
+                        err = ((y.float() - ref).norm() / ref.norm()).item()
+                        t = bench_graph(lambda i, c=c, x=x, qts=qts: (
+                            lambda: triton_quantized_linear(x, qts[i % len(qts)], config=c)), nbytes)
+                    except Exception as e:  # noqa: BLE001
+                        print("sweep fail", spec.short(), N, K, M, c, repr(e)[:300], flush=True)
+                        continue
+                    row = {"spec": spec.short(), "N": N, "K": K, "M": M, "cfg": c.__dict__, "us": t,
+                           "floor_us": floor, "err": err, "auto": c == auto, **peers}
+                    out_rows.append(row)
+                    print(f"sweep {spec.short():9s} N={N:5d} K={K:5d} M={M:3d} bm={c.block_m} bn={c.block_n} "
+                          f"bk={c.block_k} sk={c.split_k} w={c.num_warps} st={c.num_stages} sw={int(c.swap)} "
+                          f"{t:7.1f}us {t / floor:5.2f}x floor  bf16 {peers['bf16']:6.1f}  err {err:.1e}"
+                          f"{'  <- auto' if c == auto else ''}", flush=True)
+            torch.cuda.empty_cache()
 
 
 def bench_shape(N: int, K: int, ms: list[int], bw: float) -> list[dict]:
@@ -171,11 +199,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two shapes, three Ms")
+    ap.add_argument("--sweep-only", action="store_true", help="the int_mma tile sweep, no table")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"device {name}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    out = os.environ.get("OUT")
+    if args.sweep_only:
+        sweep_rows: list = []
+        try:
+            sweep(sweep_rows, bw)
+        finally:
+            if out:
+                with open(os.path.join(out, "gemm_sweep.json"), "w") as f:
+                    json.dump(sweep_rows, f, indent=1)
+        return
     shapes = SHAPES[:2] if args.quick else SHAPES
     ms = [1, 16, 2048] if args.quick else MS
     rows = []
@@ -194,7 +233,7 @@ def main() -> None:
     write_markdown(meta, rows)
     if args.sweep:  # after the table, so a time limit never costs the table
         sweep_rows: list = []
-        sweep(sweep_rows)
+        sweep(sweep_rows, bw)
         if out:
             with open(os.path.join(out, "gemm_sweep.json"), "w") as f:
                 json.dump(sweep_rows, f, indent=1)

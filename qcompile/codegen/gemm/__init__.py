@@ -23,7 +23,13 @@ from collections.abc import Iterator
 import torch
 
 from qcompile.codegen.gemm._interpret_compat import patch_triton_interpreter
-from qcompile.codegen.gemm.configs import NUM_SMS_DEFAULT, GemmConfig, pick_config
+from qcompile.codegen.gemm.configs import (
+    INT_MMA_MAX_M,
+    NUM_SMS_DEFAULT,
+    GemmConfig,
+    pick_config,
+    pick_int_mma_config,
+)
 from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor, QuantSpec
 
 patch_triton_interpreter()
@@ -61,6 +67,20 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return NUM_SMS_DEFAULT
+
+
+def _int_mma_takes(ops, M: int, config: GemmConfig | None) -> bool:
+    """int4 / int8 weight-only GEMMs up to M = 256 run on ``int_mma`` (register dequantization);
+    a ``config`` it cannot run (``block_m`` < 16, ``dequant``, K tiles straddling groups) selects
+    the general weight-only kernel instead."""
+    from qcompile.codegen.gemm.int_mma import supports
+
+    if config is not None and (config.block_m == 1 or config.dequant or config.block_m < 16
+                               or (ops.group and ops.group % config.block_k)):
+        return False
+    if config is None and M > INT_MMA_MAX_M:
+        return False
+    return supports(ops.code, ops.group, True, ops.K) is None
 
 
 def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
@@ -148,6 +168,12 @@ def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Te
         return launch_w4a4(x2, qt, act_spec.format, bias, res2, silu).reshape(*lead, n_out)
     ops = gemm_weight_operands(qt)
     M = x2.shape[0]
+    if act_spec is None and _int_mma_takes(ops, M, config):
+        from qcompile.codegen.gemm.int_mma import launch_int_mma
+
+        cfg = config or pick_int_mma_config(M, N, K, ops.code, ops.group, _num_sms(x2.device))
+        out = launch_int_mma(x2, ops.data, ops.scale, ops.zero, K, ops.group, ops.code, cfg, bias, res2, silu)
+        return out.reshape(*lead, n_out)
     if act_spec is None:
         kind = "w4" if ops.code in (0, 2) else "w8"
         cfg = config or pick_config(M, N, K, kind, ops.group, _num_sms(x2.device))

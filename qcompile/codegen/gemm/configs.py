@@ -87,3 +87,32 @@ def pick_config(M: int, N: int, K: int, kind: str, group: int, num_sms: int = NU
         return GemmConfig(64 if mb <= 128 else 128, 128, block_k, 1, 8, num_warps=4 if mb <= 128 else 8, num_stages=4)
     block_k = _block_k_for_group(64 if kind != "fp8" else 128, group, K)
     return GemmConfig(128, 256 if kind == "fp8" else 128, block_k, 1, 8, num_warps=8, num_stages=3 if kind == "fp8" else 4)
+
+
+INT_MMA_MAX_M = 256
+"""Above this M the weight-only GEMM dequantizes once and calls cuBLAS (prefill)."""
+
+
+@lru_cache(maxsize=4096)
+def pick_int_mma_config(M: int, N: int, K: int, code: int, group: int,
+                        num_sms: int = NUM_SMS_DEFAULT) -> GemmConfig:
+    """Tile config for ``int_mma`` (int4 ``code=0`` / int8 ``code=1`` weights, M <= 256).
+
+    16-row M tiles (the smallest tensor-core tile) up to M = 16, then 32 / 64. Each K tile holds
+    64 bytes of a weight row; it must not straddle a group. K is split until the grid covers
+    every SM about twice, keeping >= 4 K tiles per split and the fp32 partials (split x M x N)
+    under an eighth of the weight bytes."""
+    mb = m_bucket(M)
+    block_m = 16 if mb <= 16 else (32 if mb <= 32 else 64)
+    block_n = 128
+    block_k = 128 if code == 0 else 64
+    if group:
+        block_k = min(block_k, group)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    k_tiles = triton.cdiv(K, block_k)
+    weight_bytes = N * K // (2 if code == 0 else 1)
+    split = 1
+    while (tiles * split < 2 * num_sms and k_tiles // (split * 2) >= 4
+           and (split * 2) * M * N * 4 * 8 <= weight_bytes):
+        split *= 2
+    return GemmConfig(block_m, block_n, block_k, split, 8, num_warps=4, num_stages=4)
