@@ -3,7 +3,7 @@
 Fresh random inputs every run, NaN-poisoned output buffers (``QCOMPILE_GEMM_POISON=1``),
 float64 references from ``qcompile.codegen.gemm.reference``, per-format relative
 error bounds. Run it in the same device call as ``benchmarks/gemm.py``.
-Exit status 1 if any case fails.
+Exit status 1 if any case fails. ``--only int4-g128,int8-pc`` runs the named cases only.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ FULL = {"int4-g128", "int4-g32-asym", "fp8_e4m3-pc+fp8_e4m3", "nvfp4", "int8-pc"
 
 
 def main() -> int:
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     torch.manual_seed(int(time.time()))
     dev = "cuda"
     failures = 0
@@ -58,6 +59,8 @@ def main() -> int:
     t0 = time.time()
     for spec, act, tol in CASES:
         name = spec.short() + (f"+{act.format}" if act else "")
+        if only is not None and name not in only:
+            continue
         shapes = dict(SHAPES)
         if name == "int4-g128":
             shapes.update(BIG)

@@ -24,8 +24,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from qcompile.codegen.gemm import triton_quantized_linear
-from qcompile.codegen.gemm.configs import GemmConfig, pick_config
+from qcompile.codegen.gemm import kernel_name, triton_quantized_linear
+from qcompile.codegen.gemm.configs import GemmConfig
 from qcompile.codegen.gemm.reference import random_quantized
 from qcompile.formats.spec import QuantSpec
 
@@ -82,28 +82,37 @@ def copy_bandwidth() -> float:
 
 
 def _int_mma_candidates(M: int, code: int) -> list[GemmConfig]:
-    """Tile candidates for the int_mma sweep; ``split_k`` 0/-1/+1 = the heuristic's split,
-    half of it, twice it."""
+    """Tile candidates for the int_mma sweep; ``split_k`` 0/-1/+1 = the split rule's choice for
+    that tile, half of it, twice it."""
     C = GemmConfig
-    bk = 128 if code == 0 else 64
+    w = 1 if code == 0 else 2  # bytes of K per code, x2
     if M <= 16:
-        base = [C(16, 64, bk, 0, 8, 4, 4), C(16, 128, bk, 0, 8, 4, 4), C(16, 128, bk, 0, 8, 4, 3),
-                C(16, 128, bk, 0, 8, 8, 4), C(16, 256, bk, 0, 8, 8, 4), C(16, 128, bk // 2, 0, 8, 4, 4),
-                C(16, 128, bk, 0, 8, 4, 4, swap=True)]
-        return base + [dataclasses.replace(c, split_k=d) for c in base[:4] for d in (-1, 1)]
-    return [C(64, 128, bk, 0, 8, 4, 3), C(64, 128, bk, 0, 8, 8, 3), C(64, 64, bk, 0, 8, 4, 4),
-            C(64, 128, bk // 2, 0, 8, 4, 4), C(64, 128, bk, 0, 8, 4, 3, swap=True),
-            C(64, 128, bk, -1, 8, 4, 3), C(64, 128, bk, 1, 8, 4, 3)]
+        base = [C(16, 128, 128 // w, 0, 8, 4, 3), C(16, 64, 256 // w, 0, 8, 4, 3), C(16, 128, 128 // w, 0, 8, 4, 4),
+                C(16, 64, 128 // w, 0, 8, 4, 4), C(16, 32, 512 // w, 0, 8, 4, 3), C(16, 128, 256 // w, 0, 8, 4, 3)]
+        return base + [dataclasses.replace(c, split_k=d) for c in base[:2] for d in (-1, 1)]
+    return [C(64, 128, 128 // w, 0, 8, 4, 3), C(64, 64, 256 // w, 0, 8, 4, 3), C(32, 128, 128 // w, 0, 8, 4, 3),
+            C(64, 128, 128 // w, 1, 8, 4, 3), C(32, 128, 128 // w, 1, 8, 4, 3)]
 
 
-def sweep(out_rows: list, bw: float) -> None:
+MINI = [  # contiguity study at M = 1: bytes per row and tile vs. rows per tile
+    (QuantSpec("int4", 0, True), [GemmConfig(16, bn, bk, 0, 8, 4, 3) for bn in (32, 64, 128) for bk in (128, 256, 512)]),
+    (W4, [GemmConfig(16, 32, 512, 0, 8, 4, 3), GemmConfig(16, 64, 256, 0, 8, 4, 3), GemmConfig(16, 64, 512, 0, 8, 4, 3)]),
+]
+
+
+def sweep(out_rows: list, bw: float, mini: bool = False) -> None:
     """Graph-timed int_mma tile candidates (how ``pick_int_mma_config`` was chosen), each one
     also checked against a float32 reference; peers (cuBLAS bf16, tinygemm) in the same run."""
-    from qcompile.codegen.gemm.configs import pick_int_mma_config
+    from qcompile.codegen.gemm.configs import int_mma_split, pick_int_mma_config
     from qcompile.codegen.gemm.reference import dequantize_reference
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for spec, code, shapes, ms in [(W4, 0, SHAPES, [1, 16, 64]), (W8, 1, SHAPES[1:3], [1, 16])]:
+    jobs = [(W4, 0, SHAPES[1:], [1, 16, 64]), (W8, 1, SHAPES[1:2], [1]),
+            (QuantSpec("int4", 128, False), 0, SHAPES[1:2], [1]), (QuantSpec("int4", 32, True), 0, SHAPES[1:2], [1]),
+            (QuantSpec("int4", 64, False), 0, SHAPES[1:2], [1])]
+    if mini:
+        jobs = [(spec, 0, SHAPES[1:2], [1]) for spec, _ in MINI]
+    for spec, code, shapes, ms in jobs:
         for N, K in shapes:
             qts = [random_quantized(spec, N, K, "cuda")]
             nbytes = qts[0].nbytes()
@@ -117,11 +126,12 @@ def sweep(out_rows: list, bw: float) -> None:
                 floor = (nbytes + M * K * 2 + M * N * 2) / bw * 1e6
                 peers = {"bf16": bench_graph(lambda i, x=x, W=W: (lambda: x @ W.t()), W.numel() * 2)}
                 auto = pick_int_mma_config(M, N, K, code, spec.group_size, sms)
-                for c in [None] + _int_mma_candidates(M, code):
+                cands = dict(MINI)[spec] if mini else [None] + _int_mma_candidates(M, code)
+                for c in cands:
                     if c is None:
                         c = auto
-                    elif c.split_k <= 0 or c.split_k == 1:
-                        h = pick_int_mma_config(M, N, K, code, spec.group_size, sms).split_k
+                    else:
+                        h = int_mma_split(M, N, K, code, c.block_m, c.block_n, c.block_k, sms)
                         c = dataclasses.replace(c, split_k={0: h, -1: max(1, h // 2), 1: h * 2}[c.split_k])
                     try:
                         y = triton_quantized_linear(x, qts[0], config=c)
@@ -135,7 +145,7 @@ def sweep(out_rows: list, bw: float) -> None:
                            "floor_us": floor, "err": err, "auto": c == auto, **peers}
                     out_rows.append(row)
                     print(f"sweep {spec.short():9s} N={N:5d} K={K:5d} M={M:3d} bm={c.block_m} bn={c.block_n} "
-                          f"bk={c.block_k} sk={c.split_k} w={c.num_warps} st={c.num_stages} sw={int(c.swap)} "
+                          f"bk={c.block_k} sk={c.split_k} w={c.num_warps} st={c.num_stages} "
                           f"{t:7.1f}us {t / floor:5.2f}x floor  bf16 {peers['bf16']:6.1f}  err {err:.1e}"
                           f"{'  <- auto' if c == auto else ''}", flush=True)
             torch.cuda.empty_cache()
@@ -188,10 +198,10 @@ def bench_shape(N: int, K: int, ms: list[int], bw: float) -> list[dict]:
         act = M * K * 2 + M * N * 2
         r["w4_floor"] = (q4.nbytes() + act) / bw * 1e6
         r["w8_floor"] = (q8.nbytes() + act) / bw * 1e6
-        r["cfg_w4"] = pick_config(M, N, K, "w4", 128, torch.cuda.get_device_properties(0).multi_processor_count).__dict__
+        r["kernel_w4"] = kernel_name(W4, None, M, K)
+        r["kernel_w8"] = kernel_name(W8, None, M, K)
         rows.append(r)
-        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                       if k != "cfg_w4"), flush=True)
+        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     return rows
 
 
@@ -200,6 +210,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two shapes, three Ms")
     ap.add_argument("--sweep-only", action="store_true", help="the int_mma tile sweep, no table")
+    ap.add_argument("--mini", action="store_true", help="with --sweep-only: the M = 1 contiguity study")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
@@ -209,7 +220,7 @@ def main() -> None:
     if args.sweep_only:
         sweep_rows: list = []
         try:
-            sweep(sweep_rows, bw)
+            sweep(sweep_rows, bw, args.mini)
         finally:
             if out:
                 with open(os.path.join(out, "gemm_sweep.json"), "w") as f:
@@ -237,6 +248,33 @@ def main() -> None:
         if out:
             with open(os.path.join(out, "gemm_sweep.json"), "w") as f:
                 json.dump(sweep_rows, f, indent=1)
+
+
+TARGETS = [  # (what, M, shapes, value(row, graph_times) -> ratio, bound); issue 3, H100
+    ("W4A16 M=1 time / int4 floor", 1, "big", lambda r, g: g["ours_w4a16"] / r["w4_floor"], 1.3),
+    ("W4A16 M=1 time / tinygemm time (<= 1/1.8)", 1, "big", lambda r, g: g["ours_w4a16"] / g["tinygemm_w4"], 1 / 1.8),
+    ("W4A16 M=16 time / int4 floor", 16, "big", lambda r, g: g["ours_w4a16"] / r["w4_floor"], 1.6),
+    ("W4A16 M=64 time / cuBLAS bf16", 64, "big", lambda r, g: g["ours_w4a16"] / g["bf16"], 0.5),
+    ("W4A16 M=2048 time / cuBLAS bf16", 2048, "all", lambda r, g: g["ours_w4a16"] / g["bf16"], 1.15),
+    ("FP8 W8A8 M=2048 time / torch._scaled_mm", 2048, "all", lambda r, g: g["ours_fp8"] / g["scaled_mm_fp8"], 1.1),
+    ("W8A16 M=1 time / int8 floor", 1, "big", lambda r, g: g["ours_w8a16"] / r["w8_floor"], 1.3),
+]
+
+
+def targets_section(rows: list) -> list[str]:
+    """The issue's targets, computed from this run's CUDA-graph times (no hand-written numbers)."""
+    out = ["## Against the targets (computed from the CUDA-graph table; targets are for an H100)", "",
+           "| target | bound | measured per shape (N×K) | met |", "|---|---:|---|---|"]
+    for what, M, which, value, bound in TARGETS:
+        sel = [r for r in rows if r["M"] == M and (which == "all" or (r["N"], r["K"]) != (4096, 4096))]
+        if not sel:
+            continue
+        vals = [(f"{r['N']}×{r['K']}", value(r, {k[:-6]: v for k, v in r.items() if k.endswith("_graph")}))
+                for r in sel]
+        met = all(v <= bound for _, v in vals)
+        out.append(f"| {what} | {bound:.2f} | " + ", ".join(f"{s}: {v:.2f}" for s, v in vals)
+                   + f" | {'yes' if met else '**no**'} |")
+    return out
 
 
 def write_markdown(meta: dict, rows: list) -> str:
@@ -271,6 +309,12 @@ def write_markdown(meta: dict, rows: list) -> str:
             f"| {g['ours_w4a16']:.1f} | {g['ours_w4a16'] / r['w4_floor']:.2f}× | {g['tinygemm_w4'] / g['ours_w4a16']:.2f}× "
             f"| {g['ours_w4a16'] / g['bf16']:.2f}× | {r['w4_floor']:.1f} | {g['ours_w8a16']:.1f} "
             f"| {g['ours_w8a16'] / r['w8_floor']:.2f}× | {g['ours_fp8']:.1f} | {g['ours_fp8'] / g['scaled_mm_fp8']:.2f}× |")
+    lines += [""] + targets_section(rows) + [
+        "",
+        "Kernel per M (`w4a16` / `w8a16`): "
+        + ", ".join(f"M={r['M']}: {r['kernel_w4']} / {r['kernel_w8']}" for r in rows if r["N"] == rows[0]["N"]
+                    and r["K"] == rows[0]["K"]) + ".",
+    ]
     lines += [
         "",
         "## Eager calls (`triton.testing.do_bench` medians, L2 flushed between reps)",

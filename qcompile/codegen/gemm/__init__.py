@@ -34,7 +34,7 @@ from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor, QuantSpec
 
 patch_triton_interpreter()
 
-__all__ = ["triton_quantized_linear", "unsupported_reason", "force_triton", "use_triton"]
+__all__ = ["triton_quantized_linear", "unsupported_reason", "force_triton", "use_triton", "kernel_name"]
 
 _FORCED: list[bool] = []
 EPILOGUES = ("none", "silu_mul")
@@ -70,17 +70,17 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _int_mma_takes(ops, M: int, config: GemmConfig | None) -> bool:
-    """int4 / int8 weight-only GEMMs up to M = 256 run on ``int_mma`` (register dequantization);
-    a ``config`` it cannot run (``block_m`` < 16, ``dequant``, K tiles straddling groups) selects
-    the general weight-only kernel instead."""
+    """int4 / int8 weight-only GEMMs up to M = 128 run on ``int_mma`` (register dequantization);
+    a ``config`` it cannot run (``block_m`` < 16, ``dequant``, K tiles across groups) selects the
+    general weight-only kernel instead."""
     from qcompile.codegen.gemm.int_mma import supports
 
-    if config is not None and (config.block_m == 1 or config.dequant or config.block_m < 16
+    if config is not None and (config.block_m < 16 or config.dequant
                                or (ops.group and ops.group % config.block_k)):
         return False
     if config is None and M > INT_MMA_MAX_M:
         return False
-    return supports(ops.code, ops.group, True, ops.K) is None
+    return supports(ops.code, ops.group, ops.K) is None
 
 
 def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
@@ -118,6 +118,21 @@ def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None
     if act_spec.format == "int8":
         return "int8 activation kernels (W8A8-int8, W4A8-int8) are not implemented; use fp8_e4m3 activations"
     return f"no Triton kernel for {act_spec.format} activations"
+
+
+def kernel_name(weight_spec: QuantSpec, act_spec: QuantSpec | None, M: int, K: int) -> str:
+    """Which kernel :func:`triton_quantized_linear` runs for this call (for reports and benchmarks)."""
+    from qcompile.codegen.gemm.int_mma import supports
+    from qcompile.formats.kernel_layouts import CODE_KIND
+
+    fmt = weight_spec.format
+    if act_spec is not None:
+        return {"fp8_e4m3": "w4a8" if fmt == "int4" else "fp8"}.get(act_spec.format, "w4a4")
+    code = CODE_KIND.get(fmt, -1)
+    if M <= INT_MMA_MAX_M and supports(code, weight_spec.group_size, K) is None:
+        return "int_mma"
+    kind = "w4" if code in (0, 2) else "w8"
+    return "dequant+cublas" if pick_config(M, 1, K, kind, weight_spec.group_size).dequant else "weight_only"
 
 
 def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,

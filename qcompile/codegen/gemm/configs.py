@@ -89,30 +89,41 @@ def pick_config(M: int, N: int, K: int, kind: str, group: int, num_sms: int = NU
     return GemmConfig(128, 256 if kind == "fp8" else 128, block_k, 1, 8, num_warps=8, num_stages=3 if kind == "fp8" else 4)
 
 
-INT_MMA_MAX_M = 256
-"""Above this M the weight-only GEMM dequantizes once and calls cuBLAS (prefill)."""
+INT_MMA_MAX_M = 128
+"""Above this M the weight-only GEMM takes the general kernels (dequantize + cuBLAS from M = 256)."""
+
+
+def int_mma_split(M: int, N: int, K: int, code: int, block_m: int, block_n: int, block_k: int,
+                  num_sms: int = NUM_SMS_DEFAULT) -> int:
+    """K split for ``int_mma``: double it until the grid has >= 1.5 programs per SM, keeping
+    >= 2 K tiles per split and the fp32 partials (split x M x N x 4 B, written and read once)
+    under a quarter of the weight bytes."""
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    k_tiles = triton.cdiv(K, block_k)
+    weight_bytes = N * K // (2 if code == 0 else 1)
+    split = 1
+    while (tiles * split < 3 * num_sms // 2 and k_tiles // (split * 2) >= 2
+           and (split * 2) * M * N * 4 * 4 <= weight_bytes):
+        split *= 2
+    return split
 
 
 @lru_cache(maxsize=4096)
 def pick_int_mma_config(M: int, N: int, K: int, code: int, group: int,
                         num_sms: int = NUM_SMS_DEFAULT) -> GemmConfig:
-    """Tile config for ``int_mma`` (int4 ``code=0`` / int8 ``code=1`` weights, M <= 256).
+    """Tile config for ``int_mma`` (int4 ``code=0`` / int8 ``code=1`` weights, M <= 128).
 
-    16-row M tiles (the smallest tensor-core tile) up to M = 16, then 32 / 64. Each K tile holds
-    64 bytes of a weight row; it must not straddle a group. K is split until the grid covers
-    every SM about twice, keeping >= 4 K tiles per split and the fp32 partials (split x M x N)
-    under an eighth of the weight bytes."""
-    mb = m_bucket(M)
-    block_m = 16 if mb <= 16 else (32 if mb <= 32 else 64)
-    block_n = 128
-    block_k = 128 if code == 0 else 64
+    From the graph-timed sweeps on an H100 (``benchmarks/gemm.py --sweep-only``, see
+    docs/kernels-gemm.md): 16-row M tiles up to M = 16 (the smallest tensor-core tile), 32-row
+    tiles above (64-row tiles ran slower at M = 64); int4: 128 columns x 128 codes per tile;
+    int8: 32 columns x 256 codes (256 contiguous bytes per row and tile ran 20% faster than 64).
+    A K tile never straddles a group."""
+    block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
+    if code == 0:
+        block_n, block_k = 128, 128
+    else:
+        block_n, block_k = 32, 256
     if group:
         block_k = min(block_k, group)
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    k_tiles = triton.cdiv(K, block_k)
-    weight_bytes = N * K // (2 if code == 0 else 1)
-    split = 1
-    while (tiles * split < 2 * num_sms and k_tiles // (split * 2) >= 4
-           and (split * 2) * M * N * 4 * 8 <= weight_bytes):
-        split *= 2
-    return GemmConfig(block_m, block_n, block_k, split, 8, num_warps=4, num_stages=4)
+    split = int_mma_split(M, N, K, code, block_m, block_n, block_k, num_sms)
+    return GemmConfig(block_m, block_n, block_k, split, 8, num_warps=4, num_stages=3)

@@ -51,7 +51,7 @@ INT4, INT8 = 0, 1
 # int4 → 16-bit float, 8 codes (4 bytes B0..B3, codes c0..c7, c2i = Bi & 15, c2i+1 = Bi >> 4)
 # per call. With s = w >> 4, prmt puts Bi in byte 0 and (Bi >> 4) in byte 2 of p, so
 # p & 0x000F000F | MAGIC is the pair (MAGIC + c2i, MAGIC + c2i+1); fma(v, 1, -(MAGIC + zero)) leaves
-# (c - zero) exactly. Outputs: (c0, c1, c2, c3) and (c4, c5, c6, c7).
+# (c - zero) exactly. Four outputs, two codes each: (c0, c1), (c2, c3), (c4, c5), (c6, c7).
 _INT4_ASM = """
 {
 .reg .b32 s, p0, p1, p2, p3, one, neg;
@@ -134,42 +134,48 @@ def _neg_offset_pair(off, BF16: tl.constexpr):
 @triton.jit
 def _int4_tile(w_ptr, rows, kb, KD, stride_wn, off, HAS_ZERO: tl.constexpr, DT: tl.constexpr,
                BF16: tl.constexpr, HALF: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
-    """Codes of W[rows, 2 kb : 2 kb + 2 HALF] as ``q - off`` in DT, returned as two [BLOCK_N, HALF]
-    matrices: ``lo[:, 4a + i]`` is code ``8a + i`` and ``hi[:, 4a + i]`` code ``8a + 4 + i``
-    (i < 4). ``off`` ([BLOCK_N] int32) is the zero point (8 for symmetric codes). Past the
-    ``KD`` stored bytes the last byte is read again: those codes meet zero activations."""
-    offs = kb + tl.arange(0, HALF)
+    """Codes of W[rows, 2 kb : 2 kb + 2 HALF] as ``q - off`` in DT, as four [BLOCK_N, HALF // 2]
+    matrices: ``w_i[:, 2a + e]`` is code ``8a + 2i + e``. The bytes are read as int16 (four codes
+    each) so that the MMA operand layout gives every thread whole pairs of codes: the asm's
+    ``pack=2`` then always sees the two int16 of one 32-bit word. ``off`` ([BLOCK_N] int32) is
+    the zero point (8 for symmetric codes). Past the ``KD`` stored bytes the last pair of bytes
+    is read again: those codes meet zero activations."""
+    Q: tl.constexpr = HALF // 2
+    offs = kb // 2 + tl.arange(0, Q)
     if not EVEN_K:
-        offs = tl.minimum(offs, KD - 1)
-    ptrs = w_ptr + rows[:, None] * stride_wn + offs[None, :]
+        offs = tl.minimum(offs, KD // 2 - 1)
+    ptrs = w_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * (stride_wn // 2) + offs[None, :]
     if ASM:
-        byt = tl.load(ptrs)
+        w16 = tl.load(ptrs)
         if not HAS_ZERO:
             if BF16:
-                lo, hi = tl.inline_asm_elementwise(SYM4_TO_BF16, "=r,=r,=r,=r,r", [byt],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    SYM4_TO_BF16, "=r,=r,=r,=r,r", [w16], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
             else:
-                lo, hi = tl.inline_asm_elementwise(SYM4_TO_F16, "=r,=r,=r,=r,r", [byt],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    SYM4_TO_F16, "=r,=r,=r,=r,r", [w16], dtype=(tl.float16,) * 4, is_pure=True, pack=2)
         else:
-            zneg = tl.broadcast_to(_neg_offset_pair(off, BF16)[:, None], byt.shape)
+            zneg = tl.broadcast_to(_neg_offset_pair(off, BF16)[:, None], w16.shape)
             if BF16:
-                lo, hi = tl.inline_asm_elementwise(ASYM4_TO_BF16, "=r,=r,=r,=r,r,r,r,r,r", [byt, zneg],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    ASYM4_TO_BF16, "=r,=r,=r,=r,r,r,r", [w16, zneg], dtype=(tl.bfloat16,) * 4, is_pure=True,
+                    pack=2)
             else:
-                lo, hi = tl.inline_asm_elementwise(ASYM4_TO_F16, "=r,=r,=r,=r,r,r,r,r,r", [byt, zneg],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    ASYM4_TO_F16, "=r,=r,=r,=r,r,r,r", [w16, zneg], dtype=(tl.float16,) * 4, is_pure=True,
+                    pack=2)
     else:
-        # byte b of the tile row holds codes 2b, 2b + 1; lo[4a + i] needs byte 4a + i // 2
-        j = tl.arange(0, HALF)
-        src = kb + (j // 4) * 4 + (j % 4) // 2
-        b_lo = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(src, KD - 1)[None, :]).to(tl.int32)
-        b_hi = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(src + 2, KD - 1)[None, :]).to(tl.int32)
+        # element 2a + e of w_i is code 8a + 2i + e: byte 4a + i, nibble e
+        j = tl.arange(0, Q)
+        byte = (kb + (j // 2) * 4)[None, :]
         sh = ((j % 2) * 4)[None, :]
+        base = w_ptr + rows[:, None] * stride_wn
         o = off.to(tl.float32)[:, None]
-        lo = (((b_lo >> sh) & 0xF).to(tl.float32) - o).to(DT)
-        hi = (((b_hi >> sh) & 0xF).to(tl.float32) - o).to(DT)
-    return lo, hi
+        w0 = (((tl.load(base + tl.minimum(byte + 0, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
+        w1 = (((tl.load(base + tl.minimum(byte + 1, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
+        w2 = (((tl.load(base + tl.minimum(byte + 2, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
+        w3 = (((tl.load(base + tl.minimum(byte + 3, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
+    return w0, w1, w2, w3
 
 
 @triton.jit
@@ -211,26 +217,25 @@ def _x_tile(x_ptr, offs_m, M, k0, K, stride_xm, BLOCK_K: tl.constexpr, EVEN_K: t
 
 
 @triton.jit
-def _x_quads(x_ptr, offs_m, M, k0, K, stride_xm, HALF: tl.constexpr, EVEN_K: tl.constexpr):
-    """The activations that meet :func:`_int4_tile`'s ``lo`` and ``hi``: x[m, k0 + 8a + i] and
-    x[m, k0 + 8a + 4 + i] at column 4a + i (runs of 4 contiguous elements). Rows >= M are
-    masked (zero-filled without a read: at M = 1 the 15 padding rows cost no traffic)."""
-    j = tl.arange(0, HALF)
-    k = k0 + (j // 4) * 8 + j % 4
+def _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, i: tl.constexpr, Q: tl.constexpr, EVEN_K: tl.constexpr):
+    """The activations that meet :func:`_int4_tile`'s ``w_i``: x[m, k0 + 8a + 2i + e] at column
+    2a + e (pairs of contiguous elements). Rows >= M are masked (zero-filled without a read: at
+    M = 1 the 15 padding rows of the tile cost no traffic)."""
+    j = tl.arange(0, Q)
+    k = k0 + (j // 2) * 8 + 2 * i + j % 2
     ptrs = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
-    m_ok = (offs_m < M)[:, None]
-    if EVEN_K:
-        return tl.load(ptrs, mask=m_ok, other=0.0), tl.load(ptrs + 4, mask=m_ok, other=0.0)
-    else:
-        return (tl.load(ptrs, mask=m_ok & (k[None, :] < K), other=0.0),
-                tl.load(ptrs + 4, mask=m_ok & ((k + 4)[None, :] < K), other=0.0))
+    mask = (offs_m < M)[:, None]
+    if not EVEN_K:
+        mask = mask & (k[None, :] < K)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _group_params(s_ptr, z_ptr, rows, t, t_end, stride_sn, stride_zn, off, HAS_ZERO: tl.constexpr,
+def _group_params(s_ptr, z_ptr, rows, t, t_end, G, stride_sn, stride_zn, off, HAS_ZERO: tl.constexpr,
                   GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Scale (fp32) and zero point of K tile ``t`` (clamped to the last tile) for ``rows``."""
-    g = (tl.minimum(t, t_end - 1) * BLOCK_K) // GROUP
+    """Scale (fp32) and zero point of K tile ``t`` (clamped to the last tile and group: tiles
+    past the stored groups only meet zero activations)."""
+    g = tl.minimum((tl.minimum(t, t_end - 1) * BLOCK_K) // GROUP, G - 1)
     s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
     if HAS_ZERO:
         off = tl.load(z_ptr + rows * stride_zn + g).to(tl.int32)
@@ -247,7 +252,7 @@ def _release_fence(x, ASM: tl.constexpr):
 @triton.jit
 def int_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, ticket_ptr,
-    M, N, K, KD, SPLIT_K, TILES_PER_SPLIT, NUM_K_TILES,
+    M, N, K, KD, G, SPLIT_K, TILES_PER_SPLIT, NUM_K_TILES,
     stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_rm, WS_M, WS_N,
     CODE: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
@@ -255,7 +260,8 @@ def int_mma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = x @ dequant(W).T`` (+ epilogue) for one [BLOCK_M, BLOCK_N] tile and one K split.
-    GROUP = 0: per-channel scales (applied once); else BLOCK_K divides GROUP."""
+    GROUP = 0: per-channel scales (applied once); else BLOCK_K divides GROUP (one scale and zero
+    point per row and K tile)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     BF16: tl.constexpr = DT == tl.bfloat16  # noqa: SIM300
     pid = tl.program_id(0)
@@ -266,46 +272,44 @@ def int_mma_kernel(
     n_mask = offs_v < N
     rows = tl.where(n_mask, virtual_rows(offs_v, N, SILU_MUL), 0)
 
-    if HAS_ZERO:
-        off = tl.zeros((BLOCK_N,), tl.int32)  # loaded per group below
-    elif CODE == 0:
-        off = tl.full((BLOCK_N,), 8, tl.int32)
-    else:
-        off = tl.zeros((BLOCK_N,), tl.int32)
+    HALF: tl.constexpr = BLOCK_K // 2
+    Q: tl.constexpr = BLOCK_K // 4
+    off = tl.full((BLOCK_N,), 8 if CODE == 0 else 0, tl.int32)  # symmetric offsets
     if GROUP == 0 and HAS_ZERO:
         off = tl.load(z_ptr + rows * stride_zn).to(tl.int32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_begin = pid_k * TILES_PER_SPLIT
     t_end = tl.minimum(t_begin + TILES_PER_SPLIT, NUM_K_TILES)
-    # Group scales (and zero points) are tiny loads the pipeliner does not prefetch; a
+    # Group scales and zero points are small loads the pipeliner does not prefetch; a
     # synchronous load per tile would stall every iteration for a DRAM round trip, so they are
     # fetched one tile ahead in registers.
     s_next = tl.zeros((BLOCK_N,), tl.float32)
     if GROUP > 0:
-        s_next, off = _group_params(s_ptr, z_ptr, rows, t_begin, t_end, stride_sn, stride_zn, off,
+        s_next, off = _group_params(s_ptr, z_ptr, rows, t_begin, t_end, G, stride_sn, stride_zn, off,
                                     HAS_ZERO, GROUP, BLOCK_K)
+    off_next = off
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         s = s_next
         if GROUP > 0:
-            s_next, off_next = _group_params(s_ptr, z_ptr, rows, t + 1, t_end, stride_sn, stride_zn, off,
+            s_next, off_next = _group_params(s_ptr, z_ptr, rows, t + 1, t_end, G, stride_sn, stride_zn, off,
                                              HAS_ZERO, GROUP, BLOCK_K)
         if CODE == 0:
-            HALF: tl.constexpr = BLOCK_K // 2
-            w_lo, w_hi = _int4_tile(w_ptr, rows, k0 // 2, KD, stride_wn, off, HAS_ZERO, DT, BF16, HALF,
-                                    EVEN_K, ASM)
-            x_lo, x_hi = _x_quads(x_ptr, offs_m, M, k0, K, stride_xm, HALF, EVEN_K)
-            part = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), x_lo, tl.trans(w_lo), EMULATE_DOT)
-            part = mma(part, x_hi, tl.trans(w_hi), EMULATE_DOT)
+            w0, w1, w2, w3 = _int4_tile(w_ptr, rows, k0 // 2, KD, stride_wn, off, HAS_ZERO, DT, BF16, HALF,
+                                        EVEN_K, ASM)
+            part = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
+                       _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 0, Q, EVEN_K), tl.trans(w0), EMULATE_DOT)
+            part = mma(part, _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 1, Q, EVEN_K), tl.trans(w1), EMULATE_DOT)
+            part = mma(part, _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 2, Q, EVEN_K), tl.trans(w2), EMULATE_DOT)
+            part = mma(part, _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 3, Q, EVEN_K), tl.trans(w3), EMULATE_DOT)
         else:
             w = _int8_tile(w_ptr, rows, k0, KD, stride_wn, off, SIGNED, DT, BF16, BLOCK_K, EVEN_K, ASM)
             xt = _x_tile(x_ptr, offs_m, M, k0, K, stride_xm, BLOCK_K, EVEN_K)
             part = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), xt, tl.trans(w), EMULATE_DOT)
         if GROUP > 0:
             acc += part * s[None, :]
-            if HAS_ZERO:
-                off = off_next
+            off = off_next
         else:
             acc += part
     if GROUP == 0:
@@ -348,14 +352,14 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
     return buf
 
 
-def supports(code: int, group: int, symmetric: bool, K: int) -> str | None:
+def supports(code: int, group: int, K: int) -> str | None:
     """``None`` if :func:`launch_int_mma` takes this weight, else why not."""
     if code not in (INT4, INT8):
         return "int_mma takes int4 and int8 weights"
-    if K % 2:
-        return "int_mma needs an even K"
-    if group and (group < 32 or group & (group - 1)):
-        return f"int_mma needs a power-of-two group >= 32 (got {group})"
+    if K % 4:
+        return f"int_mma needs K divisible by 4 (got {K})"
+    if group and (group < 64 or group & (group - 1)):
+        return f"int_mma needs per-channel scales or a power-of-two group >= 64 (got {group})"
     return None
 
 
@@ -364,6 +368,8 @@ def launch_int_mma(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, ze
                    residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
     """Run :func:`int_mma_kernel` on ``x2 [M, K]`` (contiguous, even row stride, 4-byte aligned)
     and canonical int4 / int8 weight tensors."""
+    if group and group % cfg.block_k:
+        raise ValueError(f"int_mma: block_k={cfg.block_k} must divide the group size {group}")
     M = x2.shape[0]
     N = data.shape[0]
     n_out = N // 2 if silu_mul else N
@@ -383,7 +389,7 @@ def launch_int_mma(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, ze
     int_mma_kernel[(m_tiles * n_tiles, split)](
         x2, data, scale, zero if zero is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, ws, tickets,
-        M, N, K, data.shape[1], split, per_split, num_k_tiles,
+        M, N, K, data.shape[1], scale.shape[1], split, per_split, num_k_tiles,
         x2.stride(0), data.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
         out.stride(0), residual.stride(0) if residual is not None else 0,
         m_tiles * cfg.block_m, n_tiles * cfg.block_n,
