@@ -3,11 +3,19 @@
 For each (batch, context): torch SDPA on a bf16 cache, our kernel on a bf16 cache (kernel quality
 apart from compression), our kernel on each compressed format, and each format's bytes floor
 (cache bytes read once at the copy bandwidth measured in this run). Hq=32, Hkv=8, head dim 128,
-one query token. Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph).
+one query token. Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph);
+every timed configuration's output is first NaN-poisoned and compared with a float32 reference on
+the same dequantized cache.
 
-    python benchmarks/attention.py [--out-dir DIR] [--quick]
+    python benchmarks/attention.py --sweep-only   # launch-config sweep at (8, 8192), (8, 32768)
+    python benchmarks/attention.py [--quick]      # full grid (after the sweep unless --quick)
+    python benchmarks/attention.py --sass [--sass-ref REV]   # no GPU: sm_90 SASS statistics
 
-Writes docs/benchmarks/attention-<device>.md (and a copy plus raw JSON under --out-dir).
+``--sweep-only`` takes about 3-4 minutes on one H100 (about 25 compiles). The full run also
+writes docs/benchmarks/attention-<device>.md. JSON and markdown go to ``--out-dir`` or ``$OUT``.
+``--sass`` compiles the kernel for sm_90 ahead of time (any machine, Triton's own ptxas) and
+prints, per format, the main loop's instructions per cache element, conversions, shared-memory
+traffic, registers and spills; ``--sass-ref HEAD~1`` adds the kernel of that git revision.
 """
 
 from __future__ import annotations
@@ -18,20 +26,26 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 from check_attention import outlier_keys  # noqa: E402
 
 from qcompile.codegen.attention import decode_attention  # noqa: E402
+from qcompile.codegen.attention.decode import kernel_paths, launch_config  # noqa: E402
+from qcompile.runtime.hadamard import rotate  # noqa: E402
 from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
 from qcompile.runtime.kv_formats import KVCacheSpec  # noqa: E402
 
 GRID = [(1, 8192), (8, 8192), (32, 4096), (8, 32768), (1, 131072)]
+SWEEP_SHAPES = [(8, 8192), (8, 32768)]
 HQ, HKV, D = 32, 8, 128
 FORMATS = {
     "bf16": KVCacheSpec("bf16"),
@@ -42,23 +56,95 @@ FORMATS = {
     "int2": KVCacheSpec("int2"),
 }
 TARGET = {"fp8": 1.3, "int4": 1.4, "int4-rot": 1.4, "int2": 1.6}
-SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st, split_mult=sm, unpack=u)
-         for bn in (32, 64) for w in (4,) for st in (2, 3) for sm in (2, 4) for u in ("join", "gather")]
+ERR_TOL = 1e-2
+DEVICE = "cuda"
 
 
+def candidates(name: str) -> list[dict]:
+    """Launch configurations the sweep times for a format (few: each costs a compile)."""
+    if name == "bf16":
+        base = [dict(block_n=32, num_warps=4, num_stages=3), dict(block_n=64, num_warps=4, num_stages=3)]
+    else:
+        base = [dict(block_n=64, num_warps=1, num_stages=3), dict(block_n=64, num_warps=1, num_stages=2),
+                dict(block_n=32, num_warps=1, num_stages=3), dict(block_n=64, num_warps=2, num_stages=3)]
+    out = [dict(c, split_mult=1.0) for c in base]
+    out += [dict(base[0], split_mult=m) for m in (0.5, 2.0)]   # same compile, other split counts
+    return out
+
+
+# ----------------------------------------------------------------------------- GPU helpers
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy, read + write counted."""
+    from triton.testing import do_bench
     x = torch.randn(1 << 28, device="cuda")          # 1 GiB
     y = torch.empty_like(x)
     t = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median") * 1e-3
-    return 2 * x.numel() * 4 / t
+    return 2 * (1 << 28) * 4 / t
 
 
-def bench(fn) -> float:
+def bench(fn, rep: int = 100) -> float:
     """Median microseconds of CUDA-graph replays."""
+    from triton.testing import do_bench_cudagraph
     fn()
     torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e3
+    return do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
+def tensors(B: int, ctx: int, gen: torch.Generator):
+    k = outlier_keys(B, HKV, ctx, D, gen, DEVICE).bfloat16()
+    v = torch.randn(B, HKV, ctx, D, generator=gen, device=DEVICE).bfloat16()
+    q = torch.randn(B, HQ, D, generator=gen, device=DEVICE).bfloat16()
+    return k, v, q
+
+
+def build(spec: KVCacheSpec, B: int, ctx: int, k: torch.Tensor, v: torch.Tensor) -> QuantizedKVCache:
+    c = QuantizedKVCache(1, B, ctx, HKV, D, spec, device=DEVICE)
+    step = 8192
+    for t0 in range(0, ctx, step):
+        c.append(0, k[:, :, t0:t0 + step], v[:, :, t0:t0 + step])
+    return c
+
+
+def reference(c: QuantizedKVCache, q: torch.Tensor) -> torch.Tensor:
+    """Float32 attention of q [B, Hq, D] over the dequantized cache (GQA without repeats)."""
+    kd, vd = c.dequantize(0, torch.float32)
+    qf = q.float()
+    if c.spec.rotate_keys:
+        qf = rotate(qf)
+    B = q.shape[0]
+    qg = qf.view(B, HKV, HQ // HKV, D)
+    logits = (qg @ kd.transpose(-1, -2)) * D ** -0.5        # [B, Hkv, G, S]
+    out = torch.softmax(logits, -1) @ vd
+    del kd, vd, logits
+    return out.reshape(B, HQ, D)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict) -> dict:
+    sms = sm_count()
+    bn = cfg["block_n"]
+    if c.spec.grouped_keys:
+        bn = min(bn, c.spec.group_size)
+    default = launch_config(c.spec, D, B, HKV, ctx, sms)["num_splits"]
+    splits = max(1, round(default * cfg.get("split_mult", 1.0)))
+    return dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], num_splits=splits)
+
+
+def run_candidate(c: QuantizedKVCache, q: torch.Tensor, ref: torch.Tensor, kw: dict) -> tuple[float, float]:
+    """(median µs, relative error of the NaN-poisoned output against ``ref``)."""
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, c, 0, out=out, impl="triton", **kw)
+    err = rel(out, ref) if torch.isfinite(out).all() else float("inf")
+    t = bench(lambda: decode_attention(q, c, 0, out=out, impl="triton", **kw), rep=60)
+    return t, err
 
 
 def time_sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
@@ -70,113 +156,143 @@ def time_sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
         return bench(lambda: F.scaled_dot_product_attention(q4, kr, vr))
 
 
-def splits_for(B: int, ctx: int, block_n: int, mult: int) -> int:
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms * mult, B * HKV), triton.cdiv(ctx, 4 * block_n)))
+def floor_us(spec: KVCacheSpec, B: int, ctx: int, bw: float) -> float:
+    return B * HKV * ctx * spec.bytes_per_token(D) / bw * 1e6
 
 
-def build(spec: KVCacheSpec, B: int, ctx: int, k: torch.Tensor, v: torch.Tensor) -> QuantizedKVCache:
-    c = QuantizedKVCache(1, B, ctx, HKV, D, spec, device="cuda")
-    step = 8192
-    for t0 in range(0, ctx, step):
-        c.append(0, k[:, :, t0:t0 + step], v[:, :, t0:t0 + step])
-    return c
+# ----------------------------------------------------------------------------- sweep
+def _compile_one(job: tuple[str, dict]) -> str:
+    """Worker: run one (format, config) on a tiny cache so that Triton's disk cache holds the
+    kernels the sweep will launch (same constexprs and argument specializations)."""
+    name, cfg = job
+    try:
+        spec = FORMATS[name]
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        ctx = 1024
+        k, v, q = tensors(1, ctx, gen)
+        c = build(spec, 1, ctx, k, v)
+        bn = min(cfg["block_n"], spec.group_size) if spec.grouped_keys else cfg["block_n"]
+        decode_attention(q, c, 0, block_n=bn, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"], num_splits=2)
+        torch.cuda.synchronize()
+        return f"{name} {cfg}: ok"
+    except Exception as e:  # noqa: BLE001  (reported, the sweep will report it again)
+        return f"{name} {cfg}: {type(e).__name__}: {e}"[:200]
 
 
-def run_format(name: str, c: QuantizedKVCache, q: torch.Tensor, B: int, ctx: int, cfg: dict) -> float:
-    ns = splits_for(B, ctx, cfg["block_n"], cfg["split_mult"])
-    kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-              num_splits=ns, unpack=cfg.get("unpack", "join"))
-    if c.spec.grouped_keys:
-        kw["block_n"] = min(kw["block_n"], c.spec.group_size)
-    out = torch.empty_like(q)
-    return bench(lambda: decode_attention(q, c, 0, out=out, **kw))
+def precompile(names: list[str], workers: int) -> None:
+    """Compile every distinct sweep kernel in parallel processes (Triton compiles serially in
+    one process; on a fresh machine that would be most of the sweep's time)."""
+    import concurrent.futures
+    import multiprocessing
+    jobs, seen = [], set()
+    for name in names:
+        for cfg in candidates(name):
+            key = (name, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])
+            if key not in seen:
+                seen.add(key)
+                jobs.append((name, cfg))
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        for msg in ex.map(_compile_one, jobs):
+            if not msg.endswith("ok"):
+                print(f"precompile {msg}", flush=True)
+    print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f}s ({workers} processes)",
+          flush=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--quick", action="store_true", help="no config sweep")
-    ap.add_argument("--sweep-shape", default="8,32768")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dev_name = torch.cuda.get_device_name(0)
-    bw = copy_bandwidth()
-    print(f"{dev_name}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    default = dict(block_n=64, num_warps=4, num_stages=2, split_mult=2, unpack="join")
-    best = {name: dict(default) for name in FORMATS}
-    sweep_log = []
-
-    def tensors(B: int, ctx: int):
-        k = outlier_keys(B, HKV, ctx, D, gen, "cuda").bfloat16()
-        v = torch.randn(B, HKV, ctx, D, generator=gen, device="cuda").bfloat16()
-        q = torch.randn(B, HQ, D, generator=gen, device="cuda").bfloat16()
-        return k, v, q
-
-    if not args.quick:
-        B, ctx = map(int, args.sweep_shape.split(","))
-        k, v, q = tensors(B, ctx)
-        for name, spec in FORMATS.items():
-            if name in ("int8", "int4-rot"):
-                continue
+def sweep(bw: float, gen: torch.Generator, names: list[str]) -> tuple[dict, list[dict]]:
+    """Time every candidate at every sweep shape; best config per format (summed over shapes)."""
+    log: list[dict] = []
+    for B, ctx in SWEEP_SHAPES:
+        k, v, q = tensors(B, ctx, gen)
+        sdpa = time_sdpa(q[:, :, None], k, v)
+        print(f"-- B={B} ctx={ctx}: SDPA bf16 {sdpa:.1f} us", flush=True)
+        for name in names:
+            spec = FORMATS[name]
             c = build(spec, B, ctx, k, v)
-            res = []
-            for cfg in SWEEP:
-                if cfg["unpack"] == "gather" and name in ("bf16", "fp8"):
-                    continue                      # nothing to unpack
+            ref = reference(c, q)
+            fl = floor_us(spec, B, ctx, bw)
+            for cfg in candidates(name):
+                kw = kwargs_for(c, B, ctx, cfg)
+                t0 = time.time()
                 try:
-                    t = run_format(name, c, q, B, ctx, cfg)
-                except Exception as e:  # noqa: BLE001  (a config that does not compile)
-                    print(f"sweep {name} {cfg} failed: {type(e).__name__}: {e}"[:300], flush=True)
+                    t, err = run_candidate(c, q, ref, kw)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile or run)
+                    print(f"sweep {name:8s} B={B} ctx={ctx:6d} {cfg}: FAILED {type(e).__name__}: {e}"[:300],
+                          flush=True)
                     continue
-                res.append((t, cfg))
-                sweep_log.append(dict(format=name, us=t, **cfg))
-            res.sort(key=lambda r: r[0])
-            best[name] = dict(res[0][1])
-            print(f"sweep {name}: best {res[0][0]:.1f} us {res[0][1]}; worst {res[-1][0]:.1f} us",
-                  flush=True)
-            del c
-        best["int8"] = dict(best["fp8"])
-        best["int4-rot"] = dict(best["int4"])
-        del k, v
+                row = dict(format=name, batch=B, context=ctx, us=t, floor_us=fl, over_floor=t / fl,
+                           vs_sdpa=sdpa / t, rel_err=err, split_mult=cfg["split_mult"], **kw)
+                log.append(row)
+                print(f"sweep {name:8s} B={B} ctx={ctx:6d} bn={kw['block_n']:3d} w={kw['num_warps']} "
+                      f"st={kw['num_stages']} splits={kw['num_splits']:3d} -> {t:8.1f} us {t / fl:5.2f}x floor "
+                      f"{sdpa / t:5.2f}x sdpa  err {err:.1e}{'' if err < ERR_TOL else '  BAD'}  "
+                      f"({time.time() - t0:.1f}s)", flush=True)
+            del c, ref
+            torch.cuda.empty_cache()
+        del k, v, q
         torch.cuda.empty_cache()
+    best = {}
+    for name in names:
+        scores: dict[tuple, float] = {}
+        for r in log:
+            if r["format"] != name or r["rel_err"] >= ERR_TOL:
+                continue
+            key = (r["block_n"], r["num_warps"], r["num_stages"], r["split_mult"])
+            scores[key] = scores.get(key, 0.0) + r["over_floor"]
+        if scores:
+            bn, w, st, sm = min(scores, key=scores.get)
+            best[name] = dict(block_n=bn, num_warps=w, num_stages=st, split_mult=sm)
+    return best, log
 
+
+def render_sweep(meta: dict, log: list[dict], best: dict) -> str:
+    lines = [f"# Decode attention sweep on {meta['device']}", "",
+             f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
+             f"{meta['copy_bw_TBps']:.2f} TB/s. Best configuration per format and shape (× floor; "
+             "error vs float32 reference on the same dequantized cache):", "",
+             "| format | batch | context | µs | × floor | × SDPA | block_n | warps | stages | splits | rel err |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in FORMATS:
+        for B, ctx in SWEEP_SHAPES:
+            rows = [r for r in log if r["format"] == name and r["batch"] == B and r["context"] == ctx
+                    and r["rel_err"] < ERR_TOL]
+            if not rows:
+                continue
+            r = min(rows, key=lambda r: r["us"])
+            lines.append(f"| {name} | {B} | {ctx} | {r['us']:.1f} | {r['over_floor']:.2f} | {r['vs_sdpa']:.2f} | "
+                         f"{r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['num_splits']} | "
+                         f"{r['rel_err']:.1e} |")
+    bad = [r for r in log if r["rel_err"] >= ERR_TOL]
+    lines += ["", f"Chosen (summed over shapes): `{json.dumps(best)}`",
+              f"Candidates timed: {len(log)}; over the error bound: {len(bad)}.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- full grid
+def full_grid(bw: float, gen: torch.Generator, best: dict) -> list[dict]:
     rows = []
     for B, ctx in GRID:
-        k, v, q = tensors(B, ctx)
+        k, v, q = tensors(B, ctx, gen)
         sdpa = time_sdpa(q[:, :, None], k, v)
         row = dict(batch=B, context=ctx, sdpa_bf16_us=sdpa)
         for name, spec in FORMATS.items():
             c = build(spec, B, ctx, k, v)
-            t = run_format(name, c, q, B, ctx, best[name])
-            floor = B * HKV * ctx * spec.bytes_per_token(D) / bw * 1e6
-            row[name] = dict(us=t, floor_us=floor, over_floor=t / floor, vs_sdpa=sdpa / t)
-            del c
+            ref = reference(c, q)
+            kw = kwargs_for(c, B, ctx, best[name])
+            t, err = run_candidate(c, q, ref, kw)
+            fl = floor_us(spec, B, ctx, bw)
+            row[name] = dict(us=t, floor_us=fl, over_floor=t / fl, vs_sdpa=sdpa / t, rel_err=err, **kw)
+            del c, ref
             torch.cuda.empty_cache()
         rows.append(row)
         print(f"B={B:3d} ctx={ctx:6d} sdpa {sdpa:7.1f} | " + " | ".join(
-            f"{n} {row[n]['us']:.1f} ({row[n]['over_floor']:.2f}x fl)" for n in FORMATS), flush=True)
+            f"{n} {row[n]['us']:.1f} ({row[n]['over_floor']:.2f}x)" for n in FORMATS), flush=True)
         del k, v, q
         torch.cuda.empty_cache()
-
-    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                copy_bw_TBps=bw / 1e12, configs=best)
-    md = render(meta, rows)
-    slug = re.sub(r"[^a-z0-9]+", "-", dev_name.lower().replace("nvidia", "")).strip("-")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [os.path.join(root, "docs", "benchmarks", f"attention-{slug}.md")]
-    if args.out_dir:
-        paths.append(os.path.join(args.out_dir, f"attention-{slug}.md"))
-        with open(os.path.join(args.out_dir, "attention_bench.json"), "w") as f:
-            json.dump(dict(meta=meta, rows=rows, sweep=sweep_log), f, indent=1)
-    for p in paths:
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "w") as f:
-            f.write(md)
-    print(md)
-    return 0
+    return rows
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -188,19 +304,23 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"triton {meta['triton']}. Copy bandwidth {meta['copy_bw_TBps']:.2f} TB/s (read + write).",
         "One query token, Hq=32, Hkv=8, head dim 128, every row at full context; times in µs, "
         "medians of CUDA-graph replays. A format's floor is its cache bytes (codes, scales, "
-        "residual) read once at the copy bandwidth. int4/int2: keys per channel in groups of 64 tokens (bf16 residual of 64), values per token.",
+        "residual) read once at the copy bandwidth. int4/int2: keys per channel in groups of 64 "
+        "tokens (bf16 residual of 64), values per token.",
         "",
         "| batch | context | SDPA bf16 | " + " | ".join(f"{n} (× floor)" for n in names)
-        + " | int4 vs SDPA |",
+        + " | SDPA ÷ int4 |",
         "|---:|---:|---:|" + "---:|" * len(names) + "---:|",
     ]
     for r in rows:
         cells = " | ".join(f"{r[n]['us']:.1f} ({r[n]['over_floor']:.2f}×)" for n in names)
         lines.append(f"| {r['batch']} | {r['context']} | {r['sdpa_bf16_us']:.1f} | {cells} | "
                      f"{r['int4']['vs_sdpa']:.2f}× |")
+    worst = max(r[n]["rel_err"] for r in rows for n in names)
     lines += ["", "Floors (µs): " + "; ".join(
         f"({r['batch']}, {r['context']}): " + ", ".join(f"{n} {r[n]['floor_us']:.1f}" for n in names
                                                          if n != "int4-rot") for r in rows), "",
+              f"Every timed output was NaN-poisoned first and checked against a float32 reference on "
+              f"the same dequantized cache: largest relative error {worst:.1e}.", "",
               "Targets (batch ≥ 8, context ≥ 8192): "
               + ", ".join(f"{n} ≤ {t}× floor" for n, t in TARGET.items())
               + "; int4 ≥ 2.8× faster than SDPA bf16 at (8, 32768).", ""]
@@ -208,10 +328,215 @@ def render(meta: dict, rows: list[dict]) -> str:
         if r["batch"] >= 8 and r["context"] >= 8192:
             verdict = ", ".join(f"{n} {r[n]['over_floor']:.2f}× {'met' if r[n]['over_floor'] <= t else 'MISSED'}"
                                 for n, t in TARGET.items())
-            lines.append(f"- ({r['batch']}, {r['context']}): {verdict}; int4 vs SDPA "
+            lines.append(f"- ({r['batch']}, {r['context']}): {verdict}; SDPA ÷ int4 "
                          f"{r['int4']['vs_sdpa']:.2f}×")
     lines += ["", f"Launch configs: `{json.dumps(meta['configs'])}`", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- static (SASS)
+SASS_FORMATS = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int4-rot": 3, "int2": 4}
+
+
+def _sass_signature(code: int, legacy: bool) -> dict:
+    cd = {0: "*bf16", 1: "*u8", 2: "*i8", 3: "*u8", 4: "*u8"}[code]
+    sc = "*fp16" if code >= 3 else "*fp32"
+    sig = dict(Q="*bf16")
+    if not legacy:
+        sig.update(Had="*bf16")
+    sig.update(Opart="*fp32", Lpart="*fp32")
+    if not legacy:
+        sig.update(Out="*bf16", Tickets="*i32")
+    sig.update(Lengths="*i32", K=cd, Ks=sc, Km="*fp16", V=cd, Vs=sc, Vm="*fp16", Kres="*bf16",
+               Vres="*bf16", sm_scale_log2="fp32", log2_theta="fp32", HKV="i32", S="i32", NG="i32",
+               NUM_SPLITS="i32", NS_TOTAL="i32", CHUNK="i32")
+    return sig
+
+
+def _legacy_module(rev: str):
+    """The decode module of git revision ``rev`` (the pre-rewrite kernel), imported from source."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:qcompile/codegen/attention/decode.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "legacy_decode.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("legacy_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sass_table(ref: str | None) -> list[dict]:
+    """Compile each format's kernel for sm_90 (1 query token, GQA 4, D 128, group 64) and count."""
+    from aot_sass import compile_for, sass, sass_stats
+
+    from qcompile.codegen.attention import decode as dec
+    kernels = [("new", dec, False)]
+    if ref:
+        kernels.append((f"{ref}", _legacy_module(ref), True))
+    rows = []
+    for label, mod, legacy in kernels:
+        for name, code in SASS_FORMATS.items():
+            rot = name.endswith("-rot")
+            spec = FORMATS[name]
+            if legacy:
+                if rot:
+                    continue   # the old kernel rotated q with torch before the launch: same kernel
+                cfg = dict(block_n=32 if code == 0 else 64, num_warps=4, num_stages=3 if code == 0 else 2)
+                cons = dict(T=1, GQA=4, D=D, BLOCK_M=16, BLOCK_N=cfg["block_n"], K_FMT=code, V_FMT=code,
+                            GROUP=64, VGROUP=D, R=64 if code >= 3 else 1, PRE_ROPE=False, FOLD=code >= 3,
+                            FP8_NATIVE=True, INTERP=False, ITERS=0, GATHER=False)
+                fn = mod._decode_split_kernel
+            else:
+                c = launch_config(spec, D, 8, HKV, 32768, 132)
+                cfg = dict(block_n=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+                kf, vf = kernel_paths(spec, D, cfg["block_n"])
+                cons = dict(T=1, GQA=4, D=D, BLOCK_M=16, BLOCK_N=cfg["block_n"], K_FMT=code, V_FMT=code,
+                            GROUP=64, VGROUP=D, R=64 if code >= 3 else 1, TB=16, PRE_ROPE=False,
+                            ROTATE=rot, KFAST=kf, VFAST=vf, FUSED=True, LAZY=True, ASM=True,
+                            INTERP=False, ITERS=0, RES_ITERS=0)
+                fn = mod._decode_kernel
+            sig = _sass_signature(code, legacy)
+            aligned = tuple(n for n, t in sig.items() if t.startswith("*")) + ("S", "CHUNK", "NG")
+            k = compile_for(fn, sig, cons, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                            aligned=aligned)
+            text = sass(k)
+            st = sass_stats(k, text)
+            loop = _main_loop(text, legacy)
+            elems = cfg["block_n"] * 2 * D                    # keys + values per iteration
+            threads = 32 * cfg["num_warps"]
+            row = dict(kernel=label, format=name, regs=st["regs"], stack=st["stack"], smem=st["shared"],
+                       **cfg, loop_instr=loop["n"], per_elem=loop["n"] * threads / elems,
+                       per_elem_no_rescale=(loop["n"] - loop["skip"]) * threads / elems,
+                       **{f"loop_{op}": loop["ops"].get(op, 0) * threads / elems
+                          for op in ("I2F", "F2F", "F2FP", "LDS", "STS", "LDSM", "HMMA", "SHFL", "BAR")})
+            rows.append(row)
+            print(f"sass {label:8s} {name:8s} regs {row['regs']:3d} stack {row['stack']:4d} smem {row['smem']:6d} "
+                  f"loop {row['loop_instr']:5d} instr = {row['per_elem']:.2f}/elem "
+                  f"({row['per_elem_no_rescale']:.2f} w/o rescale) | per elem: I2F {row['loop_I2F']:.2f} "
+                  f"F2F(P) {row['loop_F2F'] + row['loop_F2FP']:.2f} LDS {row['loop_LDS'] + row['loop_LDSM']:.2f} "
+                  f"STS {row['loop_STS']:.2f} HMMA {row['loop_HMMA']:.3f} BAR {row['loop_BAR']:.3f}",
+                  flush=True)
+    return rows
+
+
+def _main_loop(text: str, legacy: bool) -> dict:
+    """Instructions of the main loop (a backward branch's body with the most HMMA: the first such
+    loop in the new kernel, the last in the legacy one whose residual loop comes first) and of
+    the largest region a forward branch skips inside it (the lazy rescale)."""
+    import collections
+    ins = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*)", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    addrs = [a for a, _ in ins]
+    loops = []
+    for i, (a, t) in enumerate(ins):
+        m = re.search(r"BRA[^;]*?0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in addrs:
+            lo = addrs.index(int(m.group(1), 16))
+            ops = collections.Counter()
+            for _, tt in ins[lo:i + 1]:
+                mm = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", tt)
+                if mm:
+                    ops[mm.group(1)] += 1
+            loops.append((lo, i, ops))
+    most = max(lp[2]["HMMA"] for lp in loops)
+    lo, hi, ops = [lp for lp in loops if lp[2]["HMMA"] == most][-1 if legacy else 0]
+    skip = 0
+    for i in range(lo, hi):
+        m = re.search(r"@!?P\d\s+BRA[^;]*?0x([0-9a-f]+)", ins[i][1])
+        if m and ins[i][0] < int(m.group(1), 16) <= ins[hi][0]:
+            skip = max(skip, addrs.index(int(m.group(1), 16)) - i - 1)
+    return dict(n=hi - lo + 1, skip=skip, ops=ops)
+
+
+def render_sass(rows: list[dict]) -> str:
+    lines = ["| kernel | format | block_n / warps / stages | main loop instr / element (w/o rescale) | "
+             "I2F+F2F(P) / elem | LDS+LDSM / elem | STS / elem | BAR / elem | regs | spill bytes |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['format']} | {r['block_n']} / {r['num_warps']} / {r['num_stages']} | "
+                     f"{r['per_elem']:.2f} ({r['per_elem_no_rescale']:.2f}) | "
+                     f"{r['loop_I2F'] + r['loop_F2F'] + r['loop_F2FP']:.2f} | {r['loop_LDS'] + r['loop_LDSM']:.3f} | "
+                     f"{r['loop_STS']:.3f} | {r['loop_BAR']:.3f} | {r['regs']} | {r['stack']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def write_outputs(out_dir: str | None, files: dict[str, str]) -> None:
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", default=os.environ.get("OUT"))
+    ap.add_argument("--quick", action="store_true", help="full grid with the default configs, no sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset (sweep)")
+    ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes that pre-compile the sweep's kernels (1: compile inline)")
+    ap.add_argument("--sass", action="store_true", help="no GPU: SASS statistics per format")
+    ap.add_argument("--sass-ref", default=None, help="also the kernel of this git revision")
+    args = ap.parse_args()
+
+    if args.sass:
+        rows = sass_table(args.sass_ref)
+        md = render_sass(rows)
+        write_outputs(args.out_dir, {"attention_sass.json": json.dumps(rows, indent=1),
+                                     "attention_sass.md": md})
+        print(md)
+        return 0
+
+    t_start = time.time()
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev_name = torch.cuda.get_device_name(0)
+    bw = copy_bandwidth()
+    print(f"{dev_name}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                copy_bw_TBps=bw / 1e12)
+    names = [n for n in args.formats.split(",") if n]
+    default = {n: dict(candidates(n)[0]) for n in FORMATS}
+    if (args.sweep_only or not args.quick) and args.compile_workers > 1:
+        try:
+            precompile(names, args.compile_workers)
+        except Exception as e:  # noqa: BLE001  (then the sweep compiles inline, slower)
+            print(f"precompile failed ({type(e).__name__}: {e}); compiling inline", flush=True)
+    if args.sweep_only or not args.quick:
+        best, log = sweep(bw, gen, names)
+        md = render_sweep(meta, log, best)
+        write_outputs(args.out_dir, {"attention_sweep.json": json.dumps(dict(meta=meta, best=best, log=log), indent=1),
+                                     "attention_sweep.md": md})
+        if args.sweep_only:
+            print(md)
+            print(f"total {time.time() - t_start:.0f}s")
+            bad = [r for r in log if r["rel_err"] >= ERR_TOL]
+            return 1 if bad else 0
+        default.update(best)
+    meta["configs"] = default
+    rows = full_grid(bw, gen, default)
+    md = render(meta, rows)
+    slug = re.sub(r"[^a-z0-9]+", "-", dev_name.lower().replace("nvidia", "")).strip("-")
+    path = os.path.join(ROOT, "docs", "benchmarks", f"attention-{slug}.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(md)
+    write_outputs(args.out_dir, {f"attention-{slug}.md": md,
+                                 "attention_bench.json": json.dumps(dict(meta=meta, rows=rows), indent=1)})
+    print(md)
+    print(f"total {time.time() - t_start:.0f}s")
+    return 0
 
 
 if __name__ == "__main__":

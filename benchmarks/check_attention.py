@@ -6,14 +6,19 @@
 2. Accuracy: the attention output with each format against the output on a bf16 cache, keys
    with planted outlier channels (10-50x), Hq=32, Hkv=8, head dim 128.
 
-    python benchmarks/check_attention.py [--json out.json]
+    python benchmarks/check_attention.py [--json out.json] [--skip-accuracy] [--only int4-g64,fp8_e4m3]
+
+Prints a summary table last; with ``$OUT`` (or ``--out-dir``) set it also writes
+``check_attention.json`` and ``check_attention.md`` there. Exit status 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 import torch
 
@@ -124,17 +129,54 @@ def accuracy(device: str, gen: torch.Generator, B: int = 4, ctx: int = 4096) -> 
     return rows
 
 
+def render(checks: list[dict], acc: list[dict], device: str) -> str:
+    """Markdown summary: kernel checks and accuracy side by side, one row per spec."""
+    by_spec = {r["spec"]: r for r in acc}
+    lines = [f"Decode attention checks on {device}: decode vs float64 reference on the same cache "
+             "(NaN-poisoned output), Triton vs torch append; accuracy vs a bf16 cache (outlier keys).",
+             "",
+             "| spec | decode rel err | append diff | ok | accuracy moderate | accuracy peaked |",
+             "|---|---:|---:|---|---:|---:|"]
+    for r in checks:
+        a = by_spec.get(r["spec"], {})
+        mod = f"{a['moderate']:.3f}" if "moderate" in a else "-"
+        pk = f"{a['peaked']:.3f}" if "peaked" in a else "-"
+        lines.append(f"| {r['spec']} | {r['decode_vs_fp64']:.1e} | {r['append_triton_vs_torch']:.1e} | "
+                     f"{'ok' if r['ok'] else 'FAIL'} | {mod} | {pk} |")
+    n_ok = sum(r["ok"] for r in checks)
+    lines += ["", f"{n_ok}/{len(checks)} kernel checks pass."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--out-dir", default=os.environ.get("OUT"))
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated spec names (as in the table)")
     args = ap.parse_args()
+    if args.only:
+        keep = set(args.only.split(","))
+        SPECS[:] = [s for s in SPECS if s.short() in keep]
+    t0 = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(1234)
     checks = check_kernels(device, gen)
-    acc = accuracy(device, gen)
+    acc = [] if args.skip_accuracy else accuracy(device, gen)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    md = render(checks, acc, name)
+    data = dict(device=name, checks=checks, accuracy=acc)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(checks=checks, accuracy=acc), f, indent=1)
+            json.dump(data, f, indent=1)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "check_attention.json"), "w") as f:
+            json.dump(data, f, indent=1)
+        with open(os.path.join(args.out_dir, "check_attention.md"), "w") as f:
+            f.write(md)
+    print(md)
+    print(f"total {time.time() - t0:.0f}s")
     return 0 if all(r["ok"] for r in checks) else 1
 
 

@@ -46,7 +46,7 @@ CASES = [
 # (N, K) -> the Ms run on it. 1000: N not a tile multiple, K not a BLOCK_K multiple.
 SHAPES = {(1000, 1000): [1, 3, 16, 33, 300], (4096, 4096): [1, 33]}
 BIG = {(14336, 4096): [1, 16, 300]}  # int4 g128 sym only: the benchmark's main format
-FULL = {"int4-g128", "int4-g32-asym", "fp8_e4m3-pc+fp8_e4m3", "nvfp4", "int8-pc", "int4-g128-asym+fp8_e4m3", "mxfp4+mxfp4"}  # + fp16, epilogues
+FULL = {"int4-g128", "int4-g32-asym", "int4-g64-asym", "int8-g128", "fp8_e4m3-pc+fp8_e4m3", "nvfp4", "int8-pc", "int4-g128-asym+fp8_e4m3", "mxfp4+mxfp4"}  # + fp16, epilogues
 
 
 def main() -> int:

@@ -42,6 +42,20 @@ def _hadamard_on(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return _hadamard_cpu(n).to(device=device, dtype=dtype)
 
 
+def hadamard_signs(n: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The unnormalized ``±1`` Hadamard matrix (``sqrt(n) * hadamard_matrix(n)``), exact in any
+    float dtype: kernels multiply by it in bf16/fp16 and apply ``1/sqrt(n)`` in float32."""
+    if not is_power_of_two(n):
+        raise ValueError(f"Hadamard rotation needs a power-of-two size, got head_dim={n}")
+    return _signs_on(n, dtype, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _signs_on(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return (_hadamard_cpu(n) * (n ** 0.5)).round().to(device=device, dtype=dtype)
+
+
 def rotate(x: torch.Tensor) -> torch.Tensor:
     """``x @ H`` along the last dimension, computed in float32 (float64 stays float64)."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32

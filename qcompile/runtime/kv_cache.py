@@ -19,11 +19,16 @@ from qcompile.runtime.kv_formats import (
     GROUPED_FORMATS,
     KV_BITS,
     PER_TOKEN_FORMATS,
+    VALUE_TOKEN_BLOCK,
     KVCacheSpec,
+    channel_major,
     dequantize_per_token,
     pack_bits,
+    padded_tokens,
     quantize_asym,
     quantize_per_token,
+    slice_major,
+    unblock_tokens,
     unpack_bits,
 )
 
@@ -62,17 +67,20 @@ class QuantizedKVCache:
         S, D, G = max_seq_len, head_dim, spec.group_size
         dev = self.device
 
-        def codes(fmt: str) -> torch.Tensor:
+        def codes(fmt: str, blocked: bool) -> torch.Tensor:
             if fmt == "bf16":
                 return torch.zeros(*lead, S, D, dtype=dtype, device=dev)
-            if fmt in PER_TOKEN_FORMATS:
-                return torch.zeros(*lead, S, D, dtype=torch.uint8 if fmt == "fp8_e4m3" else torch.int8,
-                                   device=dev)
-            return torch.zeros(*lead, S, D * KV_BITS[fmt] // 8, dtype=torch.uint8, device=dev)
+            cdt = torch.int8 if fmt == "int8" else torch.uint8
+            nb = D * KV_BITS[fmt] // 8
+            if blocked:   # values: token-blocked [S_pad / TB, NB, TB] (see kv_formats)
+                tb = VALUE_TOKEN_BLOCK
+                return torch.zeros(*lead, padded_tokens(S) // tb, nb, tb, dtype=cdt, device=dev)
+            return torch.zeros(*lead, S, nb, dtype=cdt, device=dev)
 
         self._t: dict[str, torch.Tensor | None] = dict.fromkeys(
             ("k", "k_scale", "k_min", "v", "v_scale", "v_min", "k_res", "v_res"))
-        self._t["k"], self._t["v"] = codes(spec.key_format), codes(spec.value_format)
+        self._t["k"] = codes(spec.key_format, False)
+        self._t["v"] = codes(spec.value_format, True)
         if spec.key_format in PER_TOKEN_FORMATS:
             self._t["k_scale"] = torch.ones(*lead, S, dtype=torch.float32, device=dev)
         if spec.grouped_keys:
@@ -89,6 +97,9 @@ class QuantizedKVCache:
             self._t["v_min"] = torch.zeros(*lead, S, D // VG, dtype=torch.float16, device=dev)
         self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=dev)
         self._len_bound = [0] * num_layers   # host-side upper bound of max(lengths[layer])
+        # decode_attention's split tickets (the last split of a head merges them); the kernel
+        # leaves them zero, so they are allocated here, never inside a CUDA graph capture
+        self.tickets = torch.zeros(num_layers, batch * num_kv_heads, dtype=torch.int32, device=dev)
 
     # ------------------------------------------------------------------ bookkeeping
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
@@ -156,19 +167,24 @@ class QuantizedKVCache:
     def _store_rows(self, fmt: str, prefix: str, layer: int, b: int, p0: int, x: torch.Tensor) -> None:
         """Write per-token rows ``x`` ([H, n, D]) at positions ``p0..p0+n`` (torch path)."""
         n = x.shape[1]
-        codes = self._t[prefix][layer, b, :, p0:p0 + n]
         if fmt == "bf16":
-            codes.copy_(x.to(self.dtype))
-        elif fmt in PER_TOKEN_FORMATS:
+            self._t[prefix][layer, b, :, p0:p0 + n] = x.to(self.dtype)
+            return
+        if fmt in PER_TOKEN_FORMATS:
             c, s = quantize_per_token(x, fmt)
-            codes.copy_(c)
             self._t[f"{prefix}_scale"][layer, b, :, p0:p0 + n] = s
         else:
             xg = x.float().reshape(*x.shape[:-1], -1, self.spec.vgroup(self.head_dim))
             c, s, m = quantize_asym(xg, KV_BITS[fmt], dim=-1)
-            codes.copy_(pack_bits(c.reshape(x.shape), KV_BITS[fmt]))
+            c = pack_bits(c.reshape(x.shape), KV_BITS[fmt])
             self._t[f"{prefix}_scale"][layer, b, :, p0:p0 + n] = s
             self._t[f"{prefix}_min"][layer, b, :, p0:p0 + n] = m
+        if prefix == "k":
+            self._t["k"][layer, b, :, p0:p0 + n] = c
+        else:   # token-blocked value codes: token p at [p // TB, :, p % TB]
+            pos = torch.arange(p0, p0 + n, device=c.device)
+            tb = VALUE_TOKEN_BLOCK
+            self._t["v"][layer, b][:, pos // tb, :, pos % tb] = c.transpose(0, 1).to(self._t["v"].dtype)
 
     def _append_torch(self, layer: int, k: torch.Tensor, v: torch.Tensor, num_new: torch.Tensor) -> None:
         spec = self.spec
@@ -192,8 +208,9 @@ class QuantizedKVCache:
                 c, s, m = quantize_asym(xg, bits, dim=2)
                 self._t["k"][layer, b, :, q0:q1] = pack_bits(c, bits).reshape(
                     self.num_kv_heads, q1 - q0, -1)
-                self._t["k_scale"][layer, b, :, q0 // G: q1 // G] = s
-                self._t["k_min"][layer, b, :, q0 // G: q1 // G] = m
+                per = 8 // bits      # scales stored slice-major (see kv_formats)
+                self._t["k_scale"][layer, b, :, q0 // G: q1 // G] = slice_major(s, per)
+                self._t["k_min"][layer, b, :, q0 // G: q1 // G] = slice_major(m, per)
             tail = l0 + nb - q1
             if tail:
                 res_k[:, :tail] = full_k[:, q1 - q0:].to(self.dtype)
@@ -212,6 +229,8 @@ class QuantizedKVCache:
             c = t[prefix]
             if fmt == "bf16":
                 return c.to(dtype)
+            if prefix == "v":
+                c = unblock_tokens(c, S)
             if fmt in PER_TOKEN_FORMATS:
                 return dequantize_per_token(c, t[f"{prefix}_scale"], fmt, dtype)
             codes = unpack_bits(c, KV_BITS[fmt]).to(dtype)
@@ -221,6 +240,8 @@ class QuantizedKVCache:
                 return (codes.reshape(*codes.shape[:-1], D // VG, VG) * s[..., None] + m[..., None]
                         ).reshape(codes.shape)
             ng = S // G
+            per = 8 // KV_BITS[fmt]
+            s, m = channel_major(s, per), channel_major(m, per)
             cg = codes[..., : ng * G, :].reshape(*codes.shape[:-2], ng, G, D)
             out = torch.zeros_like(codes)
             out[..., : ng * G, :] = (cg * s[..., None, :] + m[..., None, :]).reshape(

@@ -8,10 +8,21 @@ Layouts, per layer, batch row and KV head (``S`` = max_seq_len, ``D`` = head_dim
 - ``int4`` / ``int2`` (KIVI / KVQuant style, asymmetric): codes bit-packed along D, low bits
   first (channel ``PER*j + i`` in bits ``i*bits`` of byte ``j``).
   Keys are quantized per channel over groups of ``group_size`` tokens: scale and minimum
-  ``[S / group_size, D]`` float16. The newest tokens stay in a bf16 residual ring of
+  ``[S / group_size, D]`` float16, each group's row stored *slice-major*: channel ``PER*x + i``
+  at ``i * D/PER + x`` (``PER`` = codes per byte), so that the ``D/PER`` scales of the channels
+  that share a position in the byte are contiguous (the kernel reads them as one vector per
+  position; see ``slice_major``). The newest tokens stay in a bf16 residual ring of
   ``residual_length`` slots (keys and values) until it fills; then it is quantized as a whole.
   Values are quantized per token over groups of ``value_group_size`` channels (default: the
   whole head): scale and minimum ``[S, D / value_group_size]`` float16. ``x ≈ code * scale + minimum``.
+
+Compressed *value* codes (every format but ``bf16``) are stored token-blocked: the ``[S, NB]`` code
+bytes of a head (``NB`` bytes per token, packed as above) are kept as ``[S / TB, NB, TB]`` with
+``TB = VALUE_TOKEN_BLOCK`` tokens contiguous per byte column (``S`` rounded up to a multiple of
+``TB``). The attention kernel multiplies probabilities by values, a product that runs over tokens;
+with tokens contiguous, every byte it loads already sits where the tensor cores want it
+(``ldmatrix.trans``), so a value tile needs no shuffling or byte-wise shared-memory reads.
+``block_tokens`` / ``unblock_tokens`` convert between the two views.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ GROUPED_FORMATS = ("int4", "int2")
 KV_BITS = {"bf16": 16, "fp8_e4m3": 8, "int8": 8, "int4": 4, "int2": 2}
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FP8_MAX = 448.0
+VALUE_TOKEN_BLOCK = 16
+"""Tokens per block of the token-blocked value-code layout (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,40 @@ class KVCacheSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def slice_major(x: torch.Tensor, per: int) -> torch.Tensor:
+    """Channel order ``PER*x + i`` -> slice-major ``i * D/PER + x`` along the last dim."""
+    d = x.shape[-1]
+    return x.reshape(*x.shape[:-1], d // per, per).transpose(-1, -2).reshape(x.shape)
+
+
+def channel_major(x: torch.Tensor, per: int) -> torch.Tensor:
+    """Inverse of ``slice_major``."""
+    d = x.shape[-1]
+    return x.reshape(*x.shape[:-1], per, d // per).transpose(-1, -2).reshape(x.shape)
+
+
+def padded_tokens(max_seq_len: int) -> int:
+    """Token slots of a token-blocked value-code tensor: ``max_seq_len`` rounded up to a block."""
+    tb = VALUE_TOKEN_BLOCK
+    return (max_seq_len + tb - 1) // tb * tb
+
+
+def block_tokens(codes: torch.Tensor) -> torch.Tensor:
+    """``[..., S, NB]`` per-token code bytes -> token-blocked ``[..., S_pad / TB, NB, TB]``."""
+    S, nb = codes.shape[-2:]
+    tb = VALUE_TOKEN_BLOCK
+    pad = padded_tokens(S) - S
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-2], pad, nb)], -2)
+    return codes.reshape(*codes.shape[:-2], -1, tb, nb).transpose(-1, -2).contiguous()
+
+
+def unblock_tokens(blocked: torch.Tensor, S: int) -> torch.Tensor:
+    """Token-blocked ``[..., S_pad / TB, NB, TB]`` -> ``[..., S, NB]`` (inverse of ``block_tokens``)."""
+    nb = blocked.shape[-2]
+    return blocked.transpose(-1, -2).reshape(*blocked.shape[:-3], -1, nb)[..., :S, :]
 
 
 # ----------------------------------------------------------------------------- reference quantizers

@@ -75,17 +75,81 @@ def test_decode_mixed_formats_and_groups(spec):
     assert rel(out, reference_decode_attention(q, c, 0)) < 1e-2
 
 
-@pytest.mark.parametrize("unpack", ["join", "gather"])
-def test_splits_gqa_and_query_tokens(unpack):
+@pytest.mark.parametrize("unpack", ["auto", "generic"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reduce-kernel"])
+def test_splits_gqa_and_query_tokens(unpack, fused):
     gen = torch.Generator().manual_seed(3)
     spec = KVCacheSpec("int4", group_size=16)
     c = filled_cache(spec, gen, Hkv=1)
     q = torch.randn(2, 1, 8, 32, generator=gen).bfloat16().to(DEV)   # no GQA, T = 8
     ref = reference_decode_attention(q, c, 0)
-    outs = [run_decode(c, q, num_splits=n, unpack=unpack) for n in (1, 3)]
+    outs = [run_decode(c, q, num_splits=n, unpack=unpack, fused_reduce=fused) for n in (1, 3)]
     for o in outs:
         assert rel(o, ref) < 1e-2
     assert rel(outs[0], outs[1]) < 1e-2
+
+
+FAST_SPECS = [
+    KVCacheSpec("int4", group_size=32, residual_length=32),
+    KVCacheSpec("int4", group_size=32, residual_length=64, rotate_keys=True),
+    KVCacheSpec("int2", group_size=16, residual_length=32),
+    KVCacheSpec("int2", group_size=32, residual_length=32, rotate_keys=True),
+    KVCacheSpec("fp8_e4m3"),
+    KVCacheSpec("int8", rotate_keys=True),
+    KVCacheSpec("bf16"),
+    KVCacheSpec("int4", value_format="fp8_e4m3", group_size=16),
+    KVCacheSpec("fp8_e4m3", value_format="int2"),
+    KVCacheSpec("int8", value_format="int4", value_group_size=16),
+]
+
+
+@pytest.mark.parametrize("spec", FAST_SPECS, ids=lambda s: s.short())
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_fast_paths_head_dim_64(spec, block_n):
+    """Head dim 64 reaches every packed fast path (int2 needs D/4 >= 16); tiles smaller than a
+    key group (several tiles per group); GQA 4 with T = 2; the fast path against the generic one
+    and both against the float64 reference."""
+    gen = torch.Generator().manual_seed(11)
+    c = filled_cache(spec, gen, B=2, Hkv=2, D=64, S=160,
+                     steps=((77, [77, 40]), (1, [1, 1]), (2, [2, 2])))
+    q = torch.randn(2, 8, 2, 64, generator=gen).bfloat16().to(DEV)
+    ref = reference_decode_attention(q, c, 0)
+    fast = run_decode(c, q, block_n=block_n, num_splits=2)
+    generic = run_decode(c, q, block_n=block_n, num_splits=2, unpack="generic")
+    assert rel(fast, ref) < 1e-2
+    assert rel(generic, ref) < 1e-2
+    assert rel(fast, generic) < 1e-2
+
+
+def test_fast_paths_are_taken():
+    """The head-dim-64 specs above do reach the fast paths; the generic ones are where expected."""
+    from qcompile.codegen.attention.decode import kernel_paths
+    for spec in FAST_SPECS[:6]:
+        assert kernel_paths(spec, 64, 16) == (True, True), spec.short()
+    assert kernel_paths(KVCacheSpec("int2"), 32, 16) == (False, False)          # D/4 < 16
+    assert kernel_paths(KVCacheSpec("int4", pre_rope=True), 128, 64)[0] is False
+    assert kernel_paths(KVCacheSpec("int4", value_group_size=32), 128, 64) == (True, False)
+    assert kernel_paths(KVCacheSpec("int4", group_size=16), 128, 32)[0] is False  # group < tile
+    assert kernel_paths(KVCacheSpec("int8"), 128, 64, unpack="generic") == (False, False)
+
+
+def test_fused_reduce_leaves_tickets_zero():
+    gen = torch.Generator().manual_seed(13)
+    c = filled_cache(KVCacheSpec("fp8_e4m3"), gen)
+    q = torch.randn(2, 4, 32, generator=gen).bfloat16().to(DEV)
+    run_decode(c, q, num_splits=3)
+    assert int(c.tickets.abs().sum()) == 0
+
+
+def test_row_shorter_than_its_splits():
+    """A row whose length ends before some splits start (those splits are empty) and a row with
+    only residual tokens."""
+    gen = torch.Generator().manual_seed(12)
+    spec = KVCacheSpec("int4", group_size=16, residual_length=16)
+    c = filled_cache(spec, gen, B=2, Hkv=2, D=32, S=128, steps=((100, [100, 9]), (1, [1, 1])))
+    q = torch.randn(2, 4, 32, generator=gen).bfloat16().to(DEV)
+    out = run_decode(c, q, num_splits=4, block_n=16)
+    assert rel(out, reference_decode_attention(q, c, 0)) < 1e-2
 
 
 def test_torch_impl_matches_reference():
@@ -128,3 +192,11 @@ def test_decode_rejects_bad_inputs():
         decode_attention(torch.randn(2, 3, 16, device=DEV).bfloat16(), c, 0)
     with pytest.raises(ValueError, match="unknown impl"):
         decode_attention(torch.randn(2, 4, 16, device=DEV).bfloat16(), c, 0, impl="cuda")
+    with pytest.raises(ValueError, match="unknown unpack"):
+        decode_attention(torch.randn(2, 4, 16, device=DEV).bfloat16(), c, 0, impl="triton",
+                         unpack="join")
+    with pytest.raises(ValueError, match="sm_scale"):
+        decode_attention(torch.randn(2, 4, 16, device=DEV).bfloat16(), c, 0, sm_scale=-1.0)
+    with pytest.raises(ValueError, match="block_n"):
+        decode_attention(torch.randn(2, 4, 16, device=DEV).bfloat16(), c, 0, impl="triton",
+                         block_n=24)

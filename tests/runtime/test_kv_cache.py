@@ -13,8 +13,11 @@ from qcompile.runtime.hadamard import hadamard_matrix, rotate  # noqa: E402
 from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
 from qcompile.runtime.kv_formats import (  # noqa: E402
     KV_FORMATS,
+    VALUE_TOKEN_BLOCK,
     KVCacheSpec,
+    block_tokens,
     pack_bits,
+    unblock_tokens,
     unpack_bits,
 )
 
@@ -123,3 +126,29 @@ def test_triton_append_matches_torch_append(fmt):
     torch.testing.assert_close(kb.cpu(), ka.cpu(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(vb.cpu(), va.cpu(), rtol=1e-3, atol=1e-3)
     assert torch.equal(caches[0].lengths.cpu(), caches[1].lengths.cpu())
+
+
+def test_block_tokens_roundtrip_and_layout():
+    """Token-blocked value codes: [S, NB] -> [S_pad/TB, NB, TB] with byte j of token p at
+    [p // TB, j, p % TB]; S padded up to a block."""
+    tb = VALUE_TOKEN_BLOCK
+    codes = torch.randint(0, 256, (2, 3, 37, 8), dtype=torch.uint8)
+    blocked = block_tokens(codes)
+    assert blocked.shape == (2, 3, (37 + tb - 1) // tb, 8, tb)
+    assert torch.equal(unblock_tokens(blocked, 37), codes)
+    assert int(blocked[1, 2, 33 // tb, 5, 33 % tb]) == int(codes[1, 2, 33, 5])
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4", "int2"])
+def test_cache_stores_values_token_blocked(fmt):
+    """Both append paths write the value codes in the token-blocked layout."""
+    spec = KVCacheSpec(fmt, group_size=8, residual_length=16)
+    for impl in ("torch", "triton"):
+        c = QuantizedKVCache(1, 2, 50, 2, 16, spec, device=DEV, impl=impl)
+        _fill(c, STEPS, torch.Generator().manual_seed(2))
+        v = c.layer_tensors(0)["v"]
+        assert v.shape[-1] == VALUE_TOKEN_BLOCK and v.shape[-3] == 64 // VALUE_TOKEN_BLOCK
+        flat = unblock_tokens(v, 50)
+        assert torch.equal(block_tokens(flat), v)
+        assert flat[0, :, : int(c.lengths[0, 0])].abs().sum() > 0       # written where expected
+        assert flat[0, :, int(c.lengths[0, 0]):].abs().sum() == 0

@@ -8,13 +8,17 @@ Two launches per append, in this order:
    that it still reads.
 2. ``_append_tokens_kernel``: one program per new token and KV head. Per-token formats (and the
    values of every format) are quantized in place; for int4/int2 keys the tokens past the last
-   flush go to the residual ring, keys and values both.
+   flush go to the residual ring, keys and values both. Compressed value codes are written into
+   the token-blocked layout (``kv_formats.VALUE_TOKEN_BLOCK``): byte ``j`` of token ``p`` at
+   ``[p // TB, j, p % TB]``; each byte belongs to one token, so programs never share a word.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from qcompile.runtime.kv_formats import VALUE_TOKEN_BLOCK
 
 FMT_CODES = {"bf16": 0, "fp8_e4m3": 1, "int8": 2, "int4": 3, "int2": 4}
 
@@ -49,9 +53,21 @@ def _pack_along_last(c, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr)
 
 
 @triton.jit
+def _code_offsets(bh, S, pos, jb, NB: tl.constexpr, TB: tl.constexpr):
+    """Element offsets of code bytes ``jb`` of token ``pos``: ``[S, NB]`` per head when TB == 0,
+    else token-blocked ``[S_pad / TB, NB, TB]`` (values)."""
+    if TB == 0:
+        return (bh * S + pos) * NB + jb
+    else:
+        sv = (S + TB - 1) // TB * TB
+        return bh * sv * NB + (pos // TB) * (TB * NB) + jb * TB + pos % TB
+
+
+@triton.jit
 def _store_token(x, pos, bh, S, Codes, Scale, Minv, d,
-                 D: tl.constexpr, FMT: tl.constexpr, VGROUP: tl.constexpr):
-    """Quantize one token row ``x`` ([1, D] float32) of head ``bh`` and store it at ``pos``."""
+                 D: tl.constexpr, FMT: tl.constexpr, VGROUP: tl.constexpr, TB: tl.constexpr):
+    """Quantize one token row ``x`` ([1, D] float32) of head ``bh`` and store it at ``pos``
+    (code layout: see :func:`_code_offsets`)."""
     row = bh * S + pos
     if FMT == 0:
         tl.store(Codes + row * D + d, x.to(Codes.dtype.element_ty))
@@ -64,7 +80,7 @@ def _store_token(x, pos, bh, S, Codes, Scale, Minv, d,
             code = _fp8e4m3_encode(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.uint8)
         else:
             code = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0).to(tl.int8)
-        tl.store(Codes + row * D + d, code)
+        tl.store(Codes + _code_offsets(bh, S, pos, d, D, TB), code)
         tl.store(Scale + row + tl.arange(0, 1), scale)
     else:
         BITS: tl.constexpr = 4 if FMT == 3 else 2
@@ -79,7 +95,7 @@ def _store_token(x, pos, bh, S, Codes, Scale, Minv, d,
         c = tl.minimum(tl.maximum(c, 0.0), QMAX).to(tl.int32)
         packed = _pack_along_last(tl.reshape(c, (1, D)), 1, D, BITS)
         jb = tl.arange(0, D * BITS // 8)[None, :]
-        tl.store(Codes + row * (D * BITS // 8) + jb, packed)
+        tl.store(Codes + _code_offsets(bh, S, pos, jb, D * BITS // 8, TB), packed)
         g = tl.arange(0, NGC)
         tl.store(Scale + row * NGC + g, s16)
         tl.store(Minv + row * NGC + g, mn16)
@@ -91,7 +107,7 @@ def _append_tokens_kernel(
     K, Ks, V, Vs, Vm, Kres, Vres,
     H, T, S,
     D: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, VGROUP: tl.constexpr,
-    R: tl.constexpr,
+    R: tl.constexpr, TB: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i = tl.program_id(1)
@@ -103,7 +119,7 @@ def _append_tokens_kernel(
         d = tl.arange(0, D)[None, :]
         x_k = tl.load(Knew + (bh * T + i) * D + d).to(tl.float32)
         x_v = tl.load(Vnew + (bh * T + i) * D + d).to(tl.float32)
-        _store_token(x_v, pos, bh, S, V, Vs, Vm, d, D, V_FMT, VGROUP)
+        _store_token(x_v, pos, bh, S, V, Vs, Vm, d, D, V_FMT, VGROUP, TB)
         if K_FMT >= 3:
             # int4/int2 keys: tokens past the last completed flush wait in the residual ring.
             q1 = ((l0 + nb) // R) * R
@@ -112,7 +128,7 @@ def _append_tokens_kernel(
                 tl.store(Kres + slot * D + d, x_k.to(Kres.dtype.element_ty))
                 tl.store(Vres + slot * D + d, x_v.to(Vres.dtype.element_ty))
         else:
-            _store_token(x_k, pos, bh, S, K, Ks, Ks, d, D, K_FMT, VGROUP)
+            _store_token(x_k, pos, bh, S, K, Ks, Ks, d, D, K_FMT, VGROUP, 0)
 
 
 @triton.jit
@@ -147,9 +163,12 @@ def _flush_key_groups_kernel(
         packed = _pack_along_last(c, GROUP, D, BITS)
         jb = tl.arange(0, D * BITS // 8)[None, :]
         tl.store(K + (bh * S + pos)[:, None] * (D * BITS // 8) + jb, packed)
+        # slice-major: channel PER*x + i at i * D/PER + x (see kv_formats)
+        PER: tl.constexpr = 8 // BITS
         dd = tl.arange(0, D)
-        tl.store(Ks + (bh * NG + g) * D + dd, s16)
-        tl.store(Km + (bh * NG + g) * D + dd, mn16)
+        sm = (dd % PER) * (D // PER) + dd // PER
+        tl.store(Ks + (bh * NG + g) * D + sm, s16)
+        tl.store(Km + (bh * NG + g) * D + sm, mn16)
 
 
 def launch_append(cache, layer: int, k, v, num_new, max_new: int) -> None:
@@ -176,4 +195,4 @@ def launch_append(cache, layer: int, k, v, num_new, max_new: int) -> None:
         t["v_res"] if t.get("v_res") is not None else dummy,
         H, T, cache.max_seq_len,
         D=D, K_FMT=kf, V_FMT=vf, VGROUP=spec.vgroup(D),
-        R=spec.residual_length if spec.grouped_keys else 1)
+        R=spec.residual_length if spec.grouped_keys else 1, TB=VALUE_TOKEN_BLOCK)
