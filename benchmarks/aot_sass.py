@@ -77,3 +77,57 @@ def sass_stats(kernel, text: str | None = None) -> dict:
     stack = re.search(r"STACK:(\d+)", usage)
     return {"regs": int(reg.group(1)) if reg else None, "stack": int(stack.group(1)) if stack else None,
             "shared": kernel.metadata.shared, "ops": dict(sorted(ops.items()))}
+
+
+_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int32": "i32",
+          "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1", "float8_e4m3fn": "fp8e4nv",
+          "float8_e5m2": "fp8e5"}
+
+
+def capture_launches(fn_call, *args, **kwargs) -> list[tuple]:
+    """Run ``fn_call(*args, **kwargs)`` with every Triton launch intercepted (nothing runs; outputs
+    stay unwritten) and return ``(kernel, bound_args, options)`` per launch, so that the kernels
+    can be compiled for a GPU with the argument types a real call would give them."""
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    calls = []
+    original = JITFunction.run
+
+    def record(self, *a, grid, warmup, **kw):
+        opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+        bound = inspect.signature(self.fn).bind(*a, **kw)
+        calls.append((self, dict(bound.arguments), opts))
+
+    JITFunction.run = record
+    try:
+        fn_call(*args, **kwargs)
+    finally:
+        JITFunction.run = original
+    return calls
+
+
+def compile_captured(kernel, arguments: dict, options: dict, cc: int = 90):
+    """Compile one captured launch for ``sm_<cc>`` with its real argument types."""
+    import torch
+
+    sig, const = {}, {}
+    for p in kernel.params:
+        v = arguments[p.name]
+        if p.is_constexpr:
+            const[p.name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _TYPES[str(v.dtype).replace("torch.", "")]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        elif v is None:
+            const[p.name] = None
+        else:
+            raise TypeError(f"{p.name}: cannot type {type(v)}")
+    return compile_for(kernel, sig, const, cc=cc, num_warps=options.get("num_warps", 4),
+                       num_stages=options.get("num_stages", 3))

@@ -205,13 +205,24 @@ def bench_shape(N: int, K: int, ms: list[int], bw: float) -> list[dict]:
     return rows
 
 
+def rewrite_markdown(json_path: str) -> None:
+    """Regenerate the markdown of an earlier run from its ``gemm_bench.json``."""
+    with open(json_path) as f:
+        data = json.load(f)
+    write_markdown(data["meta"], data["rows"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two shapes, three Ms")
     ap.add_argument("--sweep-only", action="store_true", help="the int_mma tile sweep, no table")
     ap.add_argument("--mini", action="store_true", help="with --sweep-only: the M = 1 contiguity study")
+    ap.add_argument("--markdown-from", metavar="JSON", help="no GPU: rewrite the markdown of a saved run")
     args = ap.parse_args()
+    if args.markdown_from:
+        rewrite_markdown(args.markdown_from)
+        return
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -263,7 +274,7 @@ TARGETS = [  # (what, M, shapes, value(row, graph_times) -> ratio, bound); issue
 
 def targets_section(rows: list) -> list[str]:
     """The issue's targets, computed from this run's CUDA-graph times (no hand-written numbers)."""
-    out = ["## Against the targets (computed from the CUDA-graph table; targets are for an H100)", "",
+    out = ["## Against the targets (computed from the CUDA-graph table; issue 3's targets are for an H100)", "",
            "| target | bound | measured per shape (N×K) | met |", "|---|---:|---|---|"]
     for what, M, which, value, bound in TARGETS:
         sel = [r for r in rows if r["M"] == M and (which == "all" or (r["N"], r["K"]) != (4096, 4096))]
@@ -271,9 +282,9 @@ def targets_section(rows: list) -> list[str]:
             continue
         vals = [(f"{r['N']}×{r['K']}", value(r, {k[:-6]: v for k, v in r.items() if k.endswith("_graph")}))
                 for r in sel]
-        met = all(v <= bound for _, v in vals)
-        out.append(f"| {what} | {bound:.2f} | " + ", ".join(f"{s}: {v:.2f}" for s, v in vals)
-                   + f" | {'yes' if met else '**no**'} |")
+        met = sum(v <= bound for _, v in vals)
+        verdict = "yes" if met == len(vals) else f"**no** ({met} of {len(vals)} shapes)"
+        out.append(f"| {what} | {bound:.2f} | " + ", ".join(f"{s}: {v:.2f}" for s, v in vals) + f" | {verdict} |")
     return out
 
 

@@ -676,18 +676,21 @@ def _decode_kernel(
         RING_N: tl.constexpr = 16 if BLOCK_N > 16 else BLOCK_N   # few tokens: keep registers low
         q = _query(Q, Had, qrow, rmask, d, D, ROTATE, INTERP)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        if INTERP:
-            for it in range(0, RES_ITERS):
-                n0 = QL + it * RING_N
-                if n0 < L:
+        # R == 1 (no ring): this branch never runs, and Kres / Vres are placeholder pointers of
+        # another dtype, so the ring code must not even be compiled.
+        if R > 1:
+            if INTERP:
+                for it in range(0, RES_ITERS):
+                    n0 = QL + it * RING_N
+                    if n0 < L:
+                        m_i, l_i, acc = _ring_tile(n0, L, QL, qpos, q, m_i, l_i, acc, bh, Kres, Vres,
+                                                   sm_scale_log2, log2_theta, D, RING_N, R,
+                                                   PRE_ROPE, INTERP)
+            else:
+                for n0 in range(QL, L, RING_N):
                     m_i, l_i, acc = _ring_tile(n0, L, QL, qpos, q, m_i, l_i, acc, bh, Kres, Vres,
                                                sm_scale_log2, log2_theta, D, RING_N, R,
                                                PRE_ROPE, INTERP)
-        else:
-            for n0 in range(QL, L, RING_N):
-                m_i, l_i, acc = _ring_tile(n0, L, QL, qpos, q, m_i, l_i, acc, bh, Kres, Vres,
-                                           sm_scale_log2, log2_theta, D, RING_N, R,
-                                           PRE_ROPE, INTERP)
         has = l_i > 0
         inv = 1.0 / tl.where(has, l_i, 1.0)
         _store_part(Opart, part, rmask, acc, tl.zeros([BLOCK_M], tl.float32), inv, d, D)
@@ -839,20 +842,24 @@ def launch_config(spec, head_dim: int, batch: int, num_kv_heads: int, length: in
     """Default launch configuration: ``block_n``, ``num_warps``, ``num_stages``, ``num_splits``.
 
     When keys and values both take the fast (compressed) paths, one warp per program and many
-    programs (about 16 per SM, each with >= 4 tiles; see the module docstring). Otherwise (a bf16
+    programs (about 8 per SM, each with >= 4 tiles; see the module docstring). Otherwise (a bf16
     side, or a generic path: a 16-bit or float32 tile needs the registers of 4 warps) the previous
     kernel's 4 warps.
     int4/int2 key tiles stay inside one key group.
     """
     sixteen_bit = spec.key_format == "bf16" and spec.value_format == "bf16"
-    block_n = 32 if interp or spec.pre_rope or sixteen_bit else 64
+    block_n = 32 if interp or spec.pre_rope or sixteen_bit or spec.rotate_keys else 64
     if spec.grouped_keys and not spec.pre_rope:
         block_n = max(16, min(block_n, spec.group_size))
     kfast, vfast = kernel_paths(spec, head_dim, block_n, unpack)
+    # Programs per SM from the H100 sweep at (8, 8192) and (8, 32768) (benchmarks/attention.py
+    # --sweep-only, docs/benchmarks/attention-h100-80gb-hbm3.md): 8 for the one-warp compressed
+    # paths (16 was 10-30 % slower for int4 / int2), 16 with rotated keys (whose 32-token tiles
+    # ran 2-3x faster than 64), 2 for bf16.
     if kfast and vfast:
-        num_warps, num_stages, per_sm = 1, 3, 16
+        num_warps, num_stages, per_sm = 1, 3, (16 if spec.rotate_keys else 8)
     else:
-        num_warps, num_stages, per_sm = 4, (3 if spec.key_format == "bf16" else 2), 4
+        num_warps, num_stages, per_sm = 4, (3 if spec.key_format == "bf16" else 2), (2 if sixteen_bit else 4)
     target = sm_count * per_sm if not interp else 3
     splits = max(1, min(triton.cdiv(target, batch * num_kv_heads), triton.cdiv(length, 4 * block_n)))
     return dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=splits)
