@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -68,91 +69,42 @@ TAU = tl.constexpr(8.0)
 UNPACK_MODES = ("auto", "generic")
 
 # ----------------------------------------------------------------------------- bit tricks (PTX)
-# int4: bytes e0..e3 of $4. prmt gives p = [e0, e2, e1, e3], q = p >> 8 = [e2, e1, e3, 0];
-# (p & 0x000F000F) | 0x6400 is the fp16 pair (1024 + lo(e0), 1024 + lo(e1)); the 0x00F0 mask
-# gives 1024 + 16 hi(e). fma(x, 1, -1024) and fma(x, 1/16, -64) leave the codes exactly.
-# Outputs: lo = ($0, $1) = lo nibbles of (e0, e1, e2, e3), hi = ($2, $3).
-I4_TO_F16 = tl.constexpr("""
-{
-.reg .b32 p, q, one, nb, s16, nb16;
-mov.b32 one, 0x3C003C00;
-mov.b32 nb, 0xE400E400;
-mov.b32 s16, 0x2C002C00;
-mov.b32 nb16, 0xD400D400;
-prmt.b32 p, $4, 0, 0x3120;
-shr.b32 q, p, 8;
-lop3.b32 $0, p, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 $1, q, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 $2, p, 0x00F000F0, 0x64006400, 0xEA;
-lop3.b32 $3, q, 0x00F000F0, 0x64006400, 0xEA;
-fma.rn.f16x2 $0, $0, one, nb;
-fma.rn.f16x2 $1, $1, one, nb;
-fma.rn.f16x2 $2, $2, s16, nb16;
-fma.rn.f16x2 $3, $3, s16, nb16;
-}
-""")
-# int2: same layout trick; output i (crumb i of each byte, bits 2i..2i+1) uses the mask
-# 0x00030003 << 2i, giving 1024 + 4^i c, and fma(x, 4^-i, -1024 * 4^-i).
-I2_TO_F16 = tl.constexpr("""
-{
-.reg .b32 p, q, one, nb, s4, nb4, s16, nb16, s64, nb64;
-mov.b32 one, 0x3C003C00;
-mov.b32 nb, 0xE400E400;
-mov.b32 s4, 0x34003400;
-mov.b32 nb4, 0xDC00DC00;
-mov.b32 s16, 0x2C002C00;
-mov.b32 nb16, 0xD400D400;
-mov.b32 s64, 0x24002400;
-mov.b32 nb64, 0xCC00CC00;
-prmt.b32 p, $8, 0, 0x3120;
-shr.b32 q, p, 8;
-lop3.b32 $0, p, 0x00030003, 0x64006400, 0xEA;
-lop3.b32 $1, q, 0x00030003, 0x64006400, 0xEA;
-lop3.b32 $2, p, 0x000C000C, 0x64006400, 0xEA;
-lop3.b32 $3, q, 0x000C000C, 0x64006400, 0xEA;
-lop3.b32 $4, p, 0x00300030, 0x64006400, 0xEA;
-lop3.b32 $5, q, 0x00300030, 0x64006400, 0xEA;
-lop3.b32 $6, p, 0x00C000C0, 0x64006400, 0xEA;
-lop3.b32 $7, q, 0x00C000C0, 0x64006400, 0xEA;
-fma.rn.f16x2 $0, $0, one, nb;
-fma.rn.f16x2 $1, $1, one, nb;
-fma.rn.f16x2 $2, $2, s4, nb4;
-fma.rn.f16x2 $3, $3, s4, nb4;
-fma.rn.f16x2 $4, $4, s16, nb16;
-fma.rn.f16x2 $5, $5, s16, nb16;
-fma.rn.f16x2 $6, $6, s64, nb64;
-fma.rn.f16x2 $7, $7, s64, nb64;
-}
-""")
-# Keys skip the fma: outputs are 1024 + c (low nibble) and 1024 + 16 c (high nibble); the kernel
-# folds the offsets and the 16 into the query and one correction per row (see ``_tile``).
-I4_TO_MAGIC = tl.constexpr("""
-{
-.reg .b32 p, q;
-prmt.b32 p, $4, 0, 0x3120;
-shr.b32 q, p, 8;
-lop3.b32 $0, p, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 $1, q, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 $2, p, 0x00F000F0, 0x64006400, 0xEA;
-lop3.b32 $3, q, 0x00F000F0, 0x64006400, 0xEA;
-}
-""")
-# int2 keys likewise: output i is 1024 + 4^i c.
-I2_TO_MAGIC = tl.constexpr("""
-{
-.reg .b32 p, q;
-prmt.b32 p, $8, 0, 0x3120;
-shr.b32 q, p, 8;
-lop3.b32 $0, p, 0x00030003, 0x64006400, 0xEA;
-lop3.b32 $1, q, 0x00030003, 0x64006400, 0xEA;
-lop3.b32 $2, p, 0x000C000C, 0x64006400, 0xEA;
-lop3.b32 $3, q, 0x000C000C, 0x64006400, 0xEA;
-lop3.b32 $4, p, 0x00300030, 0x64006400, 0xEA;
-lop3.b32 $5, q, 0x00300030, 0x64006400, 0xEA;
-lop3.b32 $6, p, 0x00C000C0, 0x64006400, 0xEA;
-lop3.b32 $7, q, 0x00C000C0, 0x64006400, 0xEA;
-}
-""")
+def _byte_codes_asm(bits: int, subtract: bool) -> tl.constexpr:
+    """PTX turning 4 bytes (``$<2·per>``, ``per = 8 // bits`` codes a byte) into fp16 codes.
+
+    prmt gives p = [e0, e2, e1, e3] and q = p >> 8 = [e2, e1, e3, 0], so that
+    ``(p & mask_i) | 0x6400`` is the fp16 pair (1024 + 2^(bits·i) c_i(e0), ... c_i(e1)) for code
+    ``i`` of each byte (mask_i = ``2^bits - 1`` at bit ``bits·i`` of both halves), and q gives it
+    for (e2, e3). Output ``i`` is registers ``$2i`` (from p) and ``$2i+1`` (from q). With
+    ``subtract``, ``fma(x, 2^-(bits·i), -1024·2^-(bits·i))`` leaves the exact codes; without it
+    the outputs stay ``1024 + 2^(bits·i) c`` (keys fold that into the query, see ``_tile``).
+    """
+    per = 8 // bits
+    regs, movs, lops, fmas = ["p", "q"], [], [], []
+    for i in range(per):
+        mask = ((1 << bits) - 1) << (bits * i)
+        lops += [f"lop3.b32 ${2 * i + j}, {src}, 0x{mask << 16 | mask:08X}, 0x64006400, 0xEA;"
+                 for j, src in enumerate("pq")]
+        if subtract:
+            w = 1 << (bits * i)
+            sc, nb = ("one", "nb") if w == 1 else (f"s{w}", f"nb{w}")
+            regs += [sc, nb]
+            movs += [f"mov.b32 {sc}, 0x{_f16_bits(1 / w) * 0x10001:08X};",
+                     f"mov.b32 {nb}, 0x{_f16_bits(-1024 / w) * 0x10001:08X};"]
+            fmas += [f"fma.rn.f16x2 ${2 * i + j}, ${2 * i + j}, {sc}, {nb};" for j in range(2)]
+    lines = ["{", f".reg .b32 {', '.join(regs)};", *movs, f"prmt.b32 p, ${2 * per}, 0, 0x3120;",
+             "shr.b32 q, p, 8;", *lops, *fmas, "}"]
+    return tl.constexpr("\n" + "\n".join(lines) + "\n")
+
+
+def _f16_bits(x: float) -> int:
+    return struct.unpack("<H", struct.pack("<e", x))[0]
+
+
+I4_TO_F16 = _byte_codes_asm(4, subtract=True)     # (low nibble, high nibble) as fp16
+I2_TO_F16 = _byte_codes_asm(2, subtract=True)     # the four 2-bit codes as fp16
+I4_TO_MAGIC = _byte_codes_asm(4, subtract=False)  # keys: 1024 + c, 1024 + 16 c
+I2_TO_MAGIC = _byte_codes_asm(2, subtract=False)  # keys: 1024 + 4^i c
 # int8 (two's complement): flip the sign bit (u = q + 128), put u into the low byte of the fp16
 # 1024.0 (0x64__), subtract 1152 = 1024 + 128: (q0, q1), (q2, q3) exactly.
 I8_TO_F16 = tl.constexpr("""

@@ -69,18 +69,17 @@ def _num_sms(device: torch.device) -> int:
     return NUM_SMS_DEFAULT
 
 
-def _int_mma_takes(ops, M: int, config: GemmConfig | None) -> bool:
+def _int_mma_takes(code: int, group: int, K: int, M: int, config: GemmConfig | None) -> bool:
     """int4 / int8 weight-only GEMMs up to M = 128 run on ``int_mma`` (register dequantization);
     a ``config`` it cannot run (``block_m`` < 16, ``dequant``, K tiles across groups) selects the
     general weight-only kernel instead."""
     from qcompile.codegen.gemm.int_mma import supports
 
-    if config is not None and (config.block_m < 16 or config.dequant
-                               or (ops.group and ops.group % config.block_k)):
+    if config is not None and (config.block_m < 16 or config.dequant or (group and group % config.block_k)):
         return False
     if config is None and M > INT_MMA_MAX_M:
         return False
-    return supports(ops.code, ops.group, ops.K) is None
+    return supports(code, group, K) is None
 
 
 def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
@@ -122,15 +121,15 @@ def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None
 
 def kernel_name(weight_spec: QuantSpec, act_spec: QuantSpec | None, M: int, K: int) -> str:
     """Which kernel :func:`triton_quantized_linear` runs for this call (for reports and benchmarks)."""
-    from qcompile.codegen.gemm.int_mma import supports
     from qcompile.formats.kernel_layouts import CODE_KIND
 
     fmt = weight_spec.format
     if act_spec is not None:
         return {"fp8_e4m3": "w4a8" if fmt == "int4" else "fp8"}.get(act_spec.format, "w4a4")
     code = CODE_KIND.get(fmt, -1)
-    if M <= INT_MMA_MAX_M and supports(code, weight_spec.group_size, K) is None:
+    if _int_mma_takes(code, weight_spec.group_size, K, M, None):
         return "int_mma"
+    # the prefill switch to dequantize + cuBLAS depends on M only, not on N
     kind = "w4" if code in (0, 2) else "w8"
     return "dequant+cublas" if pick_config(M, 1, K, kind, weight_spec.group_size).dequant else "weight_only"
 
@@ -183,7 +182,7 @@ def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Te
         return launch_w4a4(x2, qt, act_spec.format, bias, res2, silu).reshape(*lead, n_out)
     ops = gemm_weight_operands(qt)
     M = x2.shape[0]
-    if act_spec is None and _int_mma_takes(ops, M, config):
+    if act_spec is None and _int_mma_takes(ops.code, ops.group, K, M, config):
         from qcompile.codegen.gemm.int_mma import launch_int_mma
 
         cfg = config or pick_int_mma_config(M, N, K, ops.code, ops.group, _num_sms(x2.device))

@@ -9,17 +9,17 @@ bit tricks (PTX ``lop3``/``prmt`` through ``tl.inline_asm_elementwise``):
 
 - int4: a nibble ``q`` OR-ed into the mantissa of 128.0 (bf16 ``0x4300``) or 1024.0 (fp16
   ``0x6400``) *is* the float ``128 + q``; one ``fma.rn.{bf16,f16}x2`` subtracts ``128 + zero``
-  exactly, two codes at a time. Per 8 codes: 1 ``prmt``, 3 shifts, 4 ``lop3``, 4 ``fma``.
+  exactly, two codes at a time. Per 8 codes: 1 shift, 4 ``prmt``, 4 ``lop3``, 4 ``fma``.
 - int8: a byte placed by ``prmt`` into the mantissa of 2^23 is ``2^23 + u`` in fp32; one
   subtraction gives the code exactly and its upper half is the bf16 value (fp16: the byte goes
   straight into the mantissa of 1024.0).
 
 The weights stay in the canonical layout (no second copy on the GPU): byte ``i`` of an int4 row
-holds codes ``2i`` (low nibble) and ``2i + 1``. The dequantizer returns the even and the odd codes
-of a tile as two matrices, and the activations are split the same way when they are loaded
-(two bf16 in one 32-bit word, separated by a ``prmt``), so the tile is two ``tl.dot``s with no
-interleave. Group scales multiply each tile's fp32 partial product (tiles never straddle a
-group); per-channel scales multiply the accumulator once.
+holds codes ``2i`` (low nibble) and ``2i + 1``. The bytes are read as int16 so that each thread
+holds whole 32-bit words in the MMA operand layout; the dequantizer returns a tile's codes as four
+matrices (``w_i[:, 2a + e]`` = code ``8a + 2i + e``) and the activations are loaded in the same
+order, so a K tile is four ``tl.dot``s with no interleave. Group scales multiply each tile's fp32
+partial product (tiles never straddle a group); per-channel scales multiply the accumulator once.
 
 Small M is split along K so that every SM streams weights. The split partials go to an fp32
 workspace and the last program of each output tile (an atomic ticket) sums them and runs the
@@ -27,7 +27,8 @@ epilogue, so a call is one launch: no zero-fill, no second kernel. The tickets r
 
 Under ``TRITON_INTERPRET=1`` (``ASM=False``) the bit tricks are replaced by plain loads and
 arithmetic that compute the same numbers, so the tests exercise every index path on CPU; the
-PTX itself is checked on the GPU by ``benchmarks/check_gemm.py``.
+PTX is checked bit for bit by an emulator (``tests/codegen/test_int_mma_ptx.py``) and on the GPU
+by ``benchmarks/check_gemm.py``.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ _INT4_ASM = """
 .reg .b32 s, p0, p1, p2, p3, one, neg;
 mov.b32 one, ONE;
 NEG_SETUP
-shr.b32 s, $IN, 4;
-prmt.b32 p0, $IN, s, 0x0400;
-prmt.b32 p1, $IN, s, 0x0501;
-prmt.b32 p2, $IN, s, 0x0602;
-prmt.b32 p3, $IN, s, 0x0703;
+shr.b32 s, $4, 4;
+prmt.b32 p0, $4, s, 0x0400;
+prmt.b32 p1, $4, s, 0x0501;
+prmt.b32 p2, $4, s, 0x0602;
+prmt.b32 p3, $4, s, 0x0703;
 lop3.b32 p0, p0, 0x000F000F, MAGIC, 0xEA;
 lop3.b32 p1, p1, 0x000F000F, MAGIC, 0xEA;
 lop3.b32 p2, p2, 0x000F000F, MAGIC, 0xEA;
@@ -83,11 +84,11 @@ def _fill(template: str, values: dict) -> tl.constexpr:
 
 
 # symmetric codes: the offset is the constant 8 (-(128 + 8) = 0xC308 in bf16, -(1024 + 8) = 0xE408 in fp16)
-SYM4_TO_BF16 = _fill(_INT4_ASM, {**_BF16, "NEG_SETUP": "mov.b32 neg, 0xC308C308;", "$IN": "$4"})
-SYM4_TO_F16 = _fill(_INT4_ASM, {**_F16, "NEG_SETUP": "mov.b32 neg, 0xE408E408;", "$IN": "$4"})
+SYM4_TO_BF16 = _fill(_INT4_ASM, {**_BF16, "NEG_SETUP": "mov.b32 neg, 0xC308C308;"})
+SYM4_TO_F16 = _fill(_INT4_ASM, {**_F16, "NEG_SETUP": "mov.b32 neg, 0xE408E408;"})
 # zero points: the negated offset pair comes in as the second operand
-ASYM4_TO_BF16 = _fill(_INT4_ASM, {**_BF16, "NEG_SETUP": "mov.b32 neg, $5;", "$IN": "$4"})
-ASYM4_TO_F16 = _fill(_INT4_ASM, {**_F16, "NEG_SETUP": "mov.b32 neg, $5;", "$IN": "$4"})
+ASYM4_TO_BF16 = _fill(_INT4_ASM, {**_BF16, "NEG_SETUP": "mov.b32 neg, $5;"})
+ASYM4_TO_F16 = _fill(_INT4_ASM, {**_F16, "NEG_SETUP": "mov.b32 neg, $5;"})
 
 # int8 → bf16, 4 codes per call: u = code bits (signed codes are flipped to u = q + 128 by the
 # caller's XOR); prmt puts u into the low mantissa byte of 2^23; minus (2^23 + offset) is exact;
@@ -132,6 +133,12 @@ def _neg_offset_pair(off, BF16: tl.constexpr):
 
 
 @triton.jit
+def _nibbles_minus(base, byte, KD, sh, o, DT: tl.constexpr):
+    """Interpreter twin of the int4 asm: nibble ``sh`` of ``base[byte]`` minus ``o``, in DT."""
+    return (((tl.load(base + tl.minimum(byte, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
+
+
+@triton.jit
 def _int4_tile(w_ptr, rows, kb, KD, stride_wn, off, HAS_ZERO: tl.constexpr, DT: tl.constexpr,
                BF16: tl.constexpr, HALF: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
     """Codes of W[rows, 2 kb : 2 kb + 2 HALF] as ``q - off`` in DT, as four [BLOCK_N, HALF // 2]
@@ -171,10 +178,10 @@ def _int4_tile(w_ptr, rows, kb, KD, stride_wn, off, HAS_ZERO: tl.constexpr, DT: 
         sh = ((j % 2) * 4)[None, :]
         base = w_ptr + rows[:, None] * stride_wn
         o = off.to(tl.float32)[:, None]
-        w0 = (((tl.load(base + tl.minimum(byte + 0, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
-        w1 = (((tl.load(base + tl.minimum(byte + 1, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
-        w2 = (((tl.load(base + tl.minimum(byte + 2, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
-        w3 = (((tl.load(base + tl.minimum(byte + 3, KD - 1)).to(tl.int32) >> sh) & 0xF).to(tl.float32) - o).to(DT)
+        w0 = _nibbles_minus(base, byte, KD, sh, o, DT)
+        w1 = _nibbles_minus(base, byte + 1, KD, sh, o, DT)
+        w2 = _nibbles_minus(base, byte + 2, KD, sh, o, DT)
+        w3 = _nibbles_minus(base, byte + 3, KD, sh, o, DT)
     return w0, w1, w2, w3
 
 
