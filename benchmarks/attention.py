@@ -8,6 +8,7 @@ every timed configuration's output is first NaN-poisoned and compared with a flo
 the same dequantized cache.
 
     python benchmarks/attention.py --sweep-only   # launch-config sweep at (8, 8192), (8, 32768)
+    python benchmarks/attention.py --merge        # fused or separate split merge, whole grid
     python benchmarks/attention.py [--quick]      # full grid (after the sweep unless --quick)
     python benchmarks/attention.py --sass [--sass-ref REV]   # no GPU: sm_90 SASS statistics
 
@@ -39,7 +40,12 @@ sys.path.insert(0, ROOT)
 from check_attention import outlier_keys  # noqa: E402
 
 from qcompile.codegen.attention import decode_attention  # noqa: E402
-from qcompile.codegen.attention.decode import kernel_paths, launch_config  # noqa: E402
+from qcompile.codegen.attention.decode import (  # noqa: E402
+    FUSED_MERGE_MAX_SPLITS,
+    MIN_SPLIT_TOKENS,
+    kernel_paths,
+    launch_config,
+)
 from qcompile.runtime.hadamard import rotate  # noqa: E402
 from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
 from qcompile.runtime.kv_formats import KVCacheSpec  # noqa: E402
@@ -61,15 +67,39 @@ DEVICE = "cuda"
 
 
 def candidates(name: str) -> list[dict]:
-    """Launch configurations the sweep times for a format (few: each costs a compile)."""
+    """Launch configurations the sweep times for a format. ``per_sm``: programs per SM, turned
+    into a split count per shape the way ``launch_config`` does it (so the best generalizes to
+    the grid's other batch sizes); configs that differ only in ``per_sm`` share one compile."""
     if name == "bf16":
-        base = [dict(block_n=32, num_warps=4, num_stages=3), dict(block_n=64, num_warps=4, num_stages=3)]
+        return [dict(block_n=bn, num_warps=4, num_stages=3, per_sm=p) for bn in (32, 64) for p in (1, 2)]
+    if name.endswith("-rot"):
+        out = [dict(block_n=32, num_warps=1, num_stages=3, per_sm=p) for p in (6, 7.5, 8)]
+        return out + [dict(block_n=32, num_warps=1, num_stages=2, per_sm=p) for p in (7.5, 8)]
+    if name in ("fp8", "int8"):
+        out = [dict(block_n=64, num_warps=1, num_stages=2, per_sm=p) for p in (3, 4, 5, 6)]
+        return out + [dict(block_n=64, num_warps=1, num_stages=3, per_sm=4)]
+    out = [dict(block_n=64, num_warps=1, num_stages=3, per_sm=p) for p in (7, 7.5, 8)]
+    out += [dict(block_n=64, num_warps=1, num_stages=2, per_sm=p) for p in (7.5, 8)]
+    return out + [dict(block_n=64, num_warps=1, num_stages=4, per_sm=8)]
+
+
+def merge_candidates(name: str) -> list[dict]:
+    """``--merge``: the default tile configs with the split merge fused (last program of a head)
+    or in a second kernel (the default's choice), at fewer programs per SM, and with other
+    shortest splits than ``MIN_SPLIT_TOKENS`` (the number of programs at batch 1)."""
+    if name == "bf16":
+        base, alt = dict(block_n=32, num_warps=4, num_stages=3, per_sm=2), [1]
+    elif name in ("fp8", "int8"):
+        base, alt = dict(block_n=64, num_warps=1, num_stages=2, per_sm=4), [8]
     else:
-        base = [dict(block_n=64, num_warps=1, num_stages=3), dict(block_n=64, num_warps=1, num_stages=2),
-                dict(block_n=32, num_warps=1, num_stages=3), dict(block_n=64, num_warps=2, num_stages=3)]
-    out = [dict(c, split_mult=1.0) for c in base]
-    out += [dict(base[0], split_mult=m) for m in (0.5, 2.0)]   # same compile, other split counts
-    return out
+        base = dict(block_n=32 if name.endswith("-rot") else 64, num_warps=1, num_stages=3, per_sm=8)
+        alt = [4]
+    out = [dict(base), dict(base, fused_reduce=True)]
+    out += [dict(base, per_sm=p) for p in alt]
+    return out + [dict(base, min_tokens=t) for t in (64, 256)]
+
+
+SWEEP_CANDIDATES = [candidates]   # --merge swaps in merge_candidates
 
 
 # ----------------------------------------------------------------------------- GPU helpers
@@ -128,14 +158,21 @@ def sm_count() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict) -> dict:
-    sms = sm_count()
+def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict | None) -> dict:
+    """Explicit launch arguments: ``cfg``'s, or (``None``) the library's own defaults."""
+    ring = 1 if c.spec.grouped_keys else 0
+    if cfg is None:
+        lc = launch_config(c.spec, D, B, HKV, ctx, sm_count())
+        kw = {k: lc[k] for k in ("block_n", "num_warps", "num_stages", "num_splits")}
+        return dict(kw, fused_reduce=kw["num_splits"] + ring <= FUSED_MERGE_MAX_SPLITS)
     bn = cfg["block_n"]
     if c.spec.grouped_keys:
         bn = min(bn, c.spec.group_size)
-    default = launch_config(c.spec, D, B, HKV, ctx, sms)["num_splits"]
-    splits = max(1, round(default * cfg.get("split_mult", 1.0)))
-    return dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], num_splits=splits)
+    min_tokens = max(cfg.get("min_tokens", MIN_SPLIT_TOKENS), bn)
+    splits = max(1, min(int(sm_count() * cfg["per_sm"]) // (B * HKV), -(-ctx // min_tokens)))
+    fused = cfg.get("fused_reduce", splits + ring <= FUSED_MERGE_MAX_SPLITS)
+    return dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                num_splits=splits, fused_reduce=fused)
 
 
 def run_candidate(c: QuantizedKVCache, q: torch.Tensor, ref: torch.Tensor, kw: dict) -> tuple[float, float]:
@@ -187,7 +224,7 @@ def precompile(names: list[str], workers: int) -> None:
     import multiprocessing
     jobs, seen = [], set()
     for name in names:
-        for cfg in candidates(name):
+        for cfg in SWEEP_CANDIDATES[0](name):
             key = (name, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])
             if key not in seen:
                 seen.add(key)
@@ -214,7 +251,7 @@ def sweep(bw: float, gen: torch.Generator, names: list[str]) -> tuple[dict, list
             c = build(spec, B, ctx, k, v)
             ref = reference(c, q)
             fl = floor_us(spec, B, ctx, bw)
-            for cfg in candidates(name):
+            for cfg in SWEEP_CANDIDATES[0](name):
                 kw = kwargs_for(c, B, ctx, cfg)
                 t0 = time.time()
                 try:
@@ -224,10 +261,12 @@ def sweep(bw: float, gen: torch.Generator, names: list[str]) -> tuple[dict, list
                           flush=True)
                     continue
                 row = dict(format=name, batch=B, context=ctx, us=t, floor_us=fl, over_floor=t / fl,
-                           vs_sdpa=sdpa / t, rel_err=err, split_mult=cfg["split_mult"], **kw)
+                           vs_sdpa=sdpa / t, rel_err=err, per_sm=cfg["per_sm"],
+                           candidate=json.dumps(cfg, sort_keys=True), **kw)
                 log.append(row)
                 print(f"sweep {name:8s} B={B} ctx={ctx:6d} bn={kw['block_n']:3d} w={kw['num_warps']} "
-                      f"st={kw['num_stages']} splits={kw['num_splits']:3d} -> {t:8.1f} us {t / fl:5.2f}x floor "
+                      f"st={kw['num_stages']} splits={kw['num_splits']:3d} fused={kw['fused_reduce']:d} "
+                      f"-> {t:8.1f} us {t / fl:5.2f}x floor "
                       f"{sdpa / t:5.2f}x sdpa  err {err:.1e}{'' if err < ERR_TOL else '  BAD'}  "
                       f"({time.time() - t0:.1f}s)", flush=True)
             del c, ref
@@ -240,11 +279,9 @@ def sweep(bw: float, gen: torch.Generator, names: list[str]) -> tuple[dict, list
         for r in log:
             if r["format"] != name or r["rel_err"] >= ERR_TOL:
                 continue
-            key = (r["block_n"], r["num_warps"], r["num_stages"], r["split_mult"])
-            scores[key] = scores.get(key, 0.0) + r["over_floor"]
+            scores[r["candidate"]] = scores.get(r["candidate"], 0.0) + r["over_floor"]
         if scores:
-            bn, w, st, sm = min(scores, key=scores.get)
-            best[name] = dict(block_n=bn, num_warps=w, num_stages=st, split_mult=sm)
+            best[name] = json.loads(min(scores, key=scores.get))
     return best, log
 
 
@@ -253,8 +290,8 @@ def render_sweep(meta: dict, log: list[dict], best: dict) -> str:
              f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
              f"{meta['copy_bw_TBps']:.2f} TB/s. Best configuration per format and shape (× floor; "
              "error vs float32 reference on the same dequantized cache):", "",
-             "| format | batch | context | µs | × floor | × SDPA | block_n | warps | stages | splits | rel err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| format | batch | context | µs | × floor | × SDPA | block_n | warps | stages | splits | merge | rel err |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name in FORMATS:
         for B, ctx in SWEEP_SHAPES:
             rows = [r for r in log if r["format"] == name and r["batch"] == B and r["context"] == ctx
@@ -264,7 +301,7 @@ def render_sweep(meta: dict, log: list[dict], best: dict) -> str:
             r = min(rows, key=lambda r: r["us"])
             lines.append(f"| {name} | {B} | {ctx} | {r['us']:.1f} | {r['over_floor']:.2f} | {r['vs_sdpa']:.2f} | "
                          f"{r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['num_splits']} | "
-                         f"{r['rel_err']:.1e} |")
+                         f"{'fused' if r['fused_reduce'] else 'kernel'} | {r['rel_err']:.1e} |")
     bad = [r for r in log if r["rel_err"] >= ERR_TOL]
     lines += ["", f"Chosen (summed over shapes): `{json.dumps(best)}`",
               f"Candidates timed: {len(log)}; over the error bound: {len(bad)}.", ""]
@@ -330,7 +367,13 @@ def render(meta: dict, rows: list[dict]) -> str:
                                 for n, t in TARGET.items())
             lines.append(f"- ({r['batch']}, {r['context']}): {verdict}; SDPA ÷ int4 "
                          f"{r['int4']['vs_sdpa']:.2f}×")
-    lines += ["", f"Launch configs: `{json.dumps(meta['configs'])}`", ""]
+    lines += ["", "Launch configurations (block_n, warps, stages, splits; `null` config: the library's "
+              f"own `launch_config`): `{json.dumps(meta['configs'])}`", ""]
+    for r in rows:
+        lines.append(f"- ({r['batch']}, {r['context']}): " + "; ".join(
+            f"{n} {r[n]['block_n']}/{r[n]['num_warps']}/{r[n]['num_stages']}/{r[n]['num_splits']}"
+            for n in names))
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -482,6 +525,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default=os.environ.get("OUT"))
     ap.add_argument("--quick", action="store_true", help="full grid with the default configs, no sweep")
     ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep")
+    ap.add_argument("--merge", action="store_true",
+                    help="sweep the split merge (fused or not) and programs per SM over the whole grid")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset (sweep)")
     ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes that pre-compile the sweep's kernels (1: compile inline)")
@@ -507,7 +552,11 @@ def main() -> int:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 copy_bw_TBps=bw / 1e12)
     names = [n for n in args.formats.split(",") if n]
-    default = {n: dict(candidates(n)[0]) for n in FORMATS}
+    if args.merge:
+        SWEEP_CANDIDATES[0] = merge_candidates
+        SWEEP_SHAPES[:] = GRID
+        args.sweep_only = True
+    default: dict = {n: None for n in FORMATS}   # None: decode_attention's own launch_config
     if (args.sweep_only or not args.quick) and args.compile_workers > 1:
         try:
             precompile(names, args.compile_workers)

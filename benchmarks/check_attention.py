@@ -1,12 +1,11 @@
-"""GPU correctness and accuracy of compressed-KV decode attention (run before the benchmark).
+"""GPU correctness of compressed-KV decode attention (run before the benchmark).
 
-1. Kernel correctness: for every format (rotation off/on, pre-RoPE), uneven row lengths, 1 and
-   4 query tokens: ``decode_attention`` (output poisoned with NaN first) against the float64
-   reference on the same dequantized cache; the Triton append against the torch append.
-2. Accuracy: the attention output with each format against the output on a bf16 cache, keys
-   with planted outlier channels (10-50x), Hq=32, Hkv=8, head dim 128.
+For every format (rotation off/on, pre-RoPE, mixed key/value formats, groups), uneven row
+lengths, 1 and 4 query tokens: ``decode_attention`` (output poisoned with NaN first) against the
+float64 reference on the same dequantized cache; the Triton append against the torch append.
+The accuracy of each format against a bf16 cache is ``benchmarks/kv_accuracy.py``'s.
 
-    python benchmarks/check_attention.py [--json out.json] [--skip-accuracy] [--only int4-g64,fp8_e4m3]
+    python benchmarks/check_attention.py [--json out.json] [--only int4-g64,fp8_e4m3]
 
 Prints a summary table last; with ``$OUT`` (or ``--out-dir``) set it also writes
 ``check_attention.json`` and ``check_attention.md`` there. Exit status 1 if a check fails.
@@ -93,56 +92,16 @@ def check_kernels(device: str, gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def accuracy(device: str, gen: torch.Generator, B: int = 4, ctx: int = 4096) -> list[dict]:
-    """Relative error of the output against the output on a bf16 cache, in two regimes.
-
-    ``peaked``: isotropic queries; the outlier key channels then make the logits' spread large
-    (std about 5.7 per head), so attention is very concentrated. ``moderate``: the same queries
-    scaled per head so that the logits' standard deviation over the keys is 2.
-    """
-    Hkv, Hq, D = 8, 32, 128
-    k = outlier_keys(B, Hkv, ctx, D, gen, device).bfloat16()
-    v = torch.randn(B, Hkv, ctx, D, generator=gen, device=device).bfloat16()
-    q = torch.randn(B, Hq, 1, D, generator=gen, device=device)
-    kk = k.float().repeat_interleave(Hq // Hkv, 1)
-    std = ((q @ kk.transpose(-1, -2)) / D ** 0.5).std(-1, keepdim=True)     # [B, Hq, 1, 1]
-    queries = {"peaked": q.bfloat16(), "moderate": (q * (2.0 / std)).bfloat16()}
-    print(f"logit std (peaked): {std.mean().item():.2f}", flush=True)
-    refs = {}
-    rows = []
-    for spec in SPECS:
-        base = KVCacheSpec("bf16", pre_rope=spec.pre_rope)
-        if base.pre_rope not in refs:
-            c = QuantizedKVCache(1, B, ctx, Hkv, D, base, device=device)
-            c.append(0, k, v)
-            refs[base.pre_rope] = {n: reference_decode_attention(qq, c, 0) for n, qq in queries.items()}
-        c = QuantizedKVCache(1, B, ctx, Hkv, D, spec, device=device)
-        c.append(0, k, v)
-        row = dict(spec=spec.short(), key=spec.key_format, value=spec.value_format,
-                   group=spec.group_size, value_group=spec.value_group_size,
-                   rotate=spec.rotate_keys, pre_rope=spec.pre_rope)
-        for n, qq in queries.items():
-            row[n] = rel(decode_attention(qq, c, 0), refs[spec.pre_rope][n])
-        rows.append(row)
-        print(f"accuracy {spec.short():30s} moderate {row['moderate']:.3e}  peaked {row['peaked']:.3e}",
-              flush=True)
-    return rows
-
-
-def render(checks: list[dict], acc: list[dict], device: str) -> str:
-    """Markdown summary: kernel checks and accuracy side by side, one row per spec."""
-    by_spec = {r["spec"]: r for r in acc}
+def render(checks: list[dict], device: str) -> str:
+    """Markdown summary, one row per spec."""
     lines = [f"Decode attention checks on {device}: decode vs float64 reference on the same cache "
-             "(NaN-poisoned output), Triton vs torch append; accuracy vs a bf16 cache (outlier keys).",
+             "(NaN-poisoned output), Triton vs torch append.",
              "",
-             "| spec | decode rel err | append diff | ok | accuracy moderate | accuracy peaked |",
-             "|---|---:|---:|---|---:|---:|"]
+             "| spec | decode rel err | append diff | ok |",
+             "|---|---:|---:|---|"]
     for r in checks:
-        a = by_spec.get(r["spec"], {})
-        mod = f"{a['moderate']:.3f}" if "moderate" in a else "-"
-        pk = f"{a['peaked']:.3f}" if "peaked" in a else "-"
         lines.append(f"| {r['spec']} | {r['decode_vs_fp64']:.1e} | {r['append_triton_vs_torch']:.1e} | "
-                     f"{'ok' if r['ok'] else 'FAIL'} | {mod} | {pk} |")
+                     f"{'ok' if r['ok'] else 'FAIL'} |")
     n_ok = sum(r["ok"] for r in checks)
     lines += ["", f"{n_ok}/{len(checks)} kernel checks pass."]
     return "\n".join(lines)
@@ -152,7 +111,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--out-dir", default=os.environ.get("OUT"))
-    ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated spec names (as in the table)")
     args = ap.parse_args()
     if args.only:
@@ -162,10 +120,9 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(1234)
     checks = check_kernels(device, gen)
-    acc = [] if args.skip_accuracy else accuracy(device, gen)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    md = render(checks, acc, name)
-    data = dict(device=name, checks=checks, accuracy=acc)
+    md = render(checks, name)
+    data = dict(device=name, checks=checks)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)

@@ -152,3 +152,33 @@ def test_cache_stores_values_token_blocked(fmt):
         assert torch.equal(block_tokens(flat), v)
         assert flat[0, :, : int(c.lengths[0, 0])].abs().sum() > 0       # written where expected
         assert flat[0, :, int(c.lengths[0, 0]):].abs().sum() == 0
+
+
+def _attention_error(spec, q, k, v):
+    """Relative error of attention over ``spec``'s dequantized cache vs the exact keys/values."""
+    from qcompile.codegen.attention.reference import reference_decode_attention
+    B, H, S, D = k.shape
+    c = QuantizedKVCache(1, B, S, H, D, spec, impl="torch")
+    c.append(0, k, v)
+    exact = QuantizedKVCache(1, B, S, H, D, KVCacheSpec("bf16"), impl="torch")
+    exact.append(0, k, v)
+    out, ref = reference_decode_attention(q, c, 0), reference_decode_attention(q, exact, 0)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_accuracy_floors_and_rotation_on_outlier_keys():
+    """What docs/benchmarks/kv-accuracy.md reads from its tables, at small size: per-token int8
+    keys break on 30x outlier channels and the Hadamard rotation repairs them; with exact keys,
+    the output error is the values' element-wise error (e4m3 about 0.026, 4-bit about 0.1)."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, S, D = 1, 2, 512, 64
+    k = torch.randn(B, H, S, D, generator=gen)
+    k[..., [3, 17, 40]] *= 30.0
+    v = torch.randn(B, H, S, D, generator=gen)
+    q = torch.randn(B, 4, D, generator=gen) * 0.15
+    k, v, q = k.bfloat16(), v.bfloat16(), q.bfloat16()
+    plain = _attention_error(KVCacheSpec("int8"), q, k, v)
+    rotated = _attention_error(KVCacheSpec("int8", rotate_keys=True), q, k, v)
+    assert rotated < 0.5 * plain
+    assert 0.015 < _attention_error(KVCacheSpec("bf16", value_format="fp8_e4m3"), q, k, v) < 0.04
+    assert 0.06 < _attention_error(KVCacheSpec("bf16", value_format="int4"), q, k, v) < 0.15

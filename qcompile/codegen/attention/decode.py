@@ -3,8 +3,9 @@
 One program per (batch row, KV head, split) runs an online softmax over its slice of the cache
 for all ``GQA * T`` query rows that share the KV head (``T`` <= 8 query tokens, for speculative
 decoding), so each compressed byte is read once. A last split per row reads the bf16 residual ring
-of int4/int2 keys. The last program of a head to finish (an atomic ticket) merges the splits
-through their log-sum-exps, so a call is one launch (plus the query rotation, fused too).
+of int4/int2 keys. The splits merge through their log-sum-exps: with few splits the last program
+of a head to finish does it (an atomic ticket), so the call is one launch; with more, a second
+kernel with a program per query row (``FUSED_MERGE_MAX_SPLITS``). The query rotation is fused.
 
 Why it is built this way: decode attention is a few FLOPs per cache byte, so the kernel must
 spend ~1 instruction per element or less, or it is bound by instruction issue and not by memory.
@@ -67,6 +68,23 @@ MAX_QUERY_TOKENS = 8
 TAU = tl.constexpr(8.0)
 """Lazy rescaling threshold (log2 units): probabilities may reach 2**TAU before a rescale."""
 UNPACK_MODES = ("auto", "generic")
+ONE_WARP_TUNING = {"fp8_e4m3": (2, 4), "int8": (2, 4), "int4": (2, 8), "int2": (3, 8)}
+"""(pipeline stages, programs per SM) of the one-warp compressed paths, by key format; rotated
+keys (32-token tiles) take (3, 8). From the H100 sweeps at (8, 8192) and (8, 32768)
+(benchmarks/attention.py --sweep-only, docs/benchmarks/attention-h100-80gb-hbm3.md): int4 / int2
+are bound by each warp's latency, so the most programs that fit one wave (8 per SM, 255
+registers a thread) won; 12 per SM (a second wave) was 30 % slower. int4 ran 6 % faster with two
+stages than three (fewer live registers), int2 and rotated keys did not. fp8 / int8 spend fewer
+instructions per byte: 3-4 per SM with two stages were fastest (fewer splits to merge)."""
+MIN_SPLIT_TOKENS = 128
+"""Fewest tokens a split streams: short contexts get fewer splits rather than shorter ones. On
+the H100 at (batch 1, context 8192), 128 beat 256 by 10-15 % for int4 / int2 and 64 was slower
+again (the fixed cost of a program and of its partial output)."""
+FUSED_MERGE_MAX_SPLITS = 5
+"""Most splits (ring included) that the last program of a head merges itself; more go to a
+second kernel. The fused merge is one warp reading every split's partial output, one split after
+the other: on the H100 it cost 1-9 µs at 8-33 splits and 37 µs at 133, where the second kernel
+(a program per query row) takes a few µs; at 2-5 splits fusing saved about 1 µs."""
 
 # ----------------------------------------------------------------------------- bit tricks (PTX)
 def _byte_codes_asm(bits: int, subtract: bool) -> tl.constexpr:
@@ -763,18 +781,32 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(Opart, Lpart, Out, NS_TOTAL, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the splits of one query row: weights 2^(lse - max) (when not fused)."""
+    """Merge the splits of one query row (when not fused): weights 2^(lse - max).
+
+    Two passes over chunks of ``BLOCK_S`` splits (the maximum, then the weighted sum), so any
+    number of splits merges with ``BLOCK_S * D / threads`` registers and every chunk's loads in
+    flight at once; many rows run in parallel (the fused merge has one warp per KV head).
+    """
     row = tl.program_id(0)
     sp = tl.arange(0, BLOCK_S)
-    smask = sp < NS_TOTAL
-    lse = tl.load(Lpart + row * NS_TOTAL + sp, mask=smask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
     d = tl.arange(0, D)
-    o = tl.load(Opart + (row * NS_TOTAL + sp)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-    total = tl.sum(w, axis=0)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, NS_TOTAL, BLOCK_S):
+        lse = tl.load(Lpart + row * NS_TOTAL + s0 + sp, mask=s0 + sp < NS_TOTAL, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    mx = tl.max(m, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, D], tl.float32)
+    for s0 in range(0, NS_TOTAL, BLOCK_S):
+        smask = s0 + sp < NS_TOTAL
+        w = tl.exp2(tl.load(Lpart + row * NS_TOTAL + s0 + sp, mask=smask, other=float("-inf")) - mx)
+        o = tl.load(Opart + (row * NS_TOTAL + s0 + sp)[:, None] * D + d[None, :],
+                    mask=smask[:, None], other=0.0)
+        total += w
+        acc += w[:, None] * o
+    t = tl.sum(total, axis=0)
+    out = tl.sum(acc, axis=0) / tl.where(t > 0, t, 1.0)
     tl.store(Out + row * D + d, out.to(Out.dtype.element_ty))
 
 
@@ -794,9 +826,9 @@ def launch_config(spec, head_dim: int, batch: int, num_kv_heads: int, length: in
     """Default launch configuration: ``block_n``, ``num_warps``, ``num_stages``, ``num_splits``.
 
     When keys and values both take the fast (compressed) paths, one warp per program and many
-    programs (about 8 per SM, each with >= 4 tiles; see the module docstring). Otherwise (a bf16
-    side, or a generic path: a 16-bit or float32 tile needs the registers of 4 warps) the previous
-    kernel's 4 warps.
+    programs (``ONE_WARP_TUNING``; each with >= ``MIN_SPLIT_TOKENS`` tokens; see the module
+    docstring). Otherwise (a bf16 side, or a generic path: a 16-bit or
+    float32 tile needs the registers of 4 warps) the previous kernel's 4 warps.
     int4/int2 key tiles stay inside one key group.
     """
     sixteen_bit = spec.key_format == "bf16" and spec.value_format == "bf16"
@@ -804,16 +836,15 @@ def launch_config(spec, head_dim: int, batch: int, num_kv_heads: int, length: in
     if spec.grouped_keys and not spec.pre_rope:
         block_n = max(16, min(block_n, spec.group_size))
     kfast, vfast = kernel_paths(spec, head_dim, block_n, unpack)
-    # Programs per SM from the H100 sweep at (8, 8192) and (8, 32768) (benchmarks/attention.py
-    # --sweep-only, docs/benchmarks/attention-h100-80gb-hbm3.md): 8 for the one-warp compressed
-    # paths (16 was 10-30 % slower for int4 / int2), 16 with rotated keys (whose 32-token tiles
-    # ran 2-3x faster than 64), 2 for bf16.
     if kfast and vfast:
-        num_warps, num_stages, per_sm = 1, 3, (16 if spec.rotate_keys else 8)
+        num_warps = 1
+        num_stages, per_sm = (3, 8) if spec.rotate_keys else ONE_WARP_TUNING.get(spec.key_format, (3, 8))
     else:
         num_warps, num_stages, per_sm = 4, (3 if spec.key_format == "bf16" else 2), (2 if sixteen_bit else 4)
-    target = sm_count * per_sm if not interp else 3
-    splits = max(1, min(triton.cdiv(target, batch * num_kv_heads), triton.cdiv(length, 4 * block_n)))
+    heads = batch * num_kv_heads
+    # whole programs per head that fit the target (the interpreter: a few splits, to test merging)
+    wanted = triton.cdiv(3, heads) if interp else sm_count * per_sm // heads
+    splits = max(1, min(wanted, triton.cdiv(length, max(MIN_SPLIT_TOKENS, block_n))))
     return dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=splits)
 
 
@@ -837,7 +868,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
                      impl: str = "auto", num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, out: torch.Tensor | None = None,
-                     unpack: str = "auto", fused_reduce: bool = True) -> torch.Tensor:
+                     unpack: str = "auto", fused_reduce: bool | None = None) -> torch.Tensor:
     """Attention of ``T`` new query tokens per row over ``cache``'s ``layer``.
 
     ``q``: ``[B, Hq, D]`` (one token) or ``[B, Hq, T, D]`` with ``T <= 8``, already RoPE'd; the
@@ -847,8 +878,10 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     CPU), ``triton`` (also on CPU under ``TRITON_INTERPRET=1``) or ``torch``.
     ``out`` (shaped and typed like ``q``, contiguous) receives the result if given.
     The remaining keyword arguments override the launch heuristics (benchmarks, tests):
-    ``unpack="generic"`` forces the dequantize-everything path (a baseline), ``fused_reduce=False``
-    merges the splits in a second kernel instead of in the last program of each head.
+    ``unpack="generic"`` forces the dequantize-everything path (a baseline); ``fused_reduce``
+    picks where the splits merge: in the last program of each head (``True``, one launch) or in
+    a second kernel with a program per query row (``False``); ``None`` (default) fuses up to
+    ``FUSED_MERGE_MAX_SPLITS`` splits, since the fused merge is one warp reading every split.
     """
     from qcompile.codegen.attention.reference import reference_decode_attention
     from qcompile.runtime.kv_cache import resolve_impl
@@ -899,6 +932,8 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
     num_splits = triton.cdiv(bound, chunk)
     ns_total = num_splits + (1 if spec.grouped_keys else 0)
+    if fused_reduce is None:
+        fused_reduce = ns_total <= FUSED_MERGE_MAX_SPLITS
     R = spec.residual_length if spec.grouped_keys else 1
 
     t = cache.layer_tensors(layer)
@@ -928,7 +963,8 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
     if not fused_reduce:
         _decode_reduce_kernel[(B * Hq * T,)](
-            opart, lpart, result, ns_total, D=D, BLOCK_S=triton.next_power_of_2(ns_total))
+            opart, lpart, result, ns_total, D=D,
+            BLOCK_S=min(triton.next_power_of_2(ns_total), max(1, 4096 // D)), num_warps=4)
     if out is not None:
         return out
     return result.squeeze(2) if squeeze else result
