@@ -73,14 +73,16 @@ def candidates(name: str) -> list[dict]:
     if name == "bf16":
         return [dict(block_n=bn, num_warps=4, num_stages=3, per_sm=p) for bn in (32, 64) for p in (1, 2)]
     if name.endswith("-rot"):
-        out = [dict(block_n=32, num_warps=1, num_stages=3, per_sm=p) for p in (6, 7.5, 8)]
-        return out + [dict(block_n=32, num_warps=1, num_stages=2, per_sm=p) for p in (7.5, 8)]
+        base = dict(block_n=32, num_warps=1, num_stages=3, per_sm=8)
+        return [base, dict(base, num_stages=2, per_sm=12, maxnreg=168), dict(base, per_sm=12, maxnreg=168)]
     if name in ("fp8", "int8"):
-        out = [dict(block_n=64, num_warps=1, num_stages=2, per_sm=p) for p in (3, 4, 5, 6)]
-        return out + [dict(block_n=64, num_warps=1, num_stages=3, per_sm=4)]
-    out = [dict(block_n=64, num_warps=1, num_stages=3, per_sm=p) for p in (7, 7.5, 8)]
-    out += [dict(block_n=64, num_warps=1, num_stages=2, per_sm=p) for p in (7.5, 8)]
-    return out + [dict(block_n=64, num_warps=1, num_stages=4, per_sm=8)]
+        base = dict(block_n=64, num_warps=1, num_stages=2, per_sm=4)
+        return [base, dict(base, per_sm=3), dict(base, per_sm=6, maxnreg=168)]
+    # registers capped (spills) for 12 or 16 programs per SM; two stages so that their shared
+    # memory fits
+    base = dict(block_n=64, num_warps=1, num_stages=2, per_sm=8)
+    return [base, dict(base, num_stages=3), dict(base, per_sm=12, maxnreg=168),
+            dict(base, per_sm=16, maxnreg=128)]
 
 
 def merge_candidates(name: str) -> list[dict]:
@@ -171,8 +173,9 @@ def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict | None) -> dict:
     min_tokens = max(cfg.get("min_tokens", MIN_SPLIT_TOKENS), bn)
     splits = max(1, min(int(sm_count() * cfg["per_sm"]) // (B * HKV), -(-ctx // min_tokens)))
     fused = cfg.get("fused_reduce", splits + ring <= FUSED_MERGE_MAX_SPLITS)
-    return dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                num_splits=splits, fused_reduce=fused)
+    kw = dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+              num_splits=splits, fused_reduce=fused)
+    return dict(kw, maxnreg=cfg["maxnreg"]) if cfg.get("maxnreg") else kw
 
 
 def run_candidate(c: QuantizedKVCache, q: torch.Tensor, ref: torch.Tensor, kw: dict) -> tuple[float, float]:
@@ -210,7 +213,7 @@ def _compile_one(job: tuple[str, dict]) -> str:
         c = build(spec, 1, ctx, k, v)
         bn = min(cfg["block_n"], spec.group_size) if spec.grouped_keys else cfg["block_n"]
         decode_attention(q, c, 0, block_n=bn, num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"], num_splits=2)
+                         num_stages=cfg["num_stages"], num_splits=2, maxnreg=cfg.get("maxnreg"))
         torch.cuda.synchronize()
         return f"{name} {cfg}: ok"
     except Exception as e:  # noqa: BLE001  (reported, the sweep will report it again)
@@ -225,7 +228,7 @@ def precompile(names: list[str], workers: int) -> None:
     jobs, seen = [], set()
     for name in names:
         for cfg in SWEEP_CANDIDATES[0](name):
-            key = (name, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])
+            key = (name, cfg["block_n"], cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"))
             if key not in seen:
                 seen.add(key)
                 jobs.append((name, cfg))

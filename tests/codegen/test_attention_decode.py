@@ -144,7 +144,8 @@ def test_fused_reduce_leaves_tickets_zero():
 def test_many_splits_merge_in_a_second_kernel():
     """41 splits (two chunks of the reduce kernel at D=128): by default they merge in the second
     kernel, which never reads the tickets; poisoned tickets would leave a fused merge undone
-    (NaN output). Fused and separate merges agree."""
+    (NaN output). Fused and separate merges agree (the fused run also passes a register cap,
+    which only the GPU compiler reads)."""
     from qcompile.codegen.attention.decode import FUSED_MERGE_MAX_SPLITS
     gen = torch.Generator().manual_seed(14)
     c = filled_cache(KVCacheSpec("fp8_e4m3"), gen, B=1, Hkv=1, D=128, S=700, steps=((650, [650]),))
@@ -154,7 +155,7 @@ def test_many_splits_merge_in_a_second_kernel():
     c.tickets.fill_(1000)
     auto = run_decode(c, q, num_splits=41, block_n=16)
     c.tickets.zero_()
-    fused = run_decode(c, q, num_splits=41, block_n=16, fused_reduce=True)
+    fused = run_decode(c, q, num_splits=41, block_n=16, fused_reduce=True, maxnreg=128)
     assert rel(auto, ref) < 1e-2
     assert rel(fused, ref) < 1e-2
     assert rel(auto, fused) < 1e-3

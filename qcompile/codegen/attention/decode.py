@@ -868,7 +868,8 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
                      impl: str = "auto", num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, out: torch.Tensor | None = None,
-                     unpack: str = "auto", fused_reduce: bool | None = None) -> torch.Tensor:
+                     unpack: str = "auto", fused_reduce: bool | None = None,
+                     maxnreg: int | None = None) -> torch.Tensor:
     """Attention of ``T`` new query tokens per row over ``cache``'s ``layer``.
 
     ``q``: ``[B, Hq, D]`` (one token) or ``[B, Hq, T, D]`` with ``T <= 8``, already RoPE'd; the
@@ -882,6 +883,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     picks where the splits merge: in the last program of each head (``True``, one launch) or in
     a second kernel with a program per query row (``False``); ``None`` (default) fuses up to
     ``FUSED_MERGE_MAX_SPLITS`` splits, since the fused merge is one warp reading every split.
+    ``maxnreg`` caps the registers of a thread (more programs per SM, at the price of spills).
     """
     from qcompile.codegen.attention.reference import reference_decode_attention
     from qcompile.runtime.kv_cache import resolve_impl
@@ -960,7 +962,8 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
         FUSED=fused_reduce, LAZY=not interp, ASM=not interp, INTERP=interp,
         ITERS=triton.cdiv(chunk, block_n) if interp else 0,
         RES_ITERS=triton.cdiv(R, 16) if interp else 0,
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     if not fused_reduce:
         _decode_reduce_kernel[(B * Hq * T,)](
             opart, lpart, result, ns_total, D=D,
