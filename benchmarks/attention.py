@@ -45,6 +45,7 @@ from qcompile.codegen.attention.decode import (  # noqa: E402
     MIN_SPLIT_TOKENS,
     kernel_paths,
     launch_config,
+    split_tokens,
 )
 from qcompile.runtime.hadamard import rotate  # noqa: E402
 from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
@@ -161,17 +162,20 @@ def sm_count() -> int:
 
 
 def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict | None) -> dict:
-    """Explicit launch arguments: ``cfg``'s, or (``None``) the library's own defaults."""
+    """Explicit launch arguments: ``cfg``'s, or (``None``) the library's own defaults, with the
+    split count ``decode_attention`` actually launches and where it merges them."""
     ring = 1 if c.spec.grouped_keys else 0
     if cfg is None:
         lc = launch_config(c.spec, D, B, HKV, ctx, sm_count())
         kw = {k: lc[k] for k in ("block_n", "num_warps", "num_stages", "num_splits")}
+        kw["num_splits"] = split_tokens(ctx, kw["num_splits"], kw["block_n"])[1]
         return dict(kw, fused_reduce=kw["num_splits"] + ring <= FUSED_MERGE_MAX_SPLITS)
     bn = cfg["block_n"]
     if c.spec.grouped_keys:
         bn = min(bn, c.spec.group_size)
     min_tokens = max(cfg.get("min_tokens", MIN_SPLIT_TOKENS), bn)
     splits = max(1, min(int(sm_count() * cfg["per_sm"]) // (B * HKV), -(-ctx // min_tokens)))
+    splits = split_tokens(ctx, splits, bn)[1]
     fused = cfg.get("fused_reduce", splits + ring <= FUSED_MERGE_MAX_SPLITS)
     kw = dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
               num_splits=splits, fused_reduce=fused)

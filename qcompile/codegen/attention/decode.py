@@ -83,7 +83,7 @@ again (the fixed cost of a program and of its partial output)."""
 FUSED_MERGE_MAX_SPLITS = 5
 """Most splits (ring included) that the last program of a head merges itself; more go to a
 second kernel. The fused merge is one warp reading every split's partial output, one split after
-the other: on the H100 it cost 1-9 µs at 8-33 splits and 37 µs at 133, where the second kernel
+the other: on the H100 it cost 1-9 µs at 8-32 splits and 37 µs at 129, where the second kernel
 (a program per query row) takes a few µs; at 2-5 splits fusing saved about 1 µs."""
 
 # ----------------------------------------------------------------------------- bit tricks (PTX)
@@ -848,6 +848,13 @@ def launch_config(spec, head_dim: int, batch: int, num_kv_heads: int, length: in
     return dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=splits)
 
 
+def split_tokens(length: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(tokens per split, splits actually launched): splits hold whole tiles, so asking for
+    ``num_splits`` may launch fewer (131072 tokens in 132 splits of 64-token tiles: 128)."""
+    chunk = triton.cdiv(triton.cdiv(length, num_splits), block_n) * block_n
+    return chunk, triton.cdiv(length, chunk)
+
+
 def kernel_paths(spec, head_dim: int, block_n: int, unpack: str = "auto") -> tuple[bool, bool]:
     """Whether keys and values take the fast paths (bit-trick dequantization, scales folded) or
     the generic one (dequantize the tile in float32): pre-RoPE keys, int4/int2 key groups smaller
@@ -930,9 +937,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     G = spec.group_size
     kf, vf = FMT_CODES[spec.key_format], FMT_CODES[spec.value_format]
     kfast, vfast = kernel_paths(spec, D, block_n, unpack)
-    num_splits = num_splits or cfg["num_splits"]
-    chunk = triton.cdiv(triton.cdiv(bound, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(bound, chunk)
+    chunk, num_splits = split_tokens(bound, num_splits or cfg["num_splits"], block_n)
     ns_total = num_splits + (1 if spec.grouped_keys else 0)
     if fused_reduce is None:
         fused_reduce = ns_total <= FUSED_MERGE_MAX_SPLITS
