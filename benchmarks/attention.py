@@ -404,7 +404,7 @@ def _sass_signature(code: int, legacy: bool) -> dict:
 
 
 def _legacy_module(rev: str):
-    """The decode module of git revision ``rev`` (the pre-rewrite kernel), imported from source."""
+    """The decode module of git revision ``rev``, imported from source."""
     import importlib.util
     import subprocess
     import tempfile
@@ -426,7 +426,9 @@ def sass_table(ref: str | None) -> list[dict]:
     from qcompile.codegen.attention import decode as dec
     kernels = [("new", dec, False)]
     if ref:
-        kernels.append((f"{ref}", _legacy_module(ref), True))
+        old = _legacy_module(ref)
+        # a revision with today's kernel compiles like it; older ones are the pre-rewrite kernel
+        kernels.append((f"{ref}", old, not hasattr(old, "_decode_kernel")))
     rows = []
     for label, mod, legacy in kernels:
         for name, code in SASS_FORMATS.items():

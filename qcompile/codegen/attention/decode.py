@@ -404,7 +404,10 @@ def _tile(n0, end, qpos, q0, q1, q2, q3, m_i, l_i, am, a0, a1, a2, a3, bh, S, NG
         # Packed keys: q_i here is q[:, i::PER] / 2^k_i in fp16, and the codes come out of the
         # asm as 1024 + 2^k_i c (no fma). With A_i = q_i * s_i (key scale, this group):
         #   q·(c*s + m) = sum_i A_i·(1024 + 2^k_i c) - 1024 sum(A_i) + sum_i 2^k_i (q_i·m_i)
-        # The two correction terms are small MMAs (every column holds the row's value).
+        # The two correction terms are small MMAs (every column holds the row's value). int4
+        # multiplies q_i by the broadcast minimums; int2 dots q_i * m_i with ones instead (like
+        # A_i): its 32-channel broadcast took a shared-memory round trip per tile, while for
+        # int4 the ones form spills more (sm_90 SASS, `attention.py --sass`).
         PER: tl.constexpr = 2 if K_FMT == 3 else 4
         NB: tl.constexpr = D // PER
         x = tl.arange(0, NB)
@@ -415,8 +418,12 @@ def _tile(n0, end, qpos, q0, q1, q2, q3, m_i, l_i, am, a0, a1, a2, a3, bh, S, NG
         ones = tl.full([NB, 16], 1.0, tl.float16)
         A0 = q0 * s0[None, :]
         A1 = q1 * s1[None, :]
-        qm0 = _dot(q0, tl.broadcast_to(m0[:, None], (NB, 16)), zc, INTERP)
-        qm1 = _dot(q1, tl.broadcast_to(m1[:, None], (NB, 16)), zc, INTERP)
+        if PER == 2:
+            qm0 = _dot(q0, tl.broadcast_to(m0[:, None], (NB, 16)), zc, INTERP)
+            qm1 = _dot(q1, tl.broadcast_to(m1[:, None], (NB, 16)), zc, INTERP)
+        else:
+            qm0 = _dot(q0 * m0[None, :], ones, zc, INTERP)
+            qm1 = _dot(q1 * m1[None, :], ones, zc, INTERP)
         sa = _dot(A1, ones, _dot(A0, ones, zc, INTERP), INTERP)
         if PER == 2:
             c0, c1 = _i4_magic(byt, ASM)
@@ -426,8 +433,8 @@ def _tile(n0, end, qpos, q0, q1, q2, q3, m_i, l_i, am, a0, a1, a2, a3, bh, S, NG
             c0, c1, c2, c3 = _i2_magic(byt, ASM)
             A2 = q2 * s2[None, :]
             A3 = q3 * s3[None, :]
-            qm2 = _dot(q2, tl.broadcast_to(m2[:, None], (NB, 16)), zc, INTERP)
-            qm3 = _dot(q3, tl.broadcast_to(m3[:, None], (NB, 16)), zc, INTERP)
+            qm2 = _dot(q2 * m2[None, :], ones, zc, INTERP)
+            qm3 = _dot(q3 * m3[None, :], ones, zc, INTERP)
             sa = _dot(A3, ones, _dot(A2, ones, sa, INTERP), INTERP)
             t = _dot(A1, tl.trans(c1), _dot(A0, tl.trans(c0), zero, INTERP), INTERP)
             t = _dot(A3, tl.trans(c3), _dot(A2, tl.trans(c2), t, INTERP), INTERP)
