@@ -41,8 +41,8 @@ from check_attention import outlier_keys  # noqa: E402
 
 from qcompile.codegen.attention import decode_attention  # noqa: E402
 from qcompile.codegen.attention.decode import (  # noqa: E402
-    FUSED_MERGE_MAX_SPLITS,
     MIN_SPLIT_TOKENS,
+    fuses_merge,
     kernel_paths,
     launch_config,
     split_tokens,
@@ -100,9 +100,6 @@ def merge_candidates(name: str) -> list[dict]:
     out = [dict(base), dict(base, fused_reduce=True)]
     out += [dict(base, per_sm=p) for p in alt]
     return out + [dict(base, min_tokens=t) for t in (64, 256)]
-
-
-SWEEP_CANDIDATES = [candidates]   # --merge swaps in merge_candidates
 
 
 # ----------------------------------------------------------------------------- GPU helpers
@@ -164,19 +161,18 @@ def sm_count() -> int:
 def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict | None) -> dict:
     """Explicit launch arguments: ``cfg``'s, or (``None``) the library's own defaults, with the
     split count ``decode_attention`` actually launches and where it merges them."""
-    ring = 1 if c.spec.grouped_keys else 0
     if cfg is None:
         lc = launch_config(c.spec, D, B, HKV, ctx, sm_count())
         kw = {k: lc[k] for k in ("block_n", "num_warps", "num_stages", "num_splits")}
         kw["num_splits"] = split_tokens(ctx, kw["num_splits"], kw["block_n"])[1]
-        return dict(kw, fused_reduce=kw["num_splits"] + ring <= FUSED_MERGE_MAX_SPLITS)
+        return dict(kw, fused_reduce=fuses_merge(c.spec, kw["num_splits"]))
     bn = cfg["block_n"]
     if c.spec.grouped_keys:
         bn = min(bn, c.spec.group_size)
     min_tokens = max(cfg.get("min_tokens", MIN_SPLIT_TOKENS), bn)
     splits = max(1, min(int(sm_count() * cfg["per_sm"]) // (B * HKV), -(-ctx // min_tokens)))
     splits = split_tokens(ctx, splits, bn)[1]
-    fused = cfg.get("fused_reduce", splits + ring <= FUSED_MERGE_MAX_SPLITS)
+    fused = cfg.get("fused_reduce", fuses_merge(c.spec, splits))
     kw = dict(block_n=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
               num_splits=splits, fused_reduce=fused)
     return dict(kw, maxnreg=cfg["maxnreg"]) if cfg.get("maxnreg") else kw
@@ -224,14 +220,14 @@ def _compile_one(job: tuple[str, dict]) -> str:
         return f"{name} {cfg}: {type(e).__name__}: {e}"[:200]
 
 
-def precompile(names: list[str], workers: int) -> None:
+def precompile(names: list[str], workers: int, cands=candidates) -> None:
     """Compile every distinct sweep kernel in parallel processes (Triton compiles serially in
     one process; on a fresh machine that would be most of the sweep's time)."""
     import concurrent.futures
     import multiprocessing
     jobs, seen = [], set()
     for name in names:
-        for cfg in SWEEP_CANDIDATES[0](name):
+        for cfg in cands(name):
             key = (name, cfg["block_n"], cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"))
             if key not in seen:
                 seen.add(key)
@@ -246,10 +242,11 @@ def precompile(names: list[str], workers: int) -> None:
           flush=True)
 
 
-def sweep(bw: float, gen: torch.Generator, names: list[str]) -> tuple[dict, list[dict]]:
+def sweep(bw: float, gen: torch.Generator, names: list[str], cands=candidates,
+          shapes=SWEEP_SHAPES) -> tuple[dict, list[dict]]:
     """Time every candidate at every sweep shape; best config per format (summed over shapes)."""
     log: list[dict] = []
-    for B, ctx in SWEEP_SHAPES:
+    for B, ctx in shapes:
         k, v, q = tensors(B, ctx, gen)
         sdpa = time_sdpa(q[:, :, None], k, v)
         print(f"-- B={B} ctx={ctx}: SDPA bf16 {sdpa:.1f} us", flush=True)
@@ -258,7 +255,7 @@ def sweep(bw: float, gen: torch.Generator, names: list[str]) -> tuple[dict, list
             c = build(spec, B, ctx, k, v)
             ref = reference(c, q)
             fl = floor_us(spec, B, ctx, bw)
-            for cfg in SWEEP_CANDIDATES[0](name):
+            for cfg in cands(name):
                 kw = kwargs_for(c, B, ctx, cfg)
                 t0 = time.time()
                 try:
@@ -300,7 +297,7 @@ def render_sweep(meta: dict, log: list[dict], best: dict) -> str:
              "| format | batch | context | µs | × floor | × SDPA | block_n | warps | stages | splits | merge | rel err |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name in FORMATS:
-        for B, ctx in SWEEP_SHAPES:
+        for B, ctx in dict.fromkeys((r["batch"], r["context"]) for r in log):
             rows = [r for r in log if r["format"] == name and r["batch"] == B and r["context"] == ctx
                     and r["rel_err"] < ERR_TOL]
             if not rows:
@@ -561,18 +558,16 @@ def main() -> int:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 copy_bw_TBps=bw / 1e12)
     names = [n for n in args.formats.split(",") if n]
-    if args.merge:
-        SWEEP_CANDIDATES[0] = merge_candidates
-        SWEEP_SHAPES[:] = GRID
-        args.sweep_only = True
+    cands, shapes = (merge_candidates, GRID) if args.merge else (candidates, SWEEP_SHAPES)
+    args.sweep_only = args.sweep_only or args.merge
     default: dict = {n: None for n in FORMATS}   # None: decode_attention's own launch_config
     if (args.sweep_only or not args.quick) and args.compile_workers > 1:
         try:
-            precompile(names, args.compile_workers)
+            precompile(names, args.compile_workers, cands)
         except Exception as e:  # noqa: BLE001  (then the sweep compiles inline, slower)
             print(f"precompile failed ({type(e).__name__}: {e}); compiling inline", flush=True)
     if args.sweep_only or not args.quick:
-        best, log = sweep(bw, gen, names)
+        best, log = sweep(bw, gen, names, cands, shapes)
         md = render_sweep(meta, log, best)
         write_outputs(args.out_dir, {"attention_sweep.json": json.dumps(dict(meta=meta, best=best, log=log), indent=1),
                                      "attention_sweep.md": md})

@@ -142,51 +142,37 @@ FENCE = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, 0;")
 
 
 @triton.jit
-def _i4_codes(byt, ASM: tl.constexpr):
-    """uint8 bytes -> (low nibble, high nibble) as fp16, elementwise (channels 2x, 2x + 1)."""
+def _i4_unpack(byt, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """uint8 bytes -> (low nibble, high nibble) as fp16, elementwise (channels 2x, 2x + 1);
+    with ``MAGIC`` (keys) as 1024 + low nibble and 1024 + 16 * high nibble, no fma."""
     if ASM:
-        return tl.inline_asm_elementwise(I4_TO_F16, "=r,=r,=r,=r,r", [byt],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(I4_TO_MAGIC if MAGIC else I4_TO_F16, "=r,=r,=r,=r,r",
+                                         [byt], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         b = byt.to(tl.int32)
-        return (b & 15).to(tl.float16), (b >> 4).to(tl.float16)
+        if MAGIC:
+            return ((b & 15) + 1024).to(tl.float16), ((b & 0xF0) + 1024).to(tl.float16)
+        else:
+            return (b & 15).to(tl.float16), (b >> 4).to(tl.float16)
 
 
 @triton.jit
-def _i2_codes(byt, ASM: tl.constexpr):
-    """uint8 bytes -> the four 2-bit codes (bits 2i..2i+1 = channel 4x + i) as fp16, elementwise."""
+def _i2_unpack(byt, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """uint8 bytes -> the four 2-bit codes (bits 2i..2i+1 = channel 4x + i) as fp16, elementwise;
+    with ``MAGIC`` (keys) as 1024 + 4^i * code i, no fma."""
     if ASM:
-        return tl.inline_asm_elementwise(I2_TO_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
+        return tl.inline_asm_elementwise(I2_TO_MAGIC if MAGIC else I2_TO_F16,
+                                         "=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
                                          dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                          is_pure=True, pack=4)
     else:
         b = byt.to(tl.int32)
-        return ((b & 3).to(tl.float16), ((b >> 2) & 3).to(tl.float16),
-                ((b >> 4) & 3).to(tl.float16), ((b >> 6) & 3).to(tl.float16))
-
-
-@triton.jit
-def _i4_magic(byt, ASM: tl.constexpr):
-    """uint8 bytes -> (1024 + low nibble, 1024 + 16 * high nibble) as fp16, elementwise."""
-    if ASM:
-        return tl.inline_asm_elementwise(I4_TO_MAGIC, "=r,=r,=r,=r,r", [byt],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        b = byt.to(tl.int32)
-        return ((b & 15) + 1024).to(tl.float16), ((b & 0xF0) + 1024).to(tl.float16)
-
-
-@triton.jit
-def _i2_magic(byt, ASM: tl.constexpr):
-    """uint8 bytes -> 1024 + 4^i * (2-bit code i), i = 0..3, as fp16, elementwise."""
-    if ASM:
-        return tl.inline_asm_elementwise(I2_TO_MAGIC, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
-                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                         is_pure=True, pack=4)
-    else:
-        b = byt.to(tl.int32)
-        return (((b & 3) + 1024).to(tl.float16), ((b & 0xC) + 1024).to(tl.float16),
-                ((b & 0x30) + 1024).to(tl.float16), ((b & 0xC0) + 1024).to(tl.float16))
+        if MAGIC:
+            return (((b & 3) + 1024).to(tl.float16), ((b & 0xC) + 1024).to(tl.float16),
+                    ((b & 0x30) + 1024).to(tl.float16), ((b & 0xC0) + 1024).to(tl.float16))
+        else:
+            return ((b & 3).to(tl.float16), ((b >> 2) & 3).to(tl.float16),
+                    ((b >> 4) & 3).to(tl.float16), ((b >> 6) & 3).to(tl.float16))
 
 
 @triton.jit
@@ -426,11 +412,11 @@ def _tile(n0, end, qpos, q0, q1, q2, q3, m_i, l_i, am, a0, a1, a2, a3, bh, S, NG
             qm1 = _dot(q1 * m1[None, :], ones, zc, INTERP)
         sa = _dot(A1, ones, _dot(A0, ones, zc, INTERP), INTERP)
         if PER == 2:
-            c0, c1 = _i4_magic(byt, ASM)
+            c0, c1 = _i4_unpack(byt, True, ASM)
             t = _dot(A1, tl.trans(c1), _dot(A0, tl.trans(c0), zero, INTERP), INTERP)
             corr = qm0 + 16.0 * qm1 - 1024.0 * sa
         else:
-            c0, c1, c2, c3 = _i2_magic(byt, ASM)
+            c0, c1, c2, c3 = _i2_unpack(byt, True, ASM)
             A2 = q2 * s2[None, :]
             A3 = q3 * s3[None, :]
             qm2 = _dot(q2 * m2[None, :], ones, zc, INTERP)
@@ -514,11 +500,11 @@ def _tile(n0, end, qpos, q0, q1, q2, q3, m_i, l_i, am, a0, a1, a2, a3, bh, S, NG
                 + xv[None, :] * TB + (tok % TB)[:, None])
         vb = tl.load(vptr, mask=bmask[:, None], other=0) if MASKED else tl.load(vptr)
         if VPER == 2:
-            c0, c1 = _i4_codes(vb, ASM)
+            c0, c1 = _i4_unpack(vb, False, ASM)
             a0 = _dot(p16, c0, a0, INTERP)
             a1 = _dot(p16, c1, a1, INTERP)
         else:
-            c0, c1, c2, c3 = _i2_codes(vb, ASM)
+            c0, c1, c2, c3 = _i2_unpack(vb, False, ASM)
             a0 = _dot(p16, c0, a0, INTERP)
             a1 = _dot(p16, c1, a1, INTERP)
             a2 = _dot(p16, c2, a2, INTERP)
@@ -862,6 +848,12 @@ def split_tokens(length: int, num_splits: int, block_n: int) -> tuple[int, int]:
     return chunk, triton.cdiv(length, chunk)
 
 
+def fuses_merge(spec, num_splits: int) -> bool:
+    """Whether ``num_splits`` splits (plus the ring's, for int4/int2 keys) merge in the kernel by
+    default, rather than in the second kernel (``FUSED_MERGE_MAX_SPLITS``)."""
+    return num_splits + (1 if spec.grouped_keys else 0) <= FUSED_MERGE_MAX_SPLITS
+
+
 def kernel_paths(spec, head_dim: int, block_n: int, unpack: str = "auto") -> tuple[bool, bool]:
     """Whether keys and values take the fast paths (bit-trick dequantization, scales folded) or
     the generic one (dequantize the tile in float32): pre-RoPE keys, int4/int2 key groups smaller
@@ -947,7 +939,7 @@ def decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | No
     chunk, num_splits = split_tokens(bound, num_splits or cfg["num_splits"], block_n)
     ns_total = num_splits + (1 if spec.grouped_keys else 0)
     if fused_reduce is None:
-        fused_reduce = ns_total <= FUSED_MERGE_MAX_SPLITS
+        fused_reduce = fuses_merge(spec, num_splits)
     R = spec.residual_length if spec.grouped_keys else 1
 
     t = cache.layer_tensors(layer)
