@@ -5,7 +5,10 @@ slightly smaller range often loses less to rounding than it loses to clipping.
 This pass searches, per output row, the clipping ratio that minimizes the
 quantized weight's squared error (the clip search of AWQ and OmniQuant, in its
 simplest form), writes the clipped weights, and hands over to the normal RTN
-quantizer. It is lossy, so it says so (``exact = False``) and reports its choices.
+quantizer. It reads each layer's decision (what ``assign_quant_specs`` chose from
+the recipe) and records its choice in the decision's extras, so the artifact keeps
+it. It is lossy, so it says so (``exact = False``); at load its effect is already in
+the saved weights, so it is skipped (``on_load = SKIP``).
 
     python examples/custom_pass.py
 """
@@ -15,7 +18,8 @@ import transformers as tf
 
 import qcompile
 from qcompile.formats import dequantize, quantize
-from qcompile.ir.graph import get_attr, linear_nodes, module_path, set_attr
+from qcompile.ir.annotations import decision_of, set_decision
+from qcompile.ir.graph import get_attr, linear_nodes, set_attr
 
 RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
@@ -23,12 +27,16 @@ RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 @qcompile.register_pass("mse_clip")
 class MSEClip(qcompile.Pass):
     exact = False
+    runs_after = ("assign_quant_specs",)  # reads the decisions
+    runs_before = ("quantize_weights",)  # writes the weights RTN then quantizes
+    requires = ("quant_decisions",)
+    on_load = qcompile.OnLoad.SKIP
 
     def run(self, gm, ctx):
         chosen = []
         for node in linear_nodes(gm):
-            specs = ctx.recipe.spec_for(module_path(node))
-            if specs is None:
+            decision = decision_of(node)
+            if decision is None or not decision.quantized:
                 continue  # a layer the recipe keeps in float
             target = node.args[1].target
             w = get_attr(gm, target).float()
@@ -36,10 +44,11 @@ class MSEClip(qcompile.Pass):
             errors = []
             for r in RATIOS:
                 clipped = w.clamp(-r * amax, r * amax)
-                errors.append((dequantize(quantize(clipped, specs[0])) - w).pow(2).sum(dim=1))
+                errors.append((dequantize(quantize(clipped, decision.weight)) - w).pow(2).sum(dim=1))
             best = torch.stack(errors).argmin(dim=0)
             ratio = torch.tensor(RATIOS)[best].unsqueeze(1)
             set_attr(gm, target, w.clamp(-ratio * amax, ratio * amax).to(get_attr(gm, target).dtype))
+            set_decision(node, decision.replace(extras={**decision.extras, "mse_clip_mean_ratio": float(ratio.mean())}))
             chosen.append(float(ratio.mean()))
         stats = {"layers": len(chosen), "mean_ratio": sum(chosen) / max(len(chosen), 1)}
         return qcompile.PassResult(bool(chosen), stats)
@@ -53,7 +62,7 @@ def main() -> None:
     ids = torch.randint(0, 512, (2, 32))
 
     plain = qcompile.compile(model, ids, recipe="w4a16", progress=False)
-    passes = ["canonicalize", "fold_norm_scales", "mse_clip", "quantize_weights", "lower"]
+    passes = ["canonicalize", "fold_norm_scales", "assign_quant_specs", "mse_clip", "quantize_weights", "lower"]
     clipped = qcompile.compile(model, ids, recipe="w4a16", passes=passes, progress=False)
     stats = next(p["stats"] for p in clipped.report().to_dict()["passes"] if p["name"] == "mse_clip")
     print(f"mse_clip: {stats}")

@@ -5,14 +5,18 @@
     print(cm.report())
 """
 
-from qcompile.api import CompiledModel, compile
-from qcompile.artifact import load
+from qcompile.api import compile
+from qcompile.artifact import ArtifactError, load
+from qcompile.compiled import CompiledModel
 from qcompile.formats import QuantizedTensor, QuantSpec
-from qcompile.passes.base import (
+from qcompile.ir.annotations import LayerDecision, LayerResult
+from qcompile.passes import (
+    OnLoad,
     Pass,
     PassContext,
     PassManager,
     PassResult,
+    WeightQuantizer,
     register_pass,
     registered_passes,
 )
@@ -23,7 +27,7 @@ from qcompile.targets import TARGETS, Target, get_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "RECIPES", "TARGETS", "CompiledModel", "Pass", "PassContext", "PassManager", "PassResult", "QuantSpec",
-    "QuantizedTensor", "Recipe", "Report", "Target", "compile", "get_recipe", "get_target", "load",
-    "register_pass", "registered_passes",
+    "RECIPES", "TARGETS", "ArtifactError", "CompiledModel", "LayerDecision", "LayerResult", "OnLoad", "Pass",
+    "PassContext", "PassManager", "PassResult", "QuantSpec", "QuantizedTensor", "Recipe", "Report", "Target",
+    "WeightQuantizer", "compile", "get_recipe", "get_target", "load", "register_pass", "registered_passes",
 ]

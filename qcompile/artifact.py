@@ -1,12 +1,16 @@
-"""Compiled-model artifacts: ``manifest.json`` + ``weights.safetensors``.
+"""Compiled-model artifacts: ``manifest.json`` + ``weights.safetensors`` (+ ``report.json``).
 
-The manifest records how the graph was built (model class or source, target,
-recipe, pass list, per-layer formats, example input shapes); the safetensors
-file holds every tensor of the lowered graph: packed codes, scales, zero points
-and the float weights that stayed float. Loading re-traces the architecture
-(from the model the user passes, or from the manifest's ``source`` when the CLI
-built it), replays the exact passes, attaches the saved quantized weights and
-loads the state strictly, so a mismatch between model and artifact fails loudly.
+The manifest records how the graph was built (model class or source, target, recipe, every pass
+with its load rule) and, per linear, its decision and its result (method, tensor names, dtypes,
+shapes); the safetensors file holds every tensor of the lowered graph. Loading re-traces the
+architecture (from the model the user passes, or from the manifest's ``source``), then applies each
+pass's declared rule: structural passes re-run, data-dependent ones restore their saved choices
+(decisions and quantized weights are never recomputed from the rebuilt model's weights), and the
+state is loaded strictly.
+
+An artifact is untrusted input: the manifest is checked against its schema (unknown keys, types,
+dtypes outside an allow-list, tensors missing or shaped unlike the manifest says) and every failure
+is an :class:`ArtifactError` naming the field. JSON and safetensors cannot carry code.
 """
 
 from __future__ import annotations
@@ -16,35 +20,159 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import fx
 
-from qcompile.codegen.quantized_linear import QUANTIZED_LINEAR, activation_spec, as_quantized_tensor
-from qcompile.ir.graph import get_attr, linear_nodes, module_path
-from qcompile.passes.base import Pass, PassContext, PassResult
+from qcompile.codegen.op_schema import TENSOR_FIELDS, QuantizedLinearCall, is_quantized_linear
+from qcompile.formats import QuantizedTensor, QuantSpec, quantize
+from qcompile.ir.annotations import LayerDecision, LayerResult, decided_nodes, result_of
+from qcompile.ir.graph import module_path
 
 if TYPE_CHECKING:
-    from qcompile.api import CompiledModel
+    from qcompile.compiled import CompiledModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REPORT = "report.json"
 
+DTYPES = {name: getattr(torch, name) for name in (
+    "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+    "float8_e4m3fn", "float8_e5m2")}
+"""Tensor dtypes an artifact may hold (and example inputs may name)."""
 
-def quantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
-    """Per lowered linear: its formats and logical shape, read off the graph."""
+
+class ArtifactError(ValueError):
+    """An artifact is malformed, corrupted, or does not fit the model; the message names the field."""
+
+
+# ----------------------------------------------------------------------------- manifest schema
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+
+DTYPE, SPEC = _Marker("dtype"), _Marker("spec")
+"""Schema leaves: a name in :data:`DTYPES`; ``QuantSpec.encode()`` text or null."""
+
+
+class OneOf:
+    """Schema leaf: one of these literal values."""
+
+    def __init__(self, *values: Any):
+        self.values = values
+
+
+_TENSOR = {"name": str, "dtype": DTYPE, "shape": [int]}
+_LAYER = {
+    "decision": {"weight": SPEC, "activation": SPEC, "extras": dict, "source": str, "reason": str},
+    "result": ({"method": str, "epilogue": str, "float_dtype": str, "activation": SPEC, "metrics": dict,
+                "tensors": {"qdata": _TENSOR, "scale": _TENSOR, "zero": (_TENSOR, None),
+                            "global_scale": (_TENSOR, None)}}, None),
+}
+SCHEMA = {
+    "format_version": int, "qcompile_version": str, "torch_version": str, "model_class": str, "target": str,
+    "recipe": {"name": str, "description": str, "weight": SPEC, "activation": SPEC, "passes": [str],
+               "exclude": [str], "overrides": [list]},
+    "overrides": dict,
+    "passes": [{"name": str, "on_load": OneOf("rerun", "restore", "skip"), "ensures": [str], "options": dict}],
+    "pinned_kwargs": dict, "dynamic": bool, "example_inputs": {"args": list, "kwargs": dict},
+    "layers": {str: _LAYER}, "source": (str, None),
+}
+"""The manifest's shape: objects (exact key sets), ``{str: v}`` maps, ``[v]`` lists, tuples of
+alternatives (``None`` = null), types and the leaves above."""
+OPTIONAL = {"source"}
+
+
+def _check(value: Any, schema: Any, where: str) -> None:
+    """Raise ArtifactError at the first place ``value`` does not fit ``schema``."""
+    def fail(expected: str) -> None:
+        raise ArtifactError(f"manifest field {where}: expected {expected}, got {json.dumps(value)[:80]}")
+
+    if isinstance(schema, tuple):
+        if value is None and None in schema:
+            return
+        errors = []
+        for alt in (a for a in schema if a is not None):
+            try:
+                return _check(value, alt, where)
+            except ArtifactError as e:
+                errors.append(str(e))
+        raise ArtifactError(" / ".join(errors) if errors else f"manifest field {where}: expected null")
+    if isinstance(schema, OneOf):
+        if value not in schema.values:
+            fail(f"one of {', '.join(map(repr, schema.values))}")
+    elif schema is DTYPE:
+        if value not in DTYPES:
+            fail(f"a dtype in {', '.join(DTYPES)}")
+    elif schema is SPEC:
+        if value is None:
+            return
+        if not isinstance(value, str):
+            fail("a spec string or null")
+        try:
+            QuantSpec.parse(value)
+        except ValueError as e:
+            raise ArtifactError(f"manifest field {where}: {e}") from None
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            fail("a list")
+        for i, item in enumerate(value):
+            _check(item, schema[0], f"{where}[{i}]")
+    elif isinstance(schema, dict) and set(schema) == {str}:
+        if not isinstance(value, dict):
+            fail("an object")
+        for k, v in value.items():
+            _check(v, schema[str], f"{where}.{k}")
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            fail("an object")
+        unknown = sorted(set(value) - set(schema))
+        if unknown:
+            raise ArtifactError(f"manifest field {where}: unknown key(s) {', '.join(map(repr, unknown))}")
+        for k, sub in schema.items():
+            if k not in value:
+                if where == "manifest" and k in OPTIONAL:
+                    continue
+                raise ArtifactError(f"manifest field {where}.{k} is missing")
+            _check(value[k], sub, f"{where}.{k}")
+    elif schema is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail("an integer")
+    elif not isinstance(value, schema):
+        fail(f"a {schema.__name__}")
+
+
+def validate_manifest(manifest: Any) -> dict[str, Any]:
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{MANIFEST} must hold a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"manifest field manifest.format_version: artifact format {manifest.get('format_version')!r} "
+                            f"is not supported (expected {FORMAT_VERSION})")
+    _check(manifest, SCHEMA, "manifest")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- save
+def layer_records(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Per decided linear: its decision and (quantized ones) its result, with tensor names,
+    dtypes and shapes read off the lowered graph."""
+    state = gm.state_dict()
     layers = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == QUANTIZED_LINEAR:
-            (_, qdata, scale, zero, gscale, bias, fmt, group, sym, k, act, act_group) = node.args
-            layers[module_path(node)] = {
-                "weight_format": fmt, "group_size": group, "symmetric": sym, "in_features": k,
-                "act_format": act, "act_group_size": act_group,
-                "tensors": {"data": qdata.target, "scale": scale.target,
-                            "zero": zero.target if zero is not None else None,
-                            "global_scale": gscale.target if gscale is not None else None},
+    for node, decision in decided_nodes(gm):
+        record: dict[str, Any] = {"decision": decision.to_dict(), "result": None}
+        result = result_of(node)
+        if is_quantized_linear(node) and result is not None:
+            targets = QuantizedLinearCall.from_node(node).tensor_targets()
+            record["result"] = {
+                "method": result.method, "epilogue": result.epilogue, "float_dtype": result.float_dtype,
+                "activation": result.activation.encode() if result.activation is not None else None,
+                "metrics": result.metrics,
+                "tensors": {k: None if t is None else {"name": t, "dtype": str(state[t].dtype).removeprefix("torch."),
+                                                        "shape": list(state[t].shape)} for k, t in targets.items()},
             }
+        layers[module_path(node)] = record
     return layers
 
 
@@ -58,68 +186,126 @@ def save(cm: CompiledModel, path: str | Path) -> Path:
         "qcompile_version": _version(),
         "torch_version": torch.__version__,
         **cm.manifest,
-        "layers": quantized_layers(cm.graph_module),
+        "layers": layer_records(cm.graph_module),
     }
+    validate_manifest(json.loads(json.dumps(manifest)))  # what load will demand, checked at save
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (out / REPORT).write_text(cm.report().to_json())
+    if cm.report() is not None:
+        (out / REPORT).write_text(cm.report().to_json())
     return out
 
 
-class AttachSavedWeights(Pass):
-    """Stands in for the weight quantizers at load time: annotate each linear with
-    the QuantizedTensor read from the artifact instead of computing one."""
+# ----------------------------------------------------------------------------- load
+class LoadedArtifact:
+    """A validated artifact, as passes that restore (``on_load = restore``) read it."""
 
-    name = "attach_saved_weights"
-    exact = False
+    def __init__(self, root: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]):
+        self.root, self.manifest, self.state = root, manifest, state
 
-    def __init__(self, layers: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]):
-        self.layers, self.state = layers, state
+    def decisions(self) -> dict[str, LayerDecision]:
+        out = {}
+        for path, layer in self.manifest["layers"].items():
+            try:
+                out[path] = LayerDecision.from_dict(layer["decision"])
+            except (ValueError, TypeError) as e:
+                raise ArtifactError(f"manifest field manifest.layers.{path}.decision: {e}") from None
+        return out
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from qcompile.passes.weight_quantization import QUANT, LinearQuant
-
-        seen = 0
-        for node in linear_nodes(gm):
-            info = self.layers.get(module_path(node))
+    def result(self, path: str, decision: LayerDecision, weight_shape: tuple[int, int]) -> LayerResult | None:
+        """The saved result of the linear at ``path`` (``None`` if the artifact kept it float),
+        its tensors checked against the shapes the decision implies for ``weight_shape``."""
+        layer = self.manifest["layers"].get(path)
+        if layer is None or layer["result"] is None:
+            return None
+        saved = layer["result"]
+        where = f"manifest.layers.{path}.result"
+        expected = _expected_shapes(decision.weight, weight_shape)
+        tensors = {}
+        for role in TENSOR_FIELDS:
+            info = saved["tensors"][role]
+            key = "data" if role == "qdata" else role
             if info is None:
+                if key in expected:
+                    raise ArtifactError(f"manifest field {where}.tensors.{role} is null, but {decision.weight.short()} "
+                                        f"weights need it")
+                tensors[key] = None
                 continue
-            t = {k: self.state[v] if v is not None else None for k, v in info["tensors"].items()}
-            n_out = get_attr(gm, node.args[1].target).shape[0]
-            if t["scale"].shape[0] != n_out:
-                raise ValueError(f"artifact layer {module_path(node)} has {t['scale'].shape[0]} outputs, model has {n_out}")
-            qt = as_quantized_tensor(t["data"], t["scale"], t["zero"], t["global_scale"], info["weight_format"],
-                                     info["group_size"], info["symmetric"], info["in_features"])
-            node.meta[QUANT] = LinearQuant(qt, activation_spec(info["act_format"], info["act_group_size"]), "saved")
-            seen += 1
-        missing = set(self.layers) - {module_path(n) for n in linear_nodes(gm)}
-        if missing:
-            raise ValueError(f"the model has no linear layers named {sorted(missing)[:5]} that the artifact quantized")
-        return PassResult(bool(seen), {"attached": seen})
+            if key not in expected:
+                raise ArtifactError(f"manifest field {where}.tensors.{role}: {decision.weight.short()} weights have no {role}")
+            t = self.state.get(info["name"])
+            if t is None:
+                raise ArtifactError(f"{WEIGHTS} has no tensor {info['name']!r} ({where}.tensors.{role})")
+            dtype, shape = expected[key]
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ArtifactError(f"tensor {info['name']!r} ({where}.tensors.{role}) is {str(t.dtype)[6:]} "
+                                    f"{list(t.shape)}; a {decision.weight.short()} weight of shape {list(weight_shape)} "
+                                    f"needs {str(dtype)[6:]} {list(shape)}")
+            tensors[key] = t
+        qt = QuantizedTensor(decision.weight, weight_shape, tensors["data"], tensors["scale"], tensors["zero"],
+                             tensors["global_scale"])
+        activation = QuantSpec.parse(saved["activation"]) if saved["activation"] is not None else None
+        return LayerResult(qt, activation, saved["method"], saved["epilogue"], saved["float_dtype"], dict(saved["metrics"]))
+
+
+def _expected_shapes(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Dtype and shape of each stored tensor of a ``spec`` weight of ``shape`` (one row quantized)."""
+    row = quantize(torch.zeros(1, shape[1]), spec)
+    return {k: (t.dtype, (shape[0], *t.shape[1:]) if k != "global_scale" else tuple(t.shape))
+            for k, t in row.tensors().items()}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights.safetensors``, with a named error for a corrupt file or a dtype
+    outside :data:`DTYPES`."""
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing")
+    allowed = {str(d).removeprefix("torch.") for d in DTYPES.values()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {}
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = f.get_tensor(key)
+                if str(t.dtype).removeprefix("torch.") not in allowed:
+                    raise ArtifactError(f"{path.name}: tensor {key!r} has dtype {t.dtype}, not one of {', '.join(sorted(allowed))}")
+                state[key] = t
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    return state
 
 
 def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs: Any = None,
          *, example_kwargs: dict | None = None) -> CompiledModel:
     """Load an artifact written by ``CompiledModel.save``.
 
-    ``model``: an instance of the same architecture (its weights are not used and
-    may be random). Omit it when the artifact was built by the CLI from a model
-    directory or a builtin demo: the manifest's ``source`` then rebuilds it.
-    ``example_inputs``: as for ``compile``; by default, tensors of the recorded shapes.
+    ``model``: an instance of the same architecture (its weights are not used and may be random).
+    Omit it when the artifact was built by the CLI from a model directory or a builtin demo: the
+    manifest's ``source`` then rebuilds it. ``example_inputs``: as for ``compile``; by default,
+    tensors of the recorded shapes. Raises :class:`ArtifactError` for a malformed artifact.
     """
-    from qcompile.api import CompiledModel, _split_inputs
+    from qcompile.compiled import CompiledModel
+    from qcompile.frontend.inputs import split_inputs
     from qcompile.frontend.torch_export import export_model
-    from qcompile.passes.base import PassManager, make_pass
-    from qcompile.recipes import get_recipe
+    from qcompile.passes import PassContext, PassManager
+    from qcompile.recipes import Recipe
     from qcompile.report import Report
     from qcompile.targets import get_target
 
     root = Path(path)
     if not (root / MANIFEST).exists():
         raise FileNotFoundError(f"{root} is not a qcompile artifact (no {MANIFEST})")
-    manifest = json.loads((root / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"artifact format {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    state = load_file(str(root / WEIGHTS))
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {e}") from None
+    validate_manifest(manifest)
+    try:
+        target = get_target(manifest["target"])
+        recipe = Recipe.from_dict(manifest["recipe"])
+    except ValueError as e:
+        raise ArtifactError(f"manifest field manifest.target/recipe: {e}") from None
+    state = read_weights(root / WEIGHTS)
+    passes = [_pass_for_load(entry) for entry in manifest["passes"]]
+
     args = kwargs = None
     if model is None:
         source = manifest.get("source")
@@ -129,23 +315,70 @@ def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs:
 
         model, args, kwargs = load_source(source)
     if example_inputs is not None or example_kwargs:
-        args, kwargs = _split_inputs(example_inputs if example_inputs is not None else (), example_kwargs)
+        args, kwargs = split_inputs(example_inputs if example_inputs is not None else (), example_kwargs)
     elif args is None:
         args, kwargs = _inputs_from_manifest(manifest["example_inputs"])
-    exported = export_model(model, args, kwargs, dynamic=manifest.get("dynamic", True))
-    passes = [AttachSavedWeights(manifest["layers"], state) if name == "quantize_weights" else make_pass(name)
-              for name in manifest["passes"]]
-    gm = PassManager(passes, verify=False).run(exported.gm, PassContext(exported.args, exported.kwargs))
+    exported = export_model(model, args, kwargs, dynamic=manifest["dynamic"])
+    ctx = PassContext(exported.args, exported.kwargs, target, recipe, artifact=LoadedArtifact(root, manifest, state))
+    gm = PassManager(passes, verify=False, load=True).run(exported.gm, ctx)
+    _load_state(gm, state)
+    report = None
+    if (root / REPORT).exists():
+        try:
+            report = Report.from_dict(json.loads((root / REPORT).read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            raise ArtifactError(f"{root / REPORT} is malformed: {e}") from None
+    return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=target, recipe=recipe, report=report,
+                         manifest={k: v for k, v in manifest.items()
+                                   if k not in ("format_version", "qcompile_version", "torch_version", "layers")})
+
+
+class _Skipped:
+    """Stands in for a pass whose load rule is ``skip`` (its class need not be importable)."""
+
+    exact = False
+    requires: tuple[str, ...] = ()
+    runs_after: tuple[str, ...] = ()
+    runs_before: tuple[str, ...] = ()
+
+    def __init__(self, name: str, ensures: list[str]):
+        from qcompile.passes import OnLoad
+
+        self.name, self.ensures, self.on_load = name, tuple(ensures), OnLoad.SKIP
+
+
+def _pass_for_load(entry: dict[str, Any]) -> Any:
+    from qcompile.passes import make_pass
+
+    if entry["on_load"] == "skip":
+        return _Skipped(entry["name"], entry["ensures"])
+    try:
+        return make_pass(entry["name"], **entry["options"])
+    except ValueError as e:
+        raise ArtifactError(f"manifest field manifest.passes: pass {entry['name']!r} must {entry['on_load']} at load, "
+                            f"but it is not registered (import the module that defines it first): {e}") from None
+
+
+def _load_state(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+    expected = gm.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(f"{WEIGHTS} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in expected.items():
+        if tuple(state[name].shape) != tuple(t.shape) or state[name].dtype != t.dtype:
+            raise ArtifactError(f"{WEIGHTS}: tensor {name!r} is {state[name].dtype} {list(state[name].shape)}, "
+                                f"the model needs {t.dtype} {list(t.shape)}")
     gm.load_state_dict(state, strict=True)
-    report = Report.from_dict(json.loads((root / REPORT).read_text())) if (root / REPORT).exists() else None
-    return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=get_target(manifest["target"]),
-                         recipe=get_recipe(manifest["recipe"]), report=report, manifest=manifest)
 
 
 def _inputs_from_manifest(spec: dict) -> tuple[tuple, dict]:
     def make(x: Any) -> Any:
         if isinstance(x, dict) and set(x) == {"shape", "dtype"}:
-            dtype = getattr(torch, x["dtype"].removeprefix("torch."))
+            name = str(x["dtype"]).removeprefix("torch.")
+            if name not in DTYPES or not isinstance(x["shape"], list) or not all(isinstance(d, int) and d >= 0 for d in x["shape"]):
+                raise ArtifactError(f"manifest field manifest.example_inputs: bad tensor description {x}")
+            dtype = DTYPES[name]
             return torch.ones(x["shape"], dtype=dtype) if not dtype.is_floating_point else torch.randn(x["shape"]).to(dtype)
         if isinstance(x, list):
             return [make(v) for v in x]

@@ -1,6 +1,7 @@
 """Recipes by name: which weight and activation formats, which layers, which passes.
 
-A recipe is data. ``spec_for(path)`` decides per layer; ``overrides`` maps glob
+A recipe is data. ``decision_for(path)`` decides per layer (the ``assign_quant_specs``
+pass writes it on the graph; nothing below reads the recipe); ``overrides`` maps glob
 patterns on module paths to a weight spec (or ``None`` to keep a layer in float),
 first match wins, so a user can say ``{"*.down_proj": "int8"}``.
 """
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, replace
+from typing import Any
 
 from qcompile.formats.spec import PER_CHANNEL, QuantSpec
+from qcompile.ir.annotations import LayerDecision
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*", "*classifier*", "*score")
 """Kept in float by default: the LM head and embeddings (most sensitive, and often tied)."""
 
-DEFAULT_PASSES = ("canonicalize", "fold_norm_scales", "quantize_weights", "lower")
+DEFAULT_PASSES = ("canonicalize", "fold_norm_scales", "assign_quant_specs", "quantize_weights", "lower")
 
 
 @dataclass(frozen=True)
@@ -28,18 +31,35 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
 
-    def spec_for(self, path: str) -> tuple[QuantSpec, QuantSpec | None] | None:
-        """(weight spec, activation spec) for the layer at ``path``, or None to keep it float."""
+    def decision_for(self, path: str) -> LayerDecision:
+        """The decision for the layer at ``path``: the first matching override, else float if an
+        exclude pattern matches, else the recipe's weight and activation specs."""
         for pattern, spec in self.overrides:
             if fnmatch.fnmatchcase(path, pattern):
-                return None if spec is None else (spec, self.activation)
-        if any(fnmatch.fnmatchcase(path, p) for p in self.exclude):
-            return None
-        return self.weight, self.activation
+                if spec is None:
+                    return LayerDecision(None, source=f"override {pattern}", reason=f"override {pattern!r} keeps it float")
+                return LayerDecision(spec, self.activation, source=f"override {pattern}")
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(path, pattern):
+                return LayerDecision(None, source=f"exclude {pattern}", reason=f"the recipe keeps {pattern!r} float")
+        return LayerDecision(self.weight, self.activation, source=f"recipe {self.name}")
 
     def with_overrides(self, overrides: dict[str, str | QuantSpec | None]) -> Recipe:
         parsed = tuple((pat, parse_spec(s) if s is not None else None) for pat, s in overrides.items())
         return replace(self, overrides=parsed + self.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the recipe says, specs as ``QuantSpec.encode()`` text (for artifacts)."""
+        enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+        return {"name": self.name, "description": self.description, "weight": enc(self.weight),
+                "activation": enc(self.activation), "passes": list(self.passes), "exclude": list(self.exclude),
+                "overrides": [[pattern, enc(spec)] for pattern, spec in self.overrides]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        dec = lambda s: QuantSpec.parse(s) if s is not None else None  # noqa: E731
+        return cls(d["name"], d["description"], dec(d["weight"]), dec(d["activation"]), tuple(d["passes"]),
+                   tuple(d["exclude"]), tuple((pattern, dec(spec)) for pattern, spec in d["overrides"]))
 
 
 def _dyn(fmt: str, group: int = PER_CHANNEL) -> QuantSpec:
@@ -79,18 +99,6 @@ def get_recipe(name: str | Recipe) -> Recipe:
 
 
 def parse_spec(text: str | QuantSpec) -> QuantSpec:
-    """``"int4"``, ``"int4-g32"``, ``"int4-g128-asym"``, ``"nvfp4"``, ``"int8-pc"`` → QuantSpec."""
-    if isinstance(text, QuantSpec):
-        return text
-    parts = text.split("-")
-    fmt, group, symmetric = parts[0], PER_CHANNEL, True
-    for part in parts[1:]:
-        if part == "asym":
-            symmetric = False
-        elif part == "pc":
-            group = PER_CHANNEL
-        elif part.startswith("g") and part[1:].isdigit():
-            group = int(part[1:])
-        else:
-            raise ValueError(f"cannot parse {part!r} in spec {text!r} (expected gN, pc or asym)")
-    return QuantSpec(fmt, group_size=group, symmetric=symmetric)
+    """``"int4"``, ``"int4-g32"``, ``"int4-g128-asym"``, ``"nvfp4"``, ``"int8-pc"`` → QuantSpec
+    (the grammar of ``QuantSpec.parse``)."""
+    return text if isinstance(text, QuantSpec) else QuantSpec.parse(text)

@@ -7,8 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
+from torch import fx
 
 
 @dataclass
@@ -23,6 +25,37 @@ class LayerReport:
     weight_rel_error: float
     output_rel_error: float | None = None
     method: str = "rtn"
+
+
+def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
+    """One row per decided linear, in graph order, read from its result (quantized) or its float
+    weight (kept float): the report never recomputes what a pass measured."""
+    from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+    from qcompile.ir.annotations import decided_nodes, result_of
+    from qcompile.ir.graph import get_attr, module_path
+
+    rows = []
+    for node, _ in decided_nodes(gm):
+        path = module_path(node)
+        result = result_of(node)
+        if is_quantized_linear(node) and result is not None:
+            qt = QuantizedLinearCall.from_node(node).resolve(gm).quantized_weight()
+            numel = qt.shape[0] * qt.shape[1]
+            itemsize = torch.empty((), dtype=getattr(torch, result.float_dtype.removeprefix("torch."))).element_size()
+            rows.append(LayerReport(
+                path=path, weight_format=qt.spec.short(),
+                activation_format=result.activation.short() if result.activation is not None else None,
+                bits_per_weight=8.0 * qt.nbytes() / numel, bytes_before=numel * itemsize, bytes_fp16=numel * 2,
+                bytes_after=qt.nbytes(), weight_rel_error=result.metrics.get("weight_rel_error", 0.0),
+                output_rel_error=result.metrics.get("output_rel_error"), method=result.method))
+        elif node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
+            w = get_attr(gm, node.args[1].target)
+            rows.append(LayerReport(
+                path=path, weight_format=str(w.dtype).removeprefix("torch."), activation_format=None,
+                bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
+                bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(), weight_rel_error=0.0,
+                output_rel_error=0.0, method="kept float"))
+    return rows
 
 
 @dataclass

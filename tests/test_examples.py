@@ -34,16 +34,13 @@ def test_custom_pass_example_registers_and_helps():
 def _weight_sq_error(cm, model):
     """Σ‖W − deq(Q(W))‖² over the quantized linears: what the clip search minimizes
     (the model's norms are all ones, so folding left the weights unchanged)."""
-    from qcompile.artifact import quantized_layers
-    from qcompile.codegen.quantized_linear import as_quantized_tensor
+    from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_nodes
     from qcompile.formats import dequantize
-    from qcompile.ir.graph import get_attr
+    from qcompile.ir.graph import module_path
 
     total, gm = 0.0, cm.graph_module
     weights = dict(model.named_parameters())
-    for path, info in quantized_layers(gm).items():
-        t = {k: get_attr(gm, v) if v else None for k, v in info["tensors"].items()}
-        qt = as_quantized_tensor(t["data"], t["scale"], t["zero"], t["global_scale"], info["weight_format"],
-                                 info["group_size"], info["symmetric"], info["in_features"])
-        total += float((dequantize(qt) - weights[path + ".weight"].detach().float()).pow(2).sum())
+    for node in quantized_linear_nodes(gm):
+        qt = QuantizedLinearCall.from_node(node).resolve(gm).quantized_weight()
+        total += float((dequantize(qt) - weights[module_path(node) + ".weight"].detach().float()).pow(2).sum())
     return total

@@ -1,36 +1,35 @@
-"""lower: annotated linears → ``qcompile.quantized_linear`` holding packed weights.
+"""lower: linears with a result → ``qcompile.quantized_linear`` holding packed weights.
 
 Each quantized linear's float weight is replaced by buffers under its module
 path (``<path>.qdata``, ``.scale``, ``.zero``, ``.global_scale``), so the lowered
-module's state dict is the artifact's tensor list.
+module's state dict is the artifact's tensor list. The op's arguments come from
+``op_schema.QuantizedLinearCall``; the decision and result stay on the new node.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import fx
 
-from qcompile.codegen.quantized_linear import QUANTIZED_LINEAR
-from qcompile.formats import PER_CHANNEL
+from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_overload
+from qcompile.ir.annotations import RESULT, LayerResult, result_of
 from qcompile.ir.graph import add_get_attr, erase_dead_attrs, module_path
-from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
-from qcompile.passes.weight_quantization import QUANT, LinearQuant
+from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
+
+_ATTR_NAMES = {"data": "qdata"}  # QuantizedTensor tensor name -> attribute suffix
 
 
-def lower_linear(gm: fx.GraphModule, node: fx.Node, q: LinearQuant) -> fx.Node:
+def lower_linear(gm: fx.GraphModule, node: fx.Node, result: LayerResult) -> fx.Node:
     path = module_path(node) or node.name
-    qt = q.weight
-    tensors = {k: add_get_attr(gm, f"{path}.q{k}" if k == "data" else f"{path}.{k}", v, before=node)
-               for k, v in qt.tensors().items()}
+    qt = result.weight
+    tensors = {k: add_get_attr(gm, f"{path}.{_ATTR_NAMES.get(k, k)}", v, before=node) for k, v in qt.tensors().items()}
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    act = q.activation
-    args = (
-        node.args[0], tensors["data"], tensors["scale"], tensors.get("zero"), tensors.get("global_scale"), bias,
-        qt.spec.format, qt.spec.group_size, qt.spec.symmetric, qt.shape[1],
-        act.format if act is not None else "", act.group_size if act is not None else PER_CHANNEL,
-    )
+    call = QuantizedLinearCall.for_weight(node.args[0], qt, tensors, bias, result.activation)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(QUANTIZED_LINEAR, args)
-    new.meta.update({k: v for k, v in node.meta.items() if k != QUANT})
+        new = gm.graph.call_function(quantized_linear_overload(), call.op_args())
+    new.meta.update(node.meta)
+    new.meta[RESULT] = replace(result, weight=None)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
@@ -38,12 +37,19 @@ def lower_linear(gm: fx.GraphModule, node: fx.Node, q: LinearQuant) -> fx.Node:
 
 @register_pass("lower")
 class Lower(Pass):
+    """Replace every ``aten.linear`` carrying a result by the quantized op; drop dead weights.
+    Deterministic given the results, so it re-runs at load."""
+
     exact = False
+    requires = ("quant_results",)
+    ensures = ("lowered",)
+    on_load = OnLoad.RERUN
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        todo = [n for n in gm.graph.nodes if QUANT in n.meta]
+        todo = [n for n in gm.graph.nodes if n.op == "call_function" and result_of(n) is not None
+                and result_of(n).weight is not None]
         for node in todo:
-            lower_linear(gm, node, node.meta[QUANT])
+            lower_linear(gm, node, result_of(node))
         gm.graph.eliminate_dead_code()
         erase_dead_attrs(gm)
         return PassResult(bool(todo), {"lowered": len(todo)})

@@ -1,7 +1,7 @@
 """``torch.ops.qcompile.quantized_linear``: the op lowered graphs call.
 
 Its arguments are plain tensors and scalars (so graphs holding it export,
-save and load); the reference kernel dequantizes with the formats library and
+save and load), ordered by ``op_schema.QuantizedLinearCall``; the reference kernel dequantizes with the formats library and
 runs a float matmul anywhere. On CUDA it dispatches to the Triton kernels in
 ``qcompile.codegen.gemm``; when no kernel covers a combination it says so once,
 with the reason, and runs the reference — never silently.
@@ -10,27 +10,15 @@ with the reason, and runs the reference — never silently.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
+from qcompile.codegen.op_schema import OP_NAME, OP_NAMESPACE, QuantizedLinearCall
 from qcompile.formats import QuantizedTensor, QuantSpec, dequantize, fake_quantize
 
 _warned: set[str] = set()
-
-
-def weight_spec(fmt: str, group_size: int, symmetric: bool) -> QuantSpec:
-    return QuantSpec(fmt, group_size=group_size, symmetric=symmetric)
-
-
-def activation_spec(fmt: str, group_size: int) -> QuantSpec | None:
-    return QuantSpec(fmt, group_size=group_size, dynamic=True) if fmt else None
-
-
-def as_quantized_tensor(
-    qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, global_scale: torch.Tensor | None,
-    fmt: str, group_size: int, symmetric: bool, in_features: int,
-) -> QuantizedTensor:
-    return QuantizedTensor(weight_spec(fmt, group_size, symmetric), (scale.shape[0], in_features), qdata, scale, zero, global_scale)
+_QUALNAME = f"{OP_NAMESPACE}::{OP_NAME}"
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -57,32 +45,24 @@ def _triton_path(x: torch.Tensor, w_spec: QuantSpec, a_spec: QuantSpec | None):
     return gemm.triton_quantized_linear
 
 
-@torch.library.custom_op("qcompile::quantized_linear", mutates_args=())
-def quantized_linear(
-    x: torch.Tensor,
-    qdata: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    global_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    weight_format: str,
-    group_size: int,
-    symmetric: bool,
-    in_features: int,
-    act_format: str,
-    act_group_size: int,
-) -> torch.Tensor:
-    qt = as_quantized_tensor(qdata, scale, zero, global_scale, weight_format, group_size, symmetric, in_features)
-    a_spec = activation_spec(act_format, act_group_size)
-    kernel = _triton_path(x, qt.spec, a_spec)
+torch.library.define(_QUALNAME, QuantizedLinearCall.schema())
+
+
+@torch.library.impl(_QUALNAME, "CompositeExplicitAutograd")
+def quantized_linear(*args: Any) -> torch.Tensor:
+    """The op: arguments as :class:`~qcompile.codegen.op_schema.QuantizedLinearCall` orders them."""
+    call = QuantizedLinearCall.from_op_args(args)
+    qt = call.quantized_weight()
+    kernel = _triton_path(call.x, qt.spec, call.act_spec)
     if kernel is not None:
-        return kernel(x, qt, bias, a_spec)
-    return reference_quantized_linear(x, qt, bias, a_spec)
+        return kernel(call.x, qt, call.bias, call.act_spec)
+    return reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
 
 
-@quantized_linear.register_fake
-def _(x, qdata, scale, zero, global_scale, bias, weight_format, group_size, symmetric, in_features, act_format, act_group_size):
-    return x.new_empty((*x.shape[:-1], scale.shape[0]))
+@torch.library.register_fake(_QUALNAME)
+def _(*args: Any) -> torch.Tensor:
+    call = QuantizedLinearCall.from_op_args(args)
+    return call.x.new_empty((*call.x.shape[:-1], call.out_features))
 
 
 def reference_quantized_linear(

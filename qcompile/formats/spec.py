@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .scales import SCALE_DTYPES
+
 INT_FORMATS = ("int8", "int4", "int3", "int2")
 FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
 BLOCK_FORMATS = ("nvfp4", "mxfp4", "mxfp8")
@@ -28,6 +30,9 @@ FIXED_BLOCK = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}
 PER_CHANNEL = 0
 """``group_size`` meaning one scale for a whole row (per output channel or per token)."""
 
+DEFAULT_SCALE_DTYPE = "float16"
+"""Of int and plain-fp scales (``scales.SCALE_DTYPES``); block formats fix theirs (e4m3, e8m0)."""
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -42,10 +47,12 @@ class QuantSpec:
     format: str
     group_size: int = PER_CHANNEL
     symmetric: bool = True
-    scale_dtype: str = "float16"
+    scale_dtype: str = DEFAULT_SCALE_DTYPE
     dynamic: bool = False
 
     def __post_init__(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
         if self.format not in FORMATS:
             raise ValueError(f"unknown format {self.format!r}; valid formats: {', '.join(FORMATS)}")
         if self.format in FIXED_BLOCK:
@@ -69,6 +76,43 @@ class QuantSpec:
         group = "pc" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
         sym = "" if self.symmetric else "-asym"
         return f"{self.format}-{group}{sym}"
+
+    def encode(self) -> str:
+        """The whole spec as text that :meth:`parse` reads back into an equal spec:
+        ``short()`` plus the scale dtype when it is not float16 and ``dynamic``, e.g.
+        ``fp8_e4m3-pc-scale:float32-dynamic``. The op schema and artifacts carry specs this way."""
+        parts = [self.short()]
+        if self.scale_dtype != DEFAULT_SCALE_DTYPE:
+            parts.append(f"scale:{self.scale_dtype}")
+        if self.dynamic:
+            parts.append("dynamic")
+        return "-".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> QuantSpec:
+        """``"int4"``, ``"int4-g32"``, ``"int4-g128-asym"``, ``"nvfp4"``, ``"int8-pc"``,
+        ``"fp8_e4m3-pc-scale:float32-dynamic"`` → QuantSpec (the inverse of :meth:`encode`)."""
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"a spec is a non-empty string like 'int4-g128-asym', got {text!r}")
+        fmt, *tokens = text.split("-")
+        fields: dict = {}
+        for token in tokens:
+            if token == "asym":
+                fields["symmetric"] = False
+            elif token == "sym":
+                fields["symmetric"] = True
+            elif token == "pc":
+                fields["group_size"] = PER_CHANNEL
+            elif token == "dynamic":
+                fields["dynamic"] = True
+            elif token.startswith("g") and token[1:].isdigit():
+                fields["group_size"] = int(token[1:])
+            elif token.startswith("scale:") and token[6:] in SCALE_DTYPES:
+                fields["scale_dtype"] = token[6:]
+            else:
+                raise ValueError(f"cannot parse {token!r} in spec {text!r} (expected gN, pc, asym, sym, "
+                                 f"dynamic or scale:<{'|'.join(SCALE_DTYPES)}>)")
+        return cls(fmt, **fields)
 
     def to_dict(self) -> dict:
         return asdict(self)

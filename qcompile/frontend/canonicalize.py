@@ -35,7 +35,10 @@ _ASSERTS = (aten._assert_tensor_metadata.default,)
 
 @register_pass("canonicalize")
 class Canonicalize(Pass):
+    """Raise norms, GPT-2's addmm and module paths (module docstring); re-run at load."""
+
     exact = True
+    ensures = ("canonical",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = {

@@ -1,0 +1,32 @@
+"""Passes, imported explicitly so that every built-in pass is registered by name.
+
+One pass family a file: ``spec_assignment`` (recipe → decisions), ``norm_folding``,
+``weight_quantization`` (decisions → results), plus ``canonicalize`` (frontend) and ``lower``
+(codegen). ``base`` is the framework, ``calibration`` the statistics service.
+"""
+
+from qcompile.codegen.lowering import Lower
+from qcompile.frontend.canonicalize import Canonicalize
+from qcompile.passes.base import (
+    OnLoad,
+    Pass,
+    PassContext,
+    PassManager,
+    PassOrderError,
+    PassRequirementError,
+    PassResult,
+    make_pass,
+    order_passes,
+    register_pass,
+    registered_passes,
+)
+from qcompile.passes.calibration import ActivationStats, Calibration
+from qcompile.passes.norm_folding import FoldNormScales
+from qcompile.passes.spec_assignment import AssignQuantSpecs
+from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
+
+__all__ = [
+    "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
+    "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
+    "QuantizeWeights", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
+]

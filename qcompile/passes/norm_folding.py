@@ -18,7 +18,13 @@ from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 
 @register_pass("fold_norm_scales")
 class FoldNormScales(Pass):
+    """Fold each norm's affine part into the linears it feeds, when all its consumers are linears
+    (through row-only ops); before any decision, so every quantizer sees the folded weights."""
+
     exact = True
+    requires = ("canonical",)
+    ensures = ("norms_folded",)
+    runs_before = ("assign_quant_specs",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         folded, skipped = 0, {}

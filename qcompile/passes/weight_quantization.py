@@ -1,99 +1,113 @@
-"""quantize_weights: round-to-nearest weight quantization, layer by layer.
+"""Weight quantizers: each linear's decision becomes a result.
 
-The recipe picks a QuantSpec per linear (by module-path patterns); this pass
-computes the QuantizedTensor and attaches it to the node as a ``LinearQuant``
-annotation. Lowering turns annotations into quantized ops, so another weight
-quantizer (GPTQ, AWQ-scaled RTN) only has to produce a different QuantizedTensor.
+:class:`WeightQuantizer` is the orchestration every quantizer shares (which layers, calibration
+statistics, errors for the report, restoring saved results at load); a subclass supplies the pure
+math, ``quantize_weight(weight, decision, stats) -> QuantizedTensor``. ``quantize_weights`` is
+round-to-nearest; GPTQ and AWQ are the same pass shape with other math.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from qcompile.formats import QuantizedTensor, QuantSpec, quantization_error, quantize
+from qcompile.ir.annotations import LayerDecision, LayerResult, decision_of, set_result
 from qcompile.ir.graph import get_attr, linear_nodes, module_path
-from qcompile.ir.interpret import capture_inputs
-from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
+from qcompile.passes.calibration import ActivationStats
 
-QUANT = "qcompile.quant"
-"""``node.meta`` key of a linear's ``LinearQuant`` annotation."""
-
-
-@dataclass
-class LinearQuant:
-    """What lowering needs to replace one linear: its quantized weight, the
-    activation spec (None = weight-only) and the method that produced it."""
-
-    weight: QuantizedTensor
-    activation: QuantSpec | None
-    method: str = "rtn"
+OUTPUT_ERROR_ROWS = 256
+"""Calibration rows on which each layer's output error is measured for the report."""
 
 
-@register_pass("quantize_weights")
-class QuantizeWeights(Pass):
+class WeightQuantizer(Pass):
+    """Turns every quantized decision into a :class:`LayerResult`.
+
+    Rules: a linear without a decision, or whose decision keeps it float, is left alone; the
+    weight must be 2-D and finite; the result's metrics are the weight's relative error and the
+    layer's output error on calibration rows (``‖xWᵀ − Q(x)Q(W)ᵀ‖ / ‖xWᵀ‖``). At load, results are
+    rebuilt from the artifact's tensors, never recomputed.
+    """
+
     exact = False
+    requires = ("quant_decisions",)
+    ensures = ("quant_results",)
+    on_load = OnLoad.RESTORE
+    method = ""
+    needs_hessian = False
+    label = "quantize weights"
+
+    def quantize_weight(self, weight: torch.Tensor, decision: LayerDecision,
+                        stats: ActivationStats | None) -> QuantizedTensor:
+        raise NotImplementedError
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        recipe = ctx.recipe
-        linears = linear_nodes(gm)
-        chosen = [(n, recipe.spec_for(module_path(n))) for n in linears]
-        todo = [(n, s) for n, s in chosen if s is not None]
+        todo = [(n, decision_of(n)) for n in linear_nodes(gm)]
+        todo = [(n, d) for n, d in todo if d is not None and d.quantized]
+        stats = {}
+        if todo and (self.needs_hessian or ctx.options.get("layer_errors", True)):
+            stats = ctx.activation_stats(gm, [n for n, _ in todo], hessian=self.needs_hessian,
+                                         sample_rows=OUTPUT_ERROR_ROWS)
         if ctx.progress is not None:
-            ctx.progress.start_layers("quantize weights (RTN)", len(todo))
-        inputs = {}
-        if todo and ctx.options.get("layer_errors", True):
-            inputs = capture_inputs(gm, ctx.example_args, ctx.example_kwargs, [n for n, _ in todo], max_rows=256)
+            ctx.progress.start_layers(f"{self.label} ({self.method.upper()})", len(todo))
         errors = []
-        for node, (w_spec, a_spec) in todo:
+        for node, decision in todo:
             path = module_path(node)
             weight = get_attr(gm, node.args[1].target)
             if weight.dim() != 2:
                 raise ValueError(f"linear {path}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+            w = weight.detach().float()
             try:
-                qt = quantize(weight.detach().float(), w_spec)
+                qt = self.quantize_weight(w, decision, stats.get(node.name))
             except ValueError as e:
-                raise ValueError(f"cannot quantize weight {node.args[1].target!r} ({path}) as {w_spec.short()}: {e}") from e
-            node.meta[QUANT] = LinearQuant(qt, a_spec, "rtn")
-            err = quantization_error(weight.detach().float(), qt)
+                raise ValueError(f"cannot quantize weight {node.args[1].target!r} ({path}) as "
+                                 f"{decision.weight.short()}: {e}") from e
+            err = quantization_error(w, qt)
             errors.append(err)
-            ctx.layer(path).update(
-                weight_format=w_spec.short(),
-                activation_format=a_spec.short() if a_spec is not None else None,
-                bits_per_weight=8.0 * qt.nbytes() / weight.numel(),
-                bytes_before=weight.numel() * weight.element_size(),
-                bytes_fp16=weight.numel() * 2,
-                bytes_after=qt.nbytes(),
-                weight_rel_error=err,
-                method="rtn",
-                output_rel_error=_output_error(inputs.get(node.name), weight, qt, a_spec),
-            )
+            sample = stats[node.name].sample if node.name in stats else None
+            set_result(node, LayerResult(qt, decision.activation, self.method, float_dtype=str(weight.dtype),
+                                         metrics={"weight_rel_error": err,
+                                                  "output_rel_error": output_error(sample, w, qt, decision.activation)}))
             if ctx.progress is not None:
                 ctx.progress.advance_layer()
-        for node, spec in chosen:
-            if spec is None:
-                w = get_attr(gm, node.args[1].target)
-                ctx.layer(module_path(node)).update(
-                    weight_format=str(w.dtype).removeprefix("torch."), activation_format=None,
-                    bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
-                    bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(),
-                    weight_rel_error=0.0, output_rel_error=0.0, method="kept float",
-                )
-        stats = {"quantized": len(todo), "kept_float": len(chosen) - len(todo)}
+        out = {"quantized": len(todo)}
         if errors:
-            stats["mean_weight_rel_error"] = float(torch.tensor(errors).mean())
-        return PassResult(bool(todo), stats)
+            out["mean_weight_rel_error"] = float(torch.tensor(errors).mean())
+        return PassResult(bool(todo), out)
+
+    def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        restored = 0
+        for node in linear_nodes(gm):
+            decision = decision_of(node)
+            if decision is None or not decision.quantized:
+                continue
+            weight = get_attr(gm, node.args[1].target)
+            result = ctx.artifact.result(module_path(node), decision, tuple(weight.shape))
+            if result is not None:
+                set_result(node, result)
+                restored += 1
+        return PassResult(bool(restored), {"restored": restored})
 
 
-def _output_error(x: torch.Tensor | None, weight: torch.Tensor, qt: QuantizedTensor, act: QuantSpec | None) -> float | None:
-    """‖x Wᵀ − Q(x) Q(W)ᵀ‖ / ‖x Wᵀ‖ on the layer's real input from the example."""
-    if x is None or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+@register_pass("quantize_weights")
+class QuantizeWeights(WeightQuantizer):
+    """Round-to-nearest with the decision's weight spec (the formats library's ``quantize``)."""
+
+    method = "rtn"
+
+    def quantize_weight(self, weight: torch.Tensor, decision: LayerDecision,
+                        stats: ActivationStats | None) -> QuantizedTensor:
+        return quantize(weight, decision.weight)
+
+
+def output_error(x: torch.Tensor | None, weight: torch.Tensor, qt: QuantizedTensor, act: QuantSpec | None) -> float | None:
+    """‖x Wᵀ − Q(x) Q(W)ᵀ‖ / ‖x Wᵀ‖ on calibration rows ``x``."""
+    if x is None:
         return None
     from qcompile.codegen.quantized_linear import reference_quantized_linear
 
     x = x.float()
-    ref = x @ weight.detach().float().t()
+    ref = x @ weight.t()
     out = reference_quantized_linear(x, qt, None, act)
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -8,14 +8,13 @@ import torch
 import qcompile
 from qcompile.codegen import gemm
 from qcompile.codegen import quantized_linear as ql
+from qcompile.codegen.op_schema import QuantizedLinearCall
 from qcompile.formats import QuantSpec, dequantize, quantize
 
 
 def _call(x, qt, bias=None, act=None):
-    z, g = qt.zero, qt.global_scale
-    return torch.ops.qcompile.quantized_linear(
-        x, qt.data, qt.scale, z, g, bias, qt.spec.format, qt.spec.group_size, qt.spec.symmetric, qt.shape[1],
-        act.format if act else "", act.group_size if act else 0)
+    call = QuantizedLinearCall.for_weight(x, qt, qt.tensors(), bias, act)
+    return torch.ops.qcompile.quantized_linear(*call.op_args())
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int4", 32, symmetric=False), QuantSpec("int8"), QuantSpec("nvfp4")])
