@@ -40,7 +40,21 @@ def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, e
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("qcompile::channel_scale", mutates_args=())
+def channel_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale`` over the last dimension: a per-channel scale that scale migration
+    (SmoothQuant, AWQ) inserts where no preceding op can absorb it; fusion folds it into the
+    kernel that reads ``x``."""
+    return x * scale.to(x.dtype)
+
+
+@channel_scale.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 RMS_NORM = torch.ops.qcompile.rms_norm.default
 LAYER_NORM = torch.ops.qcompile.layer_norm.default
+CHANNEL_SCALE = torch.ops.qcompile.channel_scale.default
 NORM_OPS = (RMS_NORM, LAYER_NORM)
 LINEAR = torch.ops.aten.linear.default
