@@ -25,6 +25,9 @@ class LayerReport:
     weight_rel_error: float
     output_rel_error: float | None = None
     method: str = "rtn"
+    passes: dict[str, Any] = field(default_factory=dict)
+    """What passes did to this layer, by pass name (``LayerDecision.extras``): rotation kind,
+    smoothing alpha, clip ratios, GPTQ damping and errors, ..."""
 
 
 def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
@@ -35,7 +38,7 @@ def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
     from qcompile.ir.graph import get_attr, module_path
 
     rows = []
-    for node, _ in decided_nodes(gm):
+    for node, decision in decided_nodes(gm):
         path = module_path(node)
         result = result_of(node)
         if is_quantized_linear(node) and result is not None:
@@ -47,14 +50,15 @@ def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
                 activation_format=result.activation.short() if result.activation is not None else None,
                 bits_per_weight=8.0 * qt.nbytes() / numel, bytes_before=numel * itemsize, bytes_fp16=numel * 2,
                 bytes_after=qt.nbytes(), weight_rel_error=result.metrics.get("weight_rel_error", 0.0),
-                output_rel_error=result.metrics.get("output_rel_error"), method=result.method))
+                output_rel_error=result.metrics.get("output_rel_error"), method=result.method,
+                passes=dict(decision.extras)))
         elif node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
             w = get_attr(gm, node.args[1].target)
             rows.append(LayerReport(
                 path=path, weight_format=str(w.dtype).removeprefix("torch."), activation_format=None,
                 bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
                 bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(), weight_rel_error=0.0,
-                output_rel_error=0.0, method="kept float"))
+                output_rel_error=0.0, method="kept float", passes=dict(decision.extras)))
     return rows
 
 
@@ -104,20 +108,25 @@ class Report:
 
     def table(self) -> Table:
         t = Table(title=f"qcompile: {self.model} → target {self.target}, recipe {self.recipe}", show_lines=False)
-        for col in ("layer", "weights", "acts", "bits/w", "KiB before", "KiB after", "weight err", "output err"):
-            t.add_column(col, justify="left" if col in ("layer", "weights", "acts") else "right")
+        cols = ["layer", "weights", "acts", "bits/w", "KiB before", "KiB after", "weight err", "output err"]
+        touched = any(layer.passes for layer in self.layers)
+        if touched:
+            cols.append("passes")
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("layer", "weights", "acts", "passes") else "right")
         for layer in self.layers:
             t.add_row(
                 layer.path, layer.weight_format, layer.activation_format or "-", f"{layer.bits_per_weight:.2f}",
                 f"{layer.bytes_before / 1024:.1f}", f"{layer.bytes_after / 1024:.1f}",
                 f"{layer.weight_rel_error:.4f}",
                 f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-",
+                *([", ".join(layer.passes)] if touched else []),
             )
         ratio = self.bytes_after / self.bytes_fp16 if self.bytes_fp16 else float("nan")
         t.add_section()
         t.add_row(
             f"total ({len(self.layers)} linears)", "", "", "", f"{self.bytes_before / 1024:.1f}",
-            f"{self.bytes_after / 1024:.1f}", "", "",
+            f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []),
         )
         t.caption = f"linear weights {self.bytes_after / 2**20:.2f} MiB = {ratio:.3f}× of fp16"
         if self.output_cosine is not None:
