@@ -48,7 +48,7 @@ class MSEClip(qcompile.Pass):
             best = torch.stack(errors).argmin(dim=0)
             ratio = torch.tensor(RATIOS)[best].unsqueeze(1)
             set_attr(gm, target, w.clamp(-ratio * amax, ratio * amax).to(get_attr(gm, target).dtype))
-            set_decision(node, decision.replace(extras={**decision.extras, "mse_clip_mean_ratio": float(ratio.mean())}))
+            set_decision(node, decision.replace(extras={**decision.extras, self.name: {"mean_ratio": float(ratio.mean())}}))
             chosen.append(float(ratio.mean()))
         stats = {"layers": len(chosen), "mean_ratio": sum(chosen) / max(len(chosen), 1)}
         return qcompile.PassResult(bool(chosen), stats)
