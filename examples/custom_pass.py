@@ -62,7 +62,7 @@ def main() -> None:
     ids = torch.randint(0, 512, (2, 32))
 
     plain = qcompile.compile(model, ids, recipe="w4a16", progress=False)
-    passes = ["canonicalize", "fold_norm_scales", "assign_quant_specs", "mse_clip", "quantize_weights", "lower"]
+    passes = ["canonicalize", "assign_quant_specs", "fold_norm_scales", "mse_clip", "quantize_weights", "lower"]
     clipped = qcompile.compile(model, ids, recipe="w4a16", passes=passes, progress=False)
     stats = next(p["stats"] for p in clipped.report().to_dict()["passes"] if p["name"] == "mse_clip")
     print(f"mse_clip: {stats}")

@@ -91,7 +91,10 @@ def compile(  # noqa: A001 - the public name is the point
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     if verify == "auto":
         verify = sum(p.numel() for p in model.parameters()) <= VERIFY_AUTO_MAX_PARAMS
-    pass_list = [p if isinstance(p, Pass) else make_pass(p) for p in (passes or rcp.passes)]
+    if passes is None:
+        pass_list = rcp.make_passes()
+    else:
+        pass_list = [p if isinstance(p, Pass) else make_pass(p, **rcp.pass_options.get(p, {})) for p in passes]
 
     with CompileProgress(progress) as prog, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal noise

@@ -74,7 +74,7 @@ _LAYER = {
 SCHEMA = {
     "format_version": int, "qcompile_version": str, "torch_version": str, "model_class": str, "target": str,
     "recipe": {"name": str, "description": str, "weight": SPEC, "activation": SPEC, "passes": [str],
-               "exclude": [str], "overrides": [list]},
+               "exclude": [str], "overrides": [list], "pass_options": {str: dict}},
     "overrides": dict,
     "passes": [{"name": str, "on_load": OneOf("rerun", "restore", "skip"), "ensures": [str], "options": dict}],
     "pinned_kwargs": dict, "dynamic": bool, "example_inputs": {"args": list, "kwargs": dict},

@@ -9,7 +9,7 @@ first match wins, so a user can say ``{"*.down_proj": "int8"}``.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qcompile.formats.spec import PER_CHANNEL, QuantSpec
@@ -18,7 +18,9 @@ from qcompile.ir.annotations import LayerDecision
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*", "*classifier*", "*score")
 """Kept in float by default: the LM head and embeddings (most sensitive, and often tied)."""
 
-DEFAULT_PASSES = ("canonicalize", "fold_norm_scales", "assign_quant_specs", "quantize_weights", "lower")
+DEFAULT_PASSES = ("canonicalize", "assign_quant_specs", "fold_norm_scales", "quantize_weights", "lower")
+FOLD_IF_BETTER = {"fold_norm_scales": {"when": "if_better"}}
+"""Before plain quantizers a norm folds only where that lowers its consumers' error (norm_folding.py)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,13 @@ class Recipe:
     passes: tuple[str, ...] = DEFAULT_PASSES
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
+    pass_options: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(FOLD_IF_BETTER))
+    """Constructor options of the recipe's passes, by pass name."""
+
+    def make_passes(self) -> list:
+        from qcompile.passes import make_pass
+
+        return [make_pass(name, **self.pass_options.get(name, {})) for name in self.passes]
 
     def decision_for(self, path: str) -> LayerDecision:
         """The decision for the layer at ``path``: the first matching override, else float if an
@@ -53,13 +62,15 @@ class Recipe:
         enc = lambda s: s.encode() if s is not None else None  # noqa: E731
         return {"name": self.name, "description": self.description, "weight": enc(self.weight),
                 "activation": enc(self.activation), "passes": list(self.passes), "exclude": list(self.exclude),
-                "overrides": [[pattern, enc(spec)] for pattern, spec in self.overrides]}
+                "overrides": [[pattern, enc(spec)] for pattern, spec in self.overrides],
+                "pass_options": self.pass_options}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         dec = lambda s: QuantSpec.parse(s) if s is not None else None  # noqa: E731
         return cls(d["name"], d["description"], dec(d["weight"]), dec(d["activation"]), tuple(d["passes"]),
-                   tuple(d["exclude"]), tuple((pattern, dec(spec)) for pattern, spec in d["overrides"]))
+                   tuple(d["exclude"]), tuple((pattern, dec(spec)) for pattern, spec in d["overrides"]),
+                   dict(d["pass_options"]))
 
 
 def _dyn(fmt: str, group: int = PER_CHANNEL) -> QuantSpec:

@@ -38,7 +38,7 @@ class CountedRestore(Pass):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("art") / "a"
-    passes = ["canonicalize", "fold_norm_scales", "assign_quant_specs", "test_counted_restore", "quantize_weights",
+    passes = ["canonicalize", "assign_quant_specs", "fold_norm_scales", "test_counted_restore", "quantize_weights",
               "lower"]
     cm = qcompile.compile(tiny_model("llama", layers=1), tiny_inputs(), recipe="w4a16", passes=passes, progress=False)
     cm.save(root)

@@ -39,7 +39,7 @@ class StatsProbe(Pass):
         return PassResult(False)
 
 
-PIPELINE = ["canonicalize", "fold_norm_scales", "assign_quant_specs", "test_stats_probe", "quantize_weights", "lower"]
+PIPELINE = ["canonicalize", "assign_quant_specs", "fold_norm_scales", "test_stats_probe", "quantize_weights", "lower"]
 
 
 def test_statistics_come_from_the_calibration_batches_and_are_computed_once():

@@ -28,9 +28,9 @@ def test_contradictory_order_is_rejected_naming_both_passes():
 
 
 def test_order_follows_constraints_and_keeps_the_rest():
-    names = ["canonicalize", "lower", "quantize_weights", "fold_norm_scales", "assign_quant_specs"]
+    names = ["canonicalize", "lower", "quantize_weights", "assign_quant_specs", "fold_norm_scales"]
     ordered = [p.name for p in order_passes([make_pass(n) for n in names])]
-    assert ordered == ["canonicalize", "fold_norm_scales", "assign_quant_specs", "quantize_weights", "lower"]
+    assert ordered == ["canonicalize", "assign_quant_specs", "fold_norm_scales", "quantize_weights", "lower"]
 
 
 def test_reordering_warns():
