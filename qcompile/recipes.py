@@ -18,9 +18,10 @@ from qcompile.ir.annotations import LayerDecision
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*", "*classifier*", "*score")
 """Kept in float by default: the LM head and embeddings (most sensitive, and often tied)."""
 
-DEFAULT_PASSES = ("canonicalize", "assign_quant_specs", "fold_norm_scales", "quantize_weights", "lower")
-FOLD_IF_BETTER = {"fold_norm_scales": {"when": "if_better"}}
-"""Before plain quantizers a norm folds only where that lowers its consumers' error (norm_folding.py)."""
+DEFAULT_PASSES = ("canonicalize", "assign_quant_specs", "quantize_weights", "lower")
+"""No norm folding before plain quantizers: it carries the norms' outlier channels into the weight
+groups. SmolLM2-135M W4A16 RTN perplexity ×float: folded 1.87, ``when="if_better"`` 1.33, not
+folded 1.27 (docs/accuracy-smollm2.md). Rotation recipes fold (``when="always"``): they need it."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Recipe:
     passes: tuple[str, ...] = DEFAULT_PASSES
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
-    pass_options: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(FOLD_IF_BETTER))
+    pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Constructor options of the recipe's passes, by pass name."""
 
     def make_passes(self) -> list:

@@ -101,7 +101,7 @@ def test_report_table_dict_json():
     d = json.loads(report.to_json())
     assert d["totals"]["linear_bytes_after"] < d["totals"]["linear_bytes_before"]
     assert all(layer["output_rel_error"] is not None for layer in d["layers"])
-    assert [p["name"] for p in d["passes"]] == ["canonicalize", "assign_quant_specs", "fold_norm_scales", "quantize_weights", "lower"]
+    assert [p["name"] for p in d["passes"]] == ["canonicalize", "assign_quant_specs", "quantize_weights", "lower"]
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -21,12 +21,13 @@ from qcompile.passes.base import (
     registered_passes,
 )
 from qcompile.passes.calibration import ActivationStats, Calibration
+from qcompile.passes.gptq import GPTQ
 from qcompile.passes.norm_folding import FoldNormScales
 from qcompile.passes.spec_assignment import AssignQuantSpecs
 from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
 
 __all__ = [
-    "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
+    "GPTQ", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
     "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
     "QuantizeWeights", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
 ]
