@@ -19,7 +19,6 @@ Protocol (the same for qcompile and the peers, in one run, on CPU):
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import importlib.util
 import json
@@ -36,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import qcompile  # noqa: E402
-from qcompile.demo import embedding_agreement, load_minilm, mean_pool, readme_sentences  # noqa: E402
-from qcompile.formats import QuantSpec, dequantize, quantize  # noqa: E402
+from qcompile.demo import embedding_agreement, load_minilm, mean_pool, plain_rtn, readme_sentences  # noqa: E402
+from qcompile.formats import QuantSpec  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,20 +97,11 @@ def minilm(recipes: list[str], peers: bool) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def _plain_rtn(model: torch.nn.Module, spec: QuantSpec) -> torch.nn.Module:
-    rtn = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in rtn.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(dequantize(quantize(module.weight.float(), spec)))
-    return rtn
-
-
 def _minilm_peers(model, test, ref, calib_text, tok, score) -> list[dict]:
     rows = []
     spec = QuantSpec("int4", group_size=128, symmetric=False)
     with torch.no_grad():
-        emb = mean_pool(_plain_rtn(model, spec)(**test).last_hidden_state, test["attention_mask"])
+        emb = mean_pool(plain_rtn(model, spec)(**test).last_hidden_state, test["attention_mask"])
     rows.append({"who": "PyTorch", "method": "plain RTN int4 g128 asym (eager)", "bits": 4 + 24 / 128, **score(emb)})
     try:
         rows += _ort_peers(model, test, score, calib_text, tok)

@@ -71,3 +71,18 @@ def embedding_agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float
     same = (nearest(ref.double()) == nearest(out.double())).double().mean()
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "same_nearest_neighbour": float(same),
             "sentences": ref.shape[0]}
+
+
+def plain_rtn(model: torch.nn.Module, spec) -> torch.nn.Module:
+    """The baseline every recipe is measured against: a copy of ``model`` with every
+    ``nn.Linear`` weight rounded to nearest with ``spec`` (a ``QuantSpec``), in eager PyTorch."""
+    import copy
+
+    from qcompile.formats import dequantize, quantize
+
+    rtn = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rtn.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(dequantize(quantize(module.weight.float(), spec)))
+    return rtn

@@ -78,9 +78,16 @@ def _dyn(fmt: str, group: int = PER_CHANNEL) -> QuantSpec:
     return QuantSpec(fmt, group_size=group, dynamic=True)
 
 
-RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
+GPTQ_PASSES = ("canonicalize", "assign_quant_specs", "gptq", "lower")
+
+
+def _derived(base: Recipe, suffix: str, what: str, passes: tuple[str, ...],
+             pass_options: dict[str, dict[str, Any]] | None = None) -> Recipe:
+    return replace(base, name=f"{base.name}-{suffix}", description=f"{base.description}; {what}", passes=passes,
+                   pass_options=dict(pass_options or {}))
+
+
+_RTN = (
         Recipe("w8a16", "int8 per-channel weights, 16-bit activations", QuantSpec("int8")),
         Recipe("w4a16", "int4 group-128 asymmetric weights, 16-bit activations",
                QuantSpec("int4", group_size=128, symmetric=False)),
@@ -98,8 +105,12 @@ RECIPES: dict[str, Recipe] = {
                QuantSpec("fp8_e4m3", scale_dtype="float32"), _dyn("fp8_e4m3")),
         Recipe("nvfp4", "NVFP4 weights and activations", QuantSpec("nvfp4"), _dyn("nvfp4")),
         Recipe("mxfp4", "MXFP4 weights and activations", QuantSpec("mxfp4"), _dyn("mxfp4")),
-    )
-}
+)
+_BY_NAME = {r.name: r for r in _RTN}
+_GPTQ = tuple(_derived(_BY_NAME[n], "gptq", "GPTQ weights (passes/gptq.py)", GPTQ_PASSES)
+              for n in ("w4a16", "w4a16-g32", "nvfp4-w4a16", "w8a8", "w4a8", "w4a4", "nvfp4"))
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ)}
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
