@@ -96,7 +96,8 @@ def capture_launches(fn_call, *args, **kwargs) -> list[tuple]:
     original = JITFunction.run
 
     def record(self, *a, grid, warmup, **kw):
-        opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+        names = inspect.signature(self.fn).parameters
+        opts = {k: kw.pop(k) for k in list(kw) if k not in names}   # num_warps, maxnreg, ...
         bound = inspect.signature(self.fn).bind(*a, **kw)
         calls.append((self, dict(bound.arguments), opts))
 
@@ -131,3 +132,22 @@ def compile_captured(kernel, arguments: dict, options: dict, cc: int = 90):
             raise TypeError(f"{p.name}: cannot type {type(v)}")
     return compile_for(kernel, sig, const, cc=cc, num_warps=options.get("num_warps", 4),
                        num_stages=options.get("num_stages", 3))
+
+
+def compile_launch(kernel, arguments: dict, options: dict, cc: int = 90):
+    """Compile one captured launch for ``sm_<cc>`` exactly as a launch on that GPU would: Triton's
+    own argument binder decides the specializations (16-divisible pointers and integers, integers
+    equal to 1 folded, ``do_not_specialize`` honoured), so the PTX is the PTX a GPU run gets.
+    Returns ``(compiled kernel, names of the PTX parameters in order)``."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**arguments, **options, "debug": False}
+    bound, specialization, _ = binder(**kwargs)
+    opts, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, None)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=opts.__dict__)
+    return compiled, [n for n, t in signature.items() if t != "constexpr"]

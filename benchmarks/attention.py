@@ -40,16 +40,16 @@ sys.path.insert(0, ROOT)
 from check_attention import outlier_keys  # noqa: E402
 
 from qcompile.codegen.attention import decode_attention  # noqa: E402
-from qcompile.codegen.attention.decode import (  # noqa: E402
+from qcompile.codegen.attention.launch import (  # noqa: E402
     MIN_SPLIT_TOKENS,
     fuses_merge,
     kernel_paths,
     launch_config,
     split_tokens,
 )
-from qcompile.runtime.hadamard import rotate  # noqa: E402
-from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
-from qcompile.runtime.kv_formats import KVCacheSpec  # noqa: E402
+from qcompile.formats.hadamard import rotate  # noqa: E402
+from qcompile.formats.kernel_codes import KV_CODES  # noqa: E402
+from qcompile.runtime import KVCacheSpec, QuantizedKVCache  # noqa: E402
 
 GRID = [(1, 8192), (8, 8192), (32, 4096), (8, 32768), (1, 131072)]
 SWEEP_SHAPES = [(8, 8192), (8, 32768)]
@@ -163,9 +163,8 @@ def kwargs_for(c: QuantizedKVCache, B: int, ctx: int, cfg: dict | None) -> dict:
     split count ``decode_attention`` actually launches and where it merges them."""
     if cfg is None:
         lc = launch_config(c.spec, D, B, HKV, ctx, sm_count())
-        kw = {k: lc[k] for k in ("block_n", "num_warps", "num_stages", "num_splits")}
-        kw["num_splits"] = split_tokens(ctx, kw["num_splits"], kw["block_n"])[1]
-        return dict(kw, fused_reduce=fuses_merge(c.spec, kw["num_splits"]))
+        return dict(block_n=lc.block_n, num_warps=lc.num_warps, num_stages=lc.num_stages,
+                    num_splits=split_tokens(ctx, lc.num_splits, lc.block_n)[1], fused_reduce=lc.fused_merge)
     bn = cfg["block_n"]
     if c.spec.grouped_keys:
         bn = min(bn, c.spec.group_size)
@@ -382,38 +381,46 @@ def render(meta: dict, rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- static (SASS)
-SASS_FORMATS = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int4-rot": 3, "int2": 4}
+def _sass_signature(fn, fmt: str, constexprs: dict) -> dict:
+    """Argument types of ``fn``'s runtime parameters (those not given as ``constexprs``) for a
+    cache in ``fmt``, in ``fn``'s own parameter order."""
+    cd = {"bf16": "*bf16", "fp8_e4m3": "*u8", "int8": "*i8", "int4": "*u8", "int2": "*u8"}[fmt]
+    sc = "*fp16" if fmt in ("int4", "int2") else "*fp32"
+    types = dict(Q="*bf16", Had="*bf16", Opart="*fp32", Lpart="*fp32", Out="*bf16", Tickets="*i32",
+                 Lengths="*i32", K=cd, Ks=sc, Km="*fp16", V=cd, Vs=sc, Vm="*fp16", Kres="*bf16",
+                 Vres="*bf16", sm_scale_log2="fp32", log2_theta="fp32", HKV="i32", S="i32", NG="i32",
+                 NUM_SPLITS="i32", NS_TOTAL="i32", CHUNK="i32", T="i32")
+    return {p.name: types[p.name] for p in fn.params if not p.is_constexpr and p.name not in constexprs}
 
 
-def _sass_signature(code: int, legacy: bool) -> dict:
-    cd = {0: "*bf16", 1: "*u8", 2: "*i8", 3: "*u8", 4: "*u8"}[code]
-    sc = "*fp16" if code >= 3 else "*fp32"
-    sig = dict(Q="*bf16")
-    if not legacy:
-        sig.update(Had="*bf16")
-    sig.update(Opart="*fp32", Lpart="*fp32")
-    if not legacy:
-        sig.update(Out="*bf16", Tickets="*i32")
-    sig.update(Lengths="*i32", K=cd, Ks=sc, Km="*fp16", V=cd, Vs=sc, Vm="*fp16", Kres="*bf16",
-               Vres="*bf16", sm_scale_log2="fp32", log2_theta="fp32", HKV="i32", S="i32", NG="i32",
-               NUM_SPLITS="i32", NS_TOTAL="i32", CHUNK="i32")
-    return sig
-
-
-def _legacy_module(rev: str):
-    """The decode module of git revision ``rev``, imported from source."""
-    import importlib.util
+def _revision_package(rev: str) -> dict:
+    """The decode attention modules of git revision ``rev`` (``decode``, and ``launch`` where it
+    exists), imported from that revision's own ``qcompile/`` (extracted to a temporary directory;
+    its ``__init__`` is not run) and kept apart from this checkout's modules."""
+    import importlib
     import subprocess
     import tempfile
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:qcompile/codegen/attention/decode.py"],
-                         capture_output=True, text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "legacy_decode.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("legacy_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import types
+    dest = tempfile.mkdtemp()
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "qcompile"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    ours = {k: m for k, m in sys.modules.items() if k == "qcompile" or k.startswith("qcompile.")}
+    for k in ours:
+        del sys.modules[k]
+    pkg = types.ModuleType("qcompile")
+    pkg.__path__ = [os.path.join(dest, "qcompile")]
+    sys.modules["qcompile"] = pkg
+    try:
+        mods = {"decode": importlib.import_module("qcompile.codegen.attention.decode")}
+        try:
+            mods["launch"] = importlib.import_module("qcompile.codegen.attention.launch")
+        except ImportError:
+            mods["launch"] = mods["decode"]
+    finally:
+        for k in [k for k in sys.modules if k == "qcompile" or k.startswith("qcompile.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    return mods
 
 
 def sass_table(ref: str | None) -> list[dict]:
@@ -423,32 +430,34 @@ def sass_table(ref: str | None) -> list[dict]:
     from qcompile.codegen.attention import decode as dec
     kernels = [("new", dec, False)]
     if ref:
-        old = _legacy_module(ref)
+        old = _revision_package(ref)["decode"]
         # a revision with today's kernel compiles like it; older ones are the pre-rewrite kernel
         kernels.append((f"{ref}", old, not hasattr(old, "_decode_kernel")))
     rows = []
     for label, mod, legacy in kernels:
-        for name, code in SASS_FORMATS.items():
+        for name, spec in FORMATS.items():
             rot = name.endswith("-rot")
-            spec = FORMATS[name]
+            code, grouped = KV_CODES[spec.key_format], spec.grouped_keys
             if legacy:
                 if rot:
                     continue   # the old kernel rotated q with torch before the launch: same kernel
-                cfg = dict(block_n=32 if code == 0 else 64, num_warps=4, num_stages=3 if code == 0 else 2)
+                cfg = dict(block_n=32 if spec.key_format == "bf16" else 64, num_warps=4, num_stages=3 if spec.key_format == "bf16" else 2)
                 cons = dict(T=1, GQA=4, D=D, BLOCK_M=16, BLOCK_N=cfg["block_n"], K_FMT=code, V_FMT=code,
-                            GROUP=64, VGROUP=D, R=64 if code >= 3 else 1, PRE_ROPE=False, FOLD=code >= 3,
+                            GROUP=64, VGROUP=D, R=64 if grouped else 1, PRE_ROPE=False, FOLD=grouped,
                             FP8_NATIVE=True, INTERP=False, ITERS=0, GATHER=False)
                 fn = mod._decode_split_kernel
             else:
                 c = launch_config(spec, D, 8, HKV, 32768, 132)
-                cfg = dict(block_n=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+                cfg = dict(block_n=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
                 kf, vf = kernel_paths(spec, D, cfg["block_n"])
                 cons = dict(T=1, GQA=4, D=D, BLOCK_M=16, BLOCK_N=cfg["block_n"], K_FMT=code, V_FMT=code,
-                            GROUP=64, VGROUP=D, R=64 if code >= 3 else 1, TB=16, PRE_ROPE=False,
+                            GROUP=64, VGROUP=D, R=64 if grouped else 1, TB=16, PRE_ROPE=False,
                             ROTATE=rot, KFAST=kf, VFAST=vf, FUSED=True, LAZY=True, ASM=True,
                             INTERP=False, ITERS=0, RES_ITERS=0)
                 fn = mod._decode_kernel
-            sig = _sass_signature(code, legacy)
+            params = {p.name for p in fn.params}
+            cons = {k: v for k, v in cons.items() if k in params}   # what this revision's kernel takes
+            sig = _sass_signature(fn, spec.key_format, cons)
             aligned = tuple(n for n, t in sig.items() if t.startswith("*")) + ("S", "CHUNK", "NG")
             k = compile_for(fn, sig, cons, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                             aligned=aligned)

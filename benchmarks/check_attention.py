@@ -21,13 +21,8 @@ import time
 
 import torch
 
-from qcompile.codegen.attention import (
-    decode_attention,
-    prefill_attention,
-    reference_decode_attention,
-)
-from qcompile.runtime.kv_cache import QuantizedKVCache
-from qcompile.runtime.kv_formats import KV_FORMATS, KVCacheSpec
+from qcompile.codegen.attention import decode_attention, reference_decode_attention
+from qcompile.runtime import KV_FORMATS, KVCacheSpec, QuantizedKVCache, prefill_attention
 
 CK_SHAPE = (3, 2, 8, 128, 700)
 CK_LENS = [517, 130, 64]

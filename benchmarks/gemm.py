@@ -27,6 +27,7 @@ from triton.testing import do_bench
 from qcompile.codegen.gemm import kernel_name, triton_quantized_linear
 from qcompile.codegen.gemm.configs import GemmConfig
 from qcompile.codegen.gemm.reference import random_quantized
+from qcompile.formats.kernel_codes import W_INT4, W_INT8
 from qcompile.formats.spec import QuantSpec
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
@@ -85,7 +86,7 @@ def _int_mma_candidates(M: int, code: int) -> list[GemmConfig]:
     """Tile candidates for the int_mma sweep; ``split_k`` 0/-1/+1 = the split rule's choice for
     that tile, half of it, twice it."""
     C = GemmConfig
-    w = 1 if code == 0 else 2  # bytes of K per code, x2
+    w = 1 if code == W_INT4 else 2  # bytes of K per code, x2
     if M <= 16:
         base = [C(16, 128, 128 // w, 0, 8, 4, 3), C(16, 64, 256 // w, 0, 8, 4, 3), C(16, 128, 128 // w, 0, 8, 4, 4),
                 C(16, 64, 128 // w, 0, 8, 4, 4), C(16, 32, 512 // w, 0, 8, 4, 3), C(16, 128, 256 // w, 0, 8, 4, 3)]
@@ -107,11 +108,12 @@ def sweep(out_rows: list, bw: float, mini: bool = False) -> None:
     from qcompile.codegen.gemm.reference import dequantize_reference
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    jobs = [(W4, 0, SHAPES[1:], [1, 16, 64]), (W8, 1, SHAPES[1:2], [1]),
-            (QuantSpec("int4", 128, False), 0, SHAPES[1:2], [1]), (QuantSpec("int4", 32, True), 0, SHAPES[1:2], [1]),
-            (QuantSpec("int4", 64, False), 0, SHAPES[1:2], [1])]
+    jobs = [(W4, W_INT4, SHAPES[1:], [1, 16, 64]), (W8, W_INT8, SHAPES[1:2], [1]),
+            (QuantSpec("int4", 128, False), W_INT4, SHAPES[1:2], [1]),
+            (QuantSpec("int4", 32, True), W_INT4, SHAPES[1:2], [1]),
+            (QuantSpec("int4", 64, False), W_INT4, SHAPES[1:2], [1])]
     if mini:
-        jobs = [(spec, 0, SHAPES[1:2], [1]) for spec, _ in MINI]
+        jobs = [(spec, W_INT4, SHAPES[1:2], [1]) for spec, _ in MINI]
     for spec, code, shapes, ms in jobs:
         for N, K in shapes:
             qts = [random_quantized(spec, N, K, "cuda")]

@@ -41,8 +41,7 @@ sys.path.insert(0, ROOT)
 from check_attention import SPECS, outlier_keys  # noqa: E402
 
 from qcompile.codegen.attention import decode_attention  # noqa: E402
-from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
-from qcompile.runtime.kv_formats import KVCacheSpec  # noqa: E402
+from qcompile.runtime import KVCacheSpec, QuantizedKVCache  # noqa: E402
 
 REGIMES = ("moderate", "peaked", "offset", "minilm")
 TARGETS = {"fp8_e4m3": 1e-2, "int8": 1e-2, "int4-g64-rot": 5e-2}

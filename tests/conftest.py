@@ -1,5 +1,7 @@
 """Test setup: Triton kernels run under the interpreter when there is no GPU.
-TRITON_INTERPRET must be set before any kernel is decorated, hence here."""
+TRITON_INTERPRET must be set before any kernel is decorated, hence here; the interpreter's
+compatibility patch (``triton_env.apply_interpreter_compat``) is applied here too, since the
+tests launch kernels through internal entry points as well as the host wrappers."""
 
 import os
 
@@ -14,6 +16,13 @@ if not _cuda:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+try:
+    from qcompile.codegen import triton_env
+except ImportError:  # pragma: no cover - no triton
+    triton_env = None
+if triton_env is not None and triton_env.interpreting():
+    triton_env.apply_interpreter_compat()
 
 
 @pytest.fixture(autouse=True)

@@ -41,6 +41,8 @@ FP8_DTYPES: dict[str, torch.dtype] = {
     "fp8_e5m2": torch.float8_e5m2,
 }
 FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+E4M3_MAX = FP8_MAX["fp8_e4m3"]
+"""Largest finite float8_e4m3fn value (448), the one fp8 format the kernels compute in."""
 
 
 def fp4_e2m1_encode(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Normalized Hadamard matrices (Sylvester construction) for rotating keys and queries.
+"""Normalized Hadamard matrices (Sylvester construction) for rotating keys and queries: math that
+kernels (the decode kernel multiplies by ``hadamard_signs``), the KV cache and references share.
 
 An orthogonal rotation applied to both q and k leaves every logit q·k unchanged, while it spreads
 a few large key channels over all channels, so that per-token quantization loses less

@@ -3,7 +3,7 @@
 The GEMM kernels read the canonical layout directly (codes ``[N, Kp(/2)]``
 K-contiguous, scales ``[N, G]``), so the only "re-layout" is normalising dtypes
 and strides once per weight: contiguous tensors, per-channel fp8/int8 scales as a
-flat fp32 vector, and the decoded kind flags the kernels specialise on. The result
+flat fp32 vector, and the kernel codes (``kernel_codes``) the kernels specialise on. The result
 is cached in ``qt.extra`` so a generate loop pays for it once.
 """
 
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompile.formats.kernel_codes import WEIGHT_CODES, scale_code, weight_code
 from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor
 
-CODE_KIND = {"int4": 0, "int8": 1, "fp4_e2m1": 2, "nvfp4": 2, "mxfp4": 2, "fp8_e4m3": 3, "mxfp8": 3}
-SCALE_KIND = {"nvfp4": 1, "mxfp4": 2, "mxfp8": 2}
 _CACHE_KEY = "_gemm_operands"
 
 
@@ -30,8 +29,8 @@ class GemmWeightOperands:
     global_scale: torch.Tensor | None
     K: int
     group: int  # 0 = per channel
-    code: int
-    scale_kind: int
+    code: int  # kernel_codes.W_*
+    scale_kind: int  # kernel_codes.SCALE_*
 
     @property
     def per_channel(self) -> bool:
@@ -44,7 +43,7 @@ def gemm_weight_operands(qt: QuantizedTensor) -> GemmWeightOperands:
     if cached is not None and cached.data.device == qt.data.device:
         return cached
     fmt = qt.spec.format
-    if fmt not in CODE_KIND:
+    if fmt not in WEIGHT_CODES:
         raise NotImplementedError(f"no GEMM kernel layout for {fmt}")
     per_channel = qt.spec.group_size == PER_CHANNEL or qt.scale.shape[1] == 1
     scale = qt.scale.contiguous()
@@ -58,7 +57,7 @@ def gemm_weight_operands(qt: QuantizedTensor) -> GemmWeightOperands:
         zero=qt.zero.contiguous() if qt.zero is not None else None,
         global_scale=qt.global_scale.reshape(1).float() if qt.global_scale is not None else None,
         K=qt.shape[1], group=0 if per_channel else qt.group_size,
-        code=CODE_KIND[fmt], scale_kind=SCALE_KIND.get(fmt, 0),
+        code=weight_code(fmt), scale_kind=scale_code(fmt),
     )
     qt.extra[_CACHE_KEY] = ops
     return ops

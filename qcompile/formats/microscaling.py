@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 
 from .codec import Codec, Parts, zero_code_const
-from .floating import E2M1_EMAX, E2M1_MAX, FP8_MAX, fp4_e2m1_decode, fp4_e2m1_encode, fp8_cast
+from .floating import E2M1_EMAX, E2M1_MAX, E4M3_MAX, fp4_e2m1_decode, fp4_e2m1_encode, fp8_cast
 from .spec import QuantSpec
 
-E4M3_MAX = FP8_MAX["fp8_e4m3"]
 E4M3_EMAX = 8
 E4M3_MIN_NORMAL = 2.0**-6
 NVFP4_GLOBAL_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688

@@ -5,7 +5,7 @@
     cache.append(layer, k, v)                    # k, v: [B, Hkv, T, D]; quantized on append
     out = decode_attention(q, cache, layer)      # qcompile.codegen.attention
 
-Layouts are described in ``qcompile.runtime.kv_formats``. Appends run the Triton
+Layouts are described in ``qcompile.formats.kv``. Appends run the Triton
 quantize-on-append kernels on CUDA (or anywhere with ``impl="triton"`` under
 ``TRITON_INTERPRET=1``) and a torch reference otherwise; both write the same layout.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.runtime.hadamard import rotate
-from qcompile.runtime.kv_formats import (
+from qcompile.formats.hadamard import rotate
+from qcompile.formats.kv import (
     GROUPED_FORMATS,
     KV_BITS,
     PER_TOKEN_FORMATS,
@@ -72,7 +72,7 @@ class QuantizedKVCache:
                 return torch.zeros(*lead, S, D, dtype=dtype, device=dev)
             cdt = torch.int8 if fmt == "int8" else torch.uint8
             nb = D * KV_BITS[fmt] // 8
-            if blocked:   # values: token-blocked [S_pad / TB, NB, TB] (see kv_formats)
+            if blocked:   # values: token-blocked [S_pad / TB, NB, TB] (see formats.kv)
                 tb = VALUE_TOKEN_BLOCK
                 return torch.zeros(*lead, padded_tokens(S) // tb, nb, tb, dtype=cdt, device=dev)
             return torch.zeros(*lead, S, nb, dtype=cdt, device=dev)
@@ -97,9 +97,6 @@ class QuantizedKVCache:
             self._t["v_min"] = torch.zeros(*lead, S, D // VG, dtype=torch.float16, device=dev)
         self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=dev)
         self._len_bound = [0] * num_layers   # host-side upper bound of max(lengths[layer])
-        # decode_attention's split tickets (the last split of a head merges them); the kernel
-        # leaves them zero, so they are allocated here, never inside a CUDA graph capture
-        self.tickets = torch.zeros(num_layers, batch * num_kv_heads, dtype=torch.int32, device=dev)
 
     # ------------------------------------------------------------------ bookkeeping
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
@@ -208,7 +205,7 @@ class QuantizedKVCache:
                 c, s, m = quantize_asym(xg, bits, dim=2)
                 self._t["k"][layer, b, :, q0:q1] = pack_bits(c, bits).reshape(
                     self.num_kv_heads, q1 - q0, -1)
-                per = 8 // bits      # scales stored slice-major (see kv_formats)
+                per = 8 // bits      # scales stored slice-major (see formats.kv)
                 self._t["k_scale"][layer, b, :, q0 // G: q1 // G] = slice_major(s, per)
                 self._t["k_min"][layer, b, :, q0 // G: q1 // G] = slice_major(m, per)
             tail = l0 + nb - q1

@@ -13,13 +13,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from qcompile.codegen.attention import (  # noqa: E402
-    decode_attention,
-    prefill_attention,
-    reference_decode_attention,
-)
-from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
-from qcompile.runtime.kv_formats import KV_FORMATS, KVCacheSpec, apply_rope  # noqa: E402
+from qcompile.codegen.attention import decode_attention, reference_decode_attention  # noqa: E402
+from qcompile.formats.kv import KV_FORMATS, KVCacheSpec, apply_rope  # noqa: E402
+from qcompile.runtime import DecodeWorkspace, QuantizedKVCache, prefill_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -123,7 +119,7 @@ def test_fast_paths_head_dim_64(spec, block_n):
 
 def test_fast_paths_are_taken():
     """The head-dim-64 specs above do reach the fast paths; the generic ones are where expected."""
-    from qcompile.codegen.attention.decode import kernel_paths
+    from qcompile.codegen.attention.launch import kernel_paths
     for spec in FAST_SPECS[:6]:
         assert kernel_paths(spec, 64, 16) == (True, True), spec.short()
     assert kernel_paths(KVCacheSpec("int2"), 32, 16) == (False, False)          # D/4 < 16
@@ -137,8 +133,10 @@ def test_fused_reduce_leaves_tickets_zero():
     gen = torch.Generator().manual_seed(13)
     c = filled_cache(KVCacheSpec("fp8_e4m3"), gen)
     q = torch.randn(2, 4, 32, generator=gen).bfloat16().to(DEV)
-    run_decode(c, q, num_splits=3, fused_reduce=True)
-    assert int(c.tickets.abs().sum()) == 0
+    ws = DecodeWorkspace(DEV)
+    run_decode(c, q, num_splits=3, fused_reduce=True, workspace=ws)
+    assert ws.tickets.numel() >= 2 * 2
+    assert int(ws.tickets.abs().sum()) == 0
 
 
 def test_many_splits_merge_in_a_second_kernel():
@@ -146,16 +144,17 @@ def test_many_splits_merge_in_a_second_kernel():
     kernel, which never reads the tickets; poisoned tickets would leave a fused merge undone
     (NaN output). Fused and separate merges agree (the fused run also passes a register cap,
     which only the GPU compiler reads)."""
-    from qcompile.codegen.attention.decode import FUSED_MERGE_MAX_SPLITS
+    from qcompile.codegen.attention.launch import FUSED_MERGE_MAX_SPLITS
     gen = torch.Generator().manual_seed(14)
     c = filled_cache(KVCacheSpec("fp8_e4m3"), gen, B=1, Hkv=1, D=128, S=700, steps=((650, [650]),))
     q = torch.randn(1, 2, 128, generator=gen).bfloat16().to(DEV)
     ref = reference_decode_attention(q, c, 0)
     assert FUSED_MERGE_MAX_SPLITS < 41
-    c.tickets.fill_(1000)
-    auto = run_decode(c, q, num_splits=41, block_n=16)
-    c.tickets.zero_()
-    fused = run_decode(c, q, num_splits=41, block_n=16, fused_reduce=True, maxnreg=128)
+    ws = DecodeWorkspace(DEV).reserve(heads=1)
+    ws.tickets.fill_(1000)
+    auto = run_decode(c, q, num_splits=41, block_n=16, workspace=ws)
+    ws.tickets.zero_()
+    fused = run_decode(c, q, num_splits=41, block_n=16, fused_reduce=True, maxnreg=128, workspace=ws)
     assert rel(auto, ref) < 1e-2
     assert rel(fused, ref) < 1e-2
     assert rel(auto, fused) < 1e-3
@@ -165,20 +164,20 @@ def test_launch_config_fills_one_wave():
     """Default splits: the compressed one-warp programs fit one wave of 8 (int4/int2) or 4
     (fp8/int8) per SM; a batch with more heads than that gets one split; no split shorter than
     ``MIN_SPLIT_TOKENS`` (or a tile)."""
-    from qcompile.codegen.attention.decode import MIN_SPLIT_TOKENS, launch_config
+    from qcompile.codegen.attention.launch import MIN_SPLIT_TOKENS, launch_config
     sms = 132
     for spec, per_sm in ((KVCacheSpec("int4"), 8), (KVCacheSpec("int2"), 8),
                          (KVCacheSpec("int4", rotate_keys=True), 8), (KVCacheSpec("fp8_e4m3"), 4),
                          (KVCacheSpec("int8"), 4)):
         for B, ctx in ((1, 8192), (8, 8192), (32, 4096), (8, 32768), (1, 131072), (256, 4096)):
             cfg = launch_config(spec, 128, B, 8, ctx, sms)
-            assert cfg["num_warps"] == 1
-            assert 1 <= cfg["num_splits"] <= max(1, sms * per_sm // (B * 8))
-            shortest = max(MIN_SPLIT_TOKENS, cfg["block_n"])
-            assert (cfg["num_splits"] - 1) * shortest < ctx
+            assert cfg.num_warps == 1
+            assert 1 <= cfg.num_splits <= max(1, sms * per_sm // (B * 8))
+            shortest = max(MIN_SPLIT_TOKENS, cfg.block_n)
+            assert (cfg.num_splits - 1) * shortest < ctx
             if sms * per_sm >= B * 8 and ctx >= shortest * sms * per_sm // (B * 8):
-                assert cfg["num_splits"] == sms * per_sm // (B * 8)
-    assert launch_config(KVCacheSpec("bf16"), 128, 8, 8, 8192, sms)["num_warps"] == 4
+                assert cfg.num_splits == sms * per_sm // (B * 8)
+    assert launch_config(KVCacheSpec("bf16"), 128, 8, 8, 8192, sms).num_warps == 4
 
 
 def test_row_shorter_than_its_splits():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcompile.codegen.attention import decode
+from qcompile.codegen.attention import bits
 from tests.codegen.test_int_mma_ptx import _f16x2, run_ptx
 
 
@@ -46,7 +46,7 @@ def _halves(regs: dict[int, int], first: int) -> np.ndarray:
 
 
 def test_int4_asm_nibbles_elementwise():
-    asm = decode.I4_TO_F16.value
+    asm = bits.I4_TO_F16.value
     for word, e in _words(np.arange(256)):
         out = run_ptx_ext(asm, {4: word})
         np.testing.assert_array_equal(_halves(out, 0), e & 15)          # channel 2x
@@ -54,7 +54,7 @@ def test_int4_asm_nibbles_elementwise():
 
 
 def test_int2_asm_crumbs_elementwise():
-    asm = decode.I2_TO_F16.value
+    asm = bits.I2_TO_F16.value
     for word, e in _words(np.arange(256)):
         out = run_ptx_ext(asm, {8: word})
         for i in range(4):                                              # channel 4x + i
@@ -63,7 +63,7 @@ def test_int2_asm_crumbs_elementwise():
 
 def test_int4_magic_asm_elementwise():
     """Key codes without the fma: 1024 + low nibble, 1024 + 16 * high nibble."""
-    asm = decode.I4_TO_MAGIC.value
+    asm = bits.I4_TO_MAGIC.value
     for word, e in _words(np.arange(256)):
         out = run_ptx_ext(asm, {4: word})
         np.testing.assert_array_equal(_halves(out, 0), 1024 + (e & 15))
@@ -71,7 +71,7 @@ def test_int4_magic_asm_elementwise():
 
 
 def test_int2_magic_asm_elementwise():
-    asm = decode.I2_TO_MAGIC.value
+    asm = bits.I2_TO_MAGIC.value
     for word, e in _words(np.arange(256)):
         out = run_ptx_ext(asm, {8: word})
         for i in range(4):
@@ -79,7 +79,7 @@ def test_int2_magic_asm_elementwise():
 
 
 def test_int8_asm_signed_bytes_elementwise():
-    asm = decode.I8_TO_F16.value
+    asm = bits.I8_TO_F16.value
     for word, e in _words(np.arange(256)):
         out = run_ptx_ext(asm, {2: word})
         signed = np.where(e >= 128, e - 256, e)
@@ -90,7 +90,7 @@ def test_int8_asm_signed_bytes_elementwise():
 def test_asm_uses_only_emulated_instructions(name):
     """Every instruction of the asm is one the emulator runs (so the tests above saw all of it)."""
     known = {"mov.b32", "shr.b32", "prmt.b32", "lop3.b32", "fma.rn.f16x2", "xor.b32"}
-    for line in getattr(decode, name).value.splitlines():
+    for line in getattr(bits, name).value.splitlines():
         line = line.strip()
         if not line or line in "{}" or line.startswith(".reg"):
             continue

@@ -9,9 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from qcompile.runtime.hadamard import hadamard_matrix, rotate  # noqa: E402
-from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
-from qcompile.runtime.kv_formats import (  # noqa: E402
+from qcompile.formats.hadamard import hadamard_matrix, rotate  # noqa: E402
+from qcompile.formats.kv import (  # noqa: E402
     KV_FORMATS,
     VALUE_TOKEN_BLOCK,
     KVCacheSpec,
@@ -20,6 +19,7 @@ from qcompile.runtime.kv_formats import (  # noqa: E402
     unblock_tokens,
     unpack_bits,
 )
+from qcompile.runtime.kv_cache import QuantizedKVCache  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

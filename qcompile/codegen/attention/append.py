@@ -9,7 +9,7 @@ Two launches per append, in this order:
 2. ``_append_tokens_kernel``: one program per new token and KV head. Per-token formats (and the
    values of every format) are quantized in place; for int4/int2 keys the tokens past the last
    flush go to the residual ring, keys and values both. Compressed value codes are written into
-   the token-blocked layout (``kv_formats.VALUE_TOKEN_BLOCK``): byte ``j`` of token ``p`` at
+   the token-blocked layout (``formats.kv.VALUE_TOKEN_BLOCK``): byte ``j`` of token ``p`` at
    ``[p // TB, j, p % TB]``; each byte belongs to one token, so programs never share a word.
 """
 
@@ -18,14 +18,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qcompile.runtime.kv_formats import VALUE_TOKEN_BLOCK
+from qcompile.codegen.triton_env import before_launch
+from qcompile.formats import kernel_codes
+from qcompile.formats.floating import E4M3_MAX
+from qcompile.formats.kv import VALUE_TOKEN_BLOCK
 
-FMT_CODES = {"bf16": 0, "fp8_e4m3": 1, "int8": 2, "int4": 3, "int2": 4}
+KV_BF16 = tl.constexpr(kernel_codes.KV_BF16)
+KV_FP8 = tl.constexpr(kernel_codes.KV_FP8)
+KV_INT4 = tl.constexpr(kernel_codes.KV_INT4)
+FP8_MAX = tl.constexpr(E4M3_MAX)
+kv_grouped = triton.constexpr_function(kernel_codes.kv_grouped)
+kv_per_token = triton.constexpr_function(kernel_codes.kv_per_token)
 
 
 @triton.jit
 def _fp8e4m3_encode(y):
-    """float32 already in [-448, 448] -> e4m3fn bits (int32), round to nearest even.
+    """float32 already in [-FP8_MAX, FP8_MAX] (448) -> e4m3fn bits (int32), round to nearest even.
 
     Written with integer arithmetic so that it gives the same bits on the GPU and under
     TRITON_INTERPRET (whose fp8 conversion is not reliable).
@@ -41,7 +49,7 @@ def _fp8e4m3_encode(y):
 
 @triton.jit
 def _pack_along_last(c, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """[ROWS, D] int32 codes -> [ROWS, D*BITS/8] bytes, low bits first (see kv_formats)."""
+    """[ROWS, D] int32 codes -> [ROWS, D*BITS/8] bytes, low bits first (see formats.kv)."""
     if BITS == 4:
         lo, hi = tl.split(tl.reshape(c, (ROWS, D // 2, 2)))
         return (lo | (hi << 4)).to(tl.uint8)
@@ -69,21 +77,21 @@ def _store_token(x, pos, bh, S, Codes, Scale, Minv, d,
     """Quantize one token row ``x`` ([1, D] float32) of head ``bh`` and store it at ``pos``
     (code layout: see :func:`_code_offsets`)."""
     row = bh * S + pos
-    if FMT == 0:
+    if FMT == KV_BF16:
         tl.store(Codes + row * D + d, x.to(Codes.dtype.element_ty))
-    elif FMT == 1 or FMT == 2:
+    elif kv_per_token(FMT):
         amax = tl.max(tl.abs(x), axis=1)                       # [1]
-        qmax = 448.0 if FMT == 1 else 127.0
+        qmax = FP8_MAX if FMT == KV_FP8 else 127.0
         scale = tl.where(amax > 0, amax / qmax, 1.0)
         y = x * (1.0 / scale)[:, None]
-        if FMT == 1:
-            code = _fp8e4m3_encode(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.uint8)
+        if FMT == KV_FP8:
+            code = _fp8e4m3_encode(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)).to(tl.uint8)
         else:
             code = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0).to(tl.int8)
         tl.store(Codes + _code_offsets(bh, S, pos, d, D, TB), code)
         tl.store(Scale + row + tl.arange(0, 1), scale)
     else:
-        BITS: tl.constexpr = 4 if FMT == 3 else 2
+        BITS: tl.constexpr = 4 if FMT == KV_INT4 else 2
         QMAX: tl.constexpr = (1 << BITS) - 1
         NGC: tl.constexpr = D // VGROUP
         xg = tl.reshape(x, (NGC, VGROUP))
@@ -103,9 +111,13 @@ def _store_token(x, pos, bh, S, Codes, Scale, Minv, d,
 
 @triton.jit
 def _append_tokens_kernel(
+    # pointers: new keys and values, row lengths, new tokens per row
     Knew, Vnew, Lengths, Nnew,
+    # pointers: the cache layer (codes, scales, value minimums, bf16 residual ring)
     K, Ks, V, Vs, Vm, Kres, Vres,
+    # sizes: KV heads, new tokens (padded), max_seq_len
     H, T, S,
+    # constexprs: head dim, formats (kernel_codes.KV_*), value group, ring, value token block
     D: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, VGROUP: tl.constexpr,
     R: tl.constexpr, TB: tl.constexpr,
 ):
@@ -120,7 +132,7 @@ def _append_tokens_kernel(
         x_k = tl.load(Knew + (bh * T + i) * D + d).to(tl.float32)
         x_v = tl.load(Vnew + (bh * T + i) * D + d).to(tl.float32)
         _store_token(x_v, pos, bh, S, V, Vs, Vm, d, D, V_FMT, VGROUP, TB)
-        if K_FMT >= 3:
+        if kv_grouped(K_FMT):
             # int4/int2 keys: tokens past the last completed flush wait in the residual ring.
             q1 = ((l0 + nb) // R) * R
             if pos >= q1:
@@ -133,8 +145,11 @@ def _append_tokens_kernel(
 
 @triton.jit
 def _flush_key_groups_kernel(
+    # pointers: new keys, row lengths, new tokens per row; key codes, scales, minimums, ring
     Knew, Lengths, Nnew, K, Ks, Km, Kres,
+    # sizes: KV heads, new tokens (padded), max_seq_len, key groups per head
     H, T, S, NG,
+    # constexprs: head dim, key format (kernel_codes.KV_*), tokens per key group, ring
     D: tl.constexpr, K_FMT: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -146,7 +161,7 @@ def _flush_key_groups_kernel(
     q1 = ((l0 + nb) // R) * R
     g = q0 // GROUP + gi
     if g * GROUP < q1:
-        BITS: tl.constexpr = 4 if K_FMT == 3 else 2
+        BITS: tl.constexpr = 4 if K_FMT == KV_INT4 else 2
         QMAX: tl.constexpr = (1 << BITS) - 1
         pos = g * GROUP + tl.arange(0, GROUP)
         d = tl.arange(0, D)[None, :]
@@ -163,7 +178,7 @@ def _flush_key_groups_kernel(
         packed = _pack_along_last(c, GROUP, D, BITS)
         jb = tl.arange(0, D * BITS // 8)[None, :]
         tl.store(K + (bh * S + pos)[:, None] * (D * BITS // 8) + jb, packed)
-        # slice-major: channel PER*x + i at i * D/PER + x (see kv_formats)
+        # slice-major: channel PER*x + i at i * D/PER + x (see formats.kv)
         PER: tl.constexpr = 8 // BITS
         dd = tl.arange(0, D)
         sm = (dd % PER) * (D // PER) + dd // PER
@@ -177,8 +192,9 @@ def launch_append(cache, layer: int, k, v, num_new, max_new: int) -> None:
     t = cache.layer_tensors(layer)
     B, H, T, D = k.shape
     lengths = cache.lengths[layer]
-    kf, vf = FMT_CODES[spec.key_format], FMT_CODES[spec.value_format]
+    kf, vf = kernel_codes.kv_code(spec.key_format), kernel_codes.kv_code(spec.value_format)
     dummy = lengths
+    before_launch()
     if spec.grouped_keys:
         R, G = spec.residual_length, spec.group_size
         max_groups = (max_new + R - 1) // R * (R // G) + R // G

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from qcompile.runtime.hadamard import rotate
-from qcompile.runtime.kv_formats import apply_rope
+from qcompile.formats.hadamard import rotate
+from qcompile.formats.kv import apply_rope
 
 
 def reference_decode_attention(q: torch.Tensor, cache, layer: int, *, sm_scale: float | None = None,

@@ -16,23 +16,20 @@ the float64 references.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
 import torch
 
-from qcompile.codegen.gemm._interpret_compat import patch_triton_interpreter
 from qcompile.codegen.gemm.configs import (
     INT_MMA_MAX_M,
-    NUM_SMS_DEFAULT,
     GemmConfig,
     pick_config,
     pick_int_mma_config,
 )
+from qcompile.codegen.triton_env import apply_interpreter_compat, num_sms
+from qcompile.formats.kernel_codes import WEIGHT_CODES, packed_weight
 from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor, QuantSpec
-
-patch_triton_interpreter()
 
 __all__ = ["triton_quantized_linear", "unsupported_reason", "force_triton", "use_triton", "kernel_name"]
 
@@ -43,7 +40,10 @@ WEIGHT_ONLY_FORMATS = ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4",
 
 @contextlib.contextmanager
 def force_triton(enabled: bool = True) -> Iterator[None]:
-    """Run the Triton kernels even without CUDA (on CPU they need ``TRITON_INTERPRET=1``)."""
+    """Run the Triton kernels even without CUDA (on CPU they need ``TRITON_INTERPRET=1``, whose
+    compatibility patch this applies: ``triton_env.apply_interpreter_compat``)."""
+    if enabled:
+        apply_interpreter_compat()
     _FORCED.append(enabled)
     try:
         yield
@@ -60,13 +60,6 @@ def _forced() -> bool:
 def use_triton(x: torch.Tensor) -> bool:
     """True when ``x`` should go through a Triton kernel: on CUDA, or when forced."""
     return x.is_cuda or _forced()
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return NUM_SMS_DEFAULT
 
 
 def _int_mma_takes(code: int, group: int, K: int, M: int, config: GemmConfig | None) -> bool:
@@ -121,16 +114,14 @@ def unsupported_reason(weight_spec: QuantSpec, act_spec: QuantSpec | None = None
 
 def kernel_name(weight_spec: QuantSpec, act_spec: QuantSpec | None, M: int, K: int) -> str:
     """Which kernel :func:`triton_quantized_linear` runs for this call (for reports and benchmarks)."""
-    from qcompile.formats.kernel_layouts import CODE_KIND
-
     fmt = weight_spec.format
     if act_spec is not None:
         return {"fp8_e4m3": "w4a8" if fmt == "int4" else "fp8"}.get(act_spec.format, "w4a4")
-    code = CODE_KIND.get(fmt, -1)
+    code = WEIGHT_CODES.get(fmt, -1)
     if _int_mma_takes(code, weight_spec.group_size, K, M, None):
         return "int_mma"
     # the prefill switch to dequantize + cuBLAS depends on M only, not on N
-    kind = "w4" if code in (0, 2) else "w8"
+    kind = "w4" if packed_weight(code) else "w8"
     return "dequant+cublas" if pick_config(M, 1, K, kind, weight_spec.group_size).dequant else "weight_only"
 
 
@@ -185,15 +176,15 @@ def triton_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Te
     if act_spec is None and _int_mma_takes(ops.code, ops.group, K, M, config):
         from qcompile.codegen.gemm.int_mma import launch_int_mma
 
-        cfg = config or pick_int_mma_config(M, N, K, ops.code, ops.group, _num_sms(x2.device))
+        cfg = config or pick_int_mma_config(M, N, K, ops.code, ops.group, num_sms(x2.device))
         out = launch_int_mma(x2, ops.data, ops.scale, ops.zero, K, ops.group, ops.code, cfg, bias, res2, silu)
         return out.reshape(*lead, n_out)
     if act_spec is None:
-        kind = "w4" if ops.code in (0, 2) else "w8"
-        cfg = config or pick_config(M, N, K, kind, ops.group, _num_sms(x2.device))
+        kind = "w4" if packed_weight(ops.code) else "w8"
+        cfg = config or pick_config(M, N, K, kind, ops.group, num_sms(x2.device))
         out = launch_weight_only(x2, ops.data, ops.scale, ops.zero, ops.global_scale, K, ops.group,
                                  ops.per_channel, ops.code, ops.scale_kind, cfg, bias, res2, silu)
     else:
-        cfg = config or pick_config(M, N, K, "fp8", 0, _num_sms(x2.device))
+        cfg = config or pick_config(M, N, K, "fp8", 0, num_sms(x2.device))
         out = launch_fp8(x2, ops.data, ops.scale, cfg, bias, res2, silu)
     return out.reshape(*lead, n_out)

@@ -1,4 +1,5 @@
-"""Pieces shared by the GEMM kernel families: code/scale decoders and epilogues.
+"""Pieces shared by the GEMM kernel families: code/scale decoders and epilogues (the dot that
+also runs under the interpreter is ``triton_env.dot``).
 
 Every kernel computes ``acc[m, v] = sum_k x[m, k] * W[row(v), k]`` over a tile of
 *virtual* output columns ``v``. Normally ``row(v) = v``. For the fused
@@ -16,21 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Code kinds (how a stored code becomes a number before scaling).
-CODE_INT4 = 0  # unsigned nibble, minus 8 (sym) or minus the zero point (asym)
-CODE_INT8 = 1  # signed int8
-CODE_FP4 = 2  # e2m1 nibble
-CODE_FP8 = 3  # float8_e4m3fn
+from qcompile.codegen.triton_env import before_launch
+from qcompile.formats import kernel_codes
 
-# Scale kinds (how a stored scale becomes a float).
-SCALE_FLOAT = 0  # float16 / bfloat16 / float32
-SCALE_E4M3 = 1  # NVFP4 block scale
-SCALE_E8M0 = 2  # MX biased exponent, 127 = 2**0
-
-
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (kernels then take the EMULATE_DOT path)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+SCALE_E8M0 = tl.constexpr(kernel_codes.SCALE_E8M0)
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -39,17 +29,6 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     if os.environ.get("QCOMPILE_GEMM_POISON", "0") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@triton.jit
-def mma(acc, a, b, EMULATE_DOT: tl.constexpr):
-    """``acc += a @ b``. The Triton 3.6 interpreter mis-computes ``tl.dot`` on bf16 / fp8
-    operands, so under the interpreter both (already rounded) operands are upcast to
-    fp32 and multiplied exactly; on GPUs this is a plain tensor-core ``tl.dot``."""
-    if EMULATE_DOT:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -74,8 +53,8 @@ def decode_fp4(q):
 
 @triton.jit
 def decode_scale(s, SCALE_KIND: tl.constexpr):
-    """Stored scale -> float32."""
-    if SCALE_KIND == 2:
+    """Stored scale (``kernel_codes.SCALE_*``) -> float32."""
+    if SCALE_KIND == SCALE_E8M0:
         return tl.exp2(s.to(tl.float32) - 127.0)
     else:
         return s.to(tl.float32)
@@ -150,6 +129,7 @@ def finish_split_k(ws: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | Non
     M, N = ws.shape
     n_out = out.shape[1]
     grid = (triton.cdiv(M, 16), triton.cdiv(n_out, 128))
+    before_launch()
     splitk_epilogue_kernel[grid](
         ws, bias if bias is not None else ws, residual if residual is not None else ws, out,
         M, n_out, N,

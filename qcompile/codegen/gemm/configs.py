@@ -14,7 +14,8 @@ from functools import lru_cache
 
 import triton
 
-NUM_SMS_DEFAULT = 132
+from qcompile.codegen.triton_env import NUM_SMS_DEFAULT
+from qcompile.formats.kernel_codes import W_INT4
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def int_mma_split(M: int, N: int, K: int, code: int, block_m: int, block_n: int,
     under a quarter of the weight bytes."""
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     k_tiles = triton.cdiv(K, block_k)
-    weight_bytes = N * K // (2 if code == 0 else 1)
+    weight_bytes = N * K // (2 if code == W_INT4 else 1)
     split = 1
     while (tiles * split < 3 * num_sms // 2 and k_tiles // (split * 2) >= 2
            and (split * 2) * M * N * 4 * 4 <= weight_bytes):
@@ -111,7 +112,7 @@ def int_mma_split(M: int, N: int, K: int, code: int, block_m: int, block_n: int,
 @lru_cache(maxsize=4096)
 def pick_int_mma_config(M: int, N: int, K: int, code: int, group: int,
                         num_sms: int = NUM_SMS_DEFAULT) -> GemmConfig:
-    """Tile config for ``int_mma`` (int4 ``code=0`` / int8 ``code=1`` weights, M <= 128).
+    """Tile config for ``int_mma`` (``code``: ``kernel_codes.W_INT4`` / ``W_INT8``, M <= 128).
 
     From the graph-timed sweeps on an H100 (``benchmarks/gemm.py --sweep-only``, see
     docs/kernels-gemm.md): 16-row M tiles up to M = 16 (the smallest tensor-core tile), 32-row
@@ -119,7 +120,7 @@ def pick_int_mma_config(M: int, N: int, K: int, code: int, group: int,
     int8: 32 columns x 256 codes (256 contiguous bytes per row and tile ran 20% faster than 64).
     A K tile never straddles a group."""
     block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
-    if code == 0:
+    if code == W_INT4:
         block_n, block_k = 128, 128
     else:
         block_n, block_k = 32, 256

@@ -1,7 +1,7 @@
 """FP8 W8A8: e4m3 weights with per-channel scales, activations quantized per token on the fly.
 
 Two launches: ``act_quant_fp8_kernel`` turns each bf16/fp16 token row into e4m3
-codes plus one fp32 scale (amax / 448), then ``fp8_gemm_kernel`` runs an
+codes plus one fp32 scale (amax / 448, ``FP8_MAX``), then ``fp8_gemm_kernel`` runs an
 e4m3 x e4m3 -> fp32 ``tl.dot`` (Hopper wgmma) and multiplies the accumulator by
 ``token_scale[m] * channel_scale[n]`` in the epilogue.
 """
@@ -14,16 +14,16 @@ import triton.language as tl
 
 from qcompile.codegen.gemm.common import (
     finish_split_k,
-    interpreting,
-    mma,
     new_output,
     store_epilogue,
     swizzle,
     virtual_rows,
 )
 from qcompile.codegen.gemm.configs import GemmConfig
+from qcompile.codegen.triton_env import before_launch, dot, interpreting
+from qcompile.formats.floating import E4M3_MAX
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
@@ -50,9 +50,9 @@ def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, KP, stride_xm, stride_qm, BLOCK
         # the whole (padded) row fits in registers: read x once
         offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
         tl.store(s_ptr + row, scale)
-        q = tl.clamp(x / scale, -448.0, 448.0)
+        q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
         if ROUND_FIRST:
             q = round_to_e4m3_grid(q)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < KP)
@@ -62,12 +62,12 @@ def act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, KP, stride_xm, stride_qm, BLOCK
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / FP8_MAX
     tl.store(s_ptr + row, scale)
     for k0 in range(0, KP, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -448.0, 448.0)
+        q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
         if ROUND_FIRST:
             q = round_to_e4m3_grid(q)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < KP)
@@ -100,7 +100,7 @@ def fp8_gemm_kernel(
             w = tl.load(w_ptrs)
         else:  # clamp, don't mask: finite codes times x == 0
             w = tl.load(w_ptr + rows[:, None] * stride_wn + tl.minimum(offs_k, K - 1)[None, :])
-        acc = mma(acc, x, tl.trans(w), EMULATE_DOT)
+        acc = dot(x, tl.trans(w), acc, EMULATE_DOT)
 
     xs = tl.load(xs_ptr + m_ld)
     ws = tl.load(ws_ptr + rows).to(tl.float32)
@@ -122,6 +122,7 @@ def quantize_act_fp8(x2: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, t
     s = torch.empty((M,), device=x2.device, dtype=torch.float32)
     one_pass = triton.next_power_of_2(KP) <= 16384
     block = triton.next_power_of_2(KP) if one_pass else 2048
+    before_launch()
     act_quant_fp8_kernel[(M,)](x2, q, s, K, KP, x2.stride(0), q.stride(0),
                                BLOCK_K=block, ROUND_FIRST=interpreting(), ONE_PASS=one_pass,
                                num_warps=max(4, min(16, block // 1024)))
@@ -138,6 +139,7 @@ def launch_fp8(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, cfg: G
     split = cfg.split_k
     target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    before_launch()
     fp8_gemm_kernel[grid](
         xq, xs, data, scale.reshape(-1), bias if bias is not None else xs, residual if residual is not None else xs,
         target, M, N, K, xq.stride(0), data.stride(0), target.stride(0),

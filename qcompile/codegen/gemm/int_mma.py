@@ -38,16 +38,16 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.gemm.common import (
-    interpreting,
-    mma,
     new_output,
     store_epilogue,
     swizzle,
     virtual_rows,
 )
 from qcompile.codegen.gemm.configs import GemmConfig
+from qcompile.codegen.triton_env import before_launch, dot, interpreting
+from qcompile.formats import kernel_codes
 
-INT4, INT8 = 0, 1
+W_INT4 = tl.constexpr(kernel_codes.W_INT4)
 
 # int4 → 16-bit float, 8 codes (4 bytes B0..B3, codes c0..c7, c2i = Bi & 15, c2i+1 = Bi >> 4)
 # per call. With s = w >> 4, prmt puts Bi in byte 0 and (Bi >> 4) in byte 2 of p, so
@@ -281,7 +281,7 @@ def int_mma_kernel(
 
     HALF: tl.constexpr = BLOCK_K // 2
     Q: tl.constexpr = BLOCK_K // 4
-    off = tl.full((BLOCK_N,), 8 if CODE == 0 else 0, tl.int32)  # symmetric offsets
+    off = tl.full((BLOCK_N,), 8 if CODE == W_INT4 else 0, tl.int32)  # symmetric offsets
     if GROUP == 0 and HAS_ZERO:
         off = tl.load(z_ptr + rows * stride_zn).to(tl.int32)
 
@@ -302,18 +302,18 @@ def int_mma_kernel(
         if GROUP > 0:
             s_next, off_next = _group_params(s_ptr, z_ptr, rows, t + 1, t_end, G, stride_sn, stride_zn, off,
                                              HAS_ZERO, GROUP, BLOCK_K)
-        if CODE == 0:
+        if CODE == W_INT4:
             w0, w1, w2, w3 = _int4_tile(w_ptr, rows, k0 // 2, KD, stride_wn, off, HAS_ZERO, DT, BF16, HALF,
                                         EVEN_K, ASM)
-            part = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
-                       _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 0, Q, EVEN_K), tl.trans(w0), EMULATE_DOT)
-            part = mma(part, _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 1, Q, EVEN_K), tl.trans(w1), EMULATE_DOT)
-            part = mma(part, _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 2, Q, EVEN_K), tl.trans(w2), EMULATE_DOT)
-            part = mma(part, _x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 3, Q, EVEN_K), tl.trans(w3), EMULATE_DOT)
+            part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 0, Q, EVEN_K), tl.trans(w0),
+                       tl.zeros((BLOCK_M, BLOCK_N), tl.float32), EMULATE_DOT)
+            part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 1, Q, EVEN_K), tl.trans(w1), part, EMULATE_DOT)
+            part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 2, Q, EVEN_K), tl.trans(w2), part, EMULATE_DOT)
+            part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 3, Q, EVEN_K), tl.trans(w3), part, EMULATE_DOT)
         else:
             w = _int8_tile(w_ptr, rows, k0, KD, stride_wn, off, SIGNED, DT, BF16, BLOCK_K, EVEN_K, ASM)
             xt = _x_tile(x_ptr, offs_m, M, k0, K, stride_xm, BLOCK_K, EVEN_K)
-            part = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), xt, tl.trans(w), EMULATE_DOT)
+            part = dot(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), EMULATE_DOT)
         if GROUP > 0:
             acc += part * s[None, :]
             off = off_next
@@ -361,7 +361,7 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 
 def supports(code: int, group: int, K: int) -> str | None:
     """``None`` if :func:`launch_int_mma` takes this weight, else why not."""
-    if code not in (INT4, INT8):
+    if code not in (kernel_codes.W_INT4, kernel_codes.W_INT8):
         return "int_mma takes int4 and int8 weights"
     if K % 4:
         return f"int_mma needs K divisible by 4 (got {K})"
@@ -393,6 +393,7 @@ def launch_int_mma(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, ze
         tickets = _tickets(x2.device, m_tiles * n_tiles)
     else:
         ws = tickets = dummy
+    before_launch()
     int_mma_kernel[(m_tiles * n_tiles, split)](
         x2, data, scale, zero if zero is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, ws, tickets,

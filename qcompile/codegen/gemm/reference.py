@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.formats.floating import E2M1_VALUES as _E2M1_VALUES
+from qcompile.formats.floating import E4M3_MAX
 from qcompile.formats.spec import PER_CHANNEL, QuantizedTensor, QuantSpec
 
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float64)
-FP8_MAX = 448.0
+E2M1_VALUES = _E2M1_VALUES.to(torch.float64)
 
 
 def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,8 @@ def dequantize_reference(qt: QuantizedTensor) -> torch.Tensor:
 def fake_quant_act_fp8(x: torch.Tensor) -> torch.Tensor:
     """Per-token e4m3 round trip, as the kernel does it (fp32 scale = amax / 448)."""
     xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
-    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+    q = (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.to(torch.float64) * s.to(torch.float64)
 
 
@@ -121,7 +121,7 @@ def random_quantized(spec: QuantSpec, N: int, K: int, device: str | torch.device
         data = torch.where(valid, randint(-127, 128, N, Kp), 0).to(torch.int8)
         scale = (weight_std / 73.0 * (0.5 + rand(N, G))).to(sdtype)
     elif fmt in ("fp8_e4m3", "mxfp8"):
-        data = torch.where(valid, (torch.randn(N, Kp, generator=generator) * 64).clamp(-448, 448), 0).to(torch.float8_e4m3fn)
+        data = torch.where(valid, (torch.randn(N, Kp, generator=generator) * 64).clamp(-E4M3_MAX, E4M3_MAX), 0).to(torch.float8_e4m3fn)
         if fmt == "mxfp8":
             scale = randint(127 - 14, 127 - 10, N, G).to(torch.uint8)
         else:

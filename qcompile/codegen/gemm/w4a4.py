@@ -23,18 +23,20 @@ import triton.language as tl
 from qcompile.codegen.gemm.common import (
     decode_fp4,
     decode_scale,
-    interpreting,
-    mma,
     new_output,
     store_epilogue,
     swizzle,
     virtual_rows,
 )
+from qcompile.codegen.triton_env import before_launch, dot, interpreting
+from qcompile.formats import microscaling
+from qcompile.formats.kernel_codes import scale_code
 from qcompile.formats.spec import QuantizedTensor, QuantSpec
 
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
-SCALE_KIND = {"nvfp4": 1, "mxfp4": 2}
-NVFP4_GLOBAL_DIVISOR: tl.constexpr = tl.constexpr(6.0 * 448.0)
+NVFP4_GLOBAL_DIVISOR: tl.constexpr = tl.constexpr(microscaling.NVFP4_GLOBAL_DIVISOR)  # 6 * 448
+E4M3_MAX = tl.constexpr(microscaling.E4M3_MAX)
+E4M3_MIN_NORMAL = tl.constexpr(microscaling.E4M3_MIN_NORMAL)
 DOT_SCALED_STATUS: dict[str, str] = {}
 """Per device name: "ok" once ``tl.dot_scaled`` compiled there, else the error text."""
 
@@ -64,14 +66,14 @@ def round_to_e4m3(s):
     is exact on GPUs too (``tl.log2`` / ``tl.exp2`` are approximate there), and no fp8
     cast (the Triton 3.6 interpreter gets that wrong when rounding carries into the
     next power of two)."""
-    s = tl.minimum(tl.maximum(s, 0.015625), 448.0)
+    s = tl.minimum(tl.maximum(s, E4M3_MIN_NORMAL), E4M3_MAX)
     e = ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     y = s * pow2(3 - e)  # in [8, 16): the integer part keeps 3 mantissa bits
     f = tl.floor(y)
     d = y - f
     odd = (f.to(tl.int32) & 1) == 1
     f = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)  # ties to even, as the formats library
-    return tl.minimum(f * pow2(e - 3), 448.0)
+    return tl.minimum(f * pow2(e - 3), E4M3_MAX)
 
 
 @triton.jit
@@ -169,7 +171,7 @@ def w4a4_gemm_kernel(
                            BLOCK_M, BLOCK_K, B, SCALE_KIND)
             wv = _fp4_tile(w_ptr, ws_ptr, rows, n_mask, k0, KD, NBLK, stride_wn, stride_wsn,
                            BLOCK_N, BLOCK_K, B, SCALE_KIND)
-            acc = mma(acc, xv, tl.trans(wv), EMULATE_DOT)
+            acc = dot(xv, tl.trans(wv), acc, EMULATE_DOT)
 
     if HAS_GS:
         acc = acc * (tl.load(xgs_ptr) * tl.load(wgs_ptr))
@@ -194,6 +196,7 @@ def quantize_act_fp4(x2: torch.Tensor, fmt: str) -> QuantizedTensor:
         s = torch.empty((M, nblk), device=x2.device, dtype=torch.uint8)
         gs = amax = None
     NB = min(64, triton.next_power_of_2(nblk))
+    before_launch()
     act_quant_fp4_kernel[(M, triton.cdiv(nblk, NB))](
         x2, q, s, amax if gs is not None else s, gs if gs is not None else s, K, nblk, x2.stride(0), q.stride(0), s.stride(0),
         IS_NV=fmt == "nvfp4", B=B, NB=NB,
@@ -221,13 +224,14 @@ def _launch(xq: QuantizedTensor, qt: QuantizedTensor, out: torch.Tensor, bias, r
     xgs = xq.global_scale.reshape(1).float() if has_gs else xq.scale
     wgs = qt.global_scale.reshape(1).float().to(qt.data.device) if has_gs else xq.scale
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    before_launch()
     w4a4_gemm_kernel[grid](
         xq.data, xq.scale, xgs, qt.data, qt.scale, wgs,
         bias if bias is not None else out, residual if residual is not None else out, out,
         M, N, qt.data.shape[1], qt.scale.shape[1],
         xq.data.stride(0), xq.scale.stride(0), qt.data.stride(0), qt.scale.stride(0),
         out.stride(0), residual.stride(0) if residual is not None else 0,
-        SCALE_KIND=SCALE_KIND[fmt], HAS_GS=has_gs, USE_DOT_SCALED=use_dot_scaled,
+        SCALE_KIND=scale_code(fmt), HAS_GS=has_gs, USE_DOT_SCALED=use_dot_scaled,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
         EMULATE_DOT=interpreting(), B=BLOCK[fmt],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,

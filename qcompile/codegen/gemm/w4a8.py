@@ -17,15 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.codegen import triton_env
 from qcompile.codegen.gemm.common import (
     finish_split_k,
-    interpreting,
-    mma,
     new_output,
     store_epilogue,
     swizzle,
     virtual_rows,
 )
+from qcompile.codegen.triton_env import NUM_SMS_DEFAULT, before_launch, dot, interpreting
 from qcompile.formats.spec import QuantizedTensor
 
 W4A8_GROUPS = (32, 64, 128, 256)
@@ -63,7 +63,7 @@ def w4a8_gemm_kernel(
         else:
             q = q - 8.0
         w = q.to(tl.float8e4nv)  # exact: |q - zero| <= 15
-        part = mma(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x, tl.trans(w), EMULATE_DOT)
+        part = dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), EMULATE_DOT)
         s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)
         acc += part * s[None, :]
 
@@ -77,7 +77,7 @@ def w4a8_gemm_kernel(
                        stride_rm, HAS_BIAS, HAS_RES, SILU_MUL, BLOCK_M, BLOCK_N)
 
 
-def w4a8_config(M: int, N: int, G: int, num_sms: int = 132) -> tuple[int, int, int, int, int]:
+def w4a8_config(M: int, N: int, G: int, num_sms: int = NUM_SMS_DEFAULT) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages) from the M bucket; no autotuning.
     Decode splits the groups across programs until there are >= 2 programs per SM."""
     if M <= 16:
@@ -104,8 +104,7 @@ def launch_w4a8(x2: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     xq, xs = quantize_act_fp8(x2, pad_to=group)  # [M, G * group], zero padded
     n_out = N // 2 if silu_mul else N
     out = new_output((M, n_out), x2.dtype, x2.device)
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 132
-    bm, bn, split, warps, stages = w4a8_config(M, N, G, sms)
+    bm, bn, split, warps, stages = w4a8_config(M, N, G, triton_env.num_sms(x2.device))
     if split_k is not None:
         split = split_k
     target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
@@ -113,6 +112,7 @@ def launch_w4a8(x2: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     scale = qt.scale.contiguous()
     zero = qt.zero.contiguous() if qt.zero is not None else None
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+    before_launch()
     w4a8_gemm_kernel[grid](
         xq, xs, data, scale, zero if zero is not None else data,
         bias if bias is not None else xs, residual if residual is not None else xs, target,

@@ -23,14 +23,18 @@ from qcompile.codegen.gemm.common import (
     decode_fp4,
     decode_scale,
     finish_split_k,
-    interpreting,
-    mma,
     new_output,
     store_epilogue,
     swizzle,
     virtual_rows,
 )
 from qcompile.codegen.gemm.configs import GemmConfig, _block_k_for_group
+from qcompile.codegen.triton_env import before_launch, dot, interpreting
+from qcompile.formats import kernel_codes
+
+W_INT4 = tl.constexpr(kernel_codes.W_INT4)
+W_FP4 = tl.constexpr(kernel_codes.W_FP4)
+packed_weight = triton.constexpr_function(kernel_codes.packed_weight)
 
 
 @triton.jit
@@ -40,7 +44,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Load and dequantize W[rows, k0:k0+BLOCK_K] -> float32 ``[BLOCK_N, BLOCK_K]``
     (per-channel scales are left to the caller: they factor out of the K sum)."""
-    PACKED: tl.constexpr = CODE == 0 or CODE == 2
+    PACKED: tl.constexpr = packed_weight(CODE)
     # ---- codes ----
     if PACKED:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -54,7 +58,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn,
         if not EVEN_K:
             offs_k = tl.minimum(offs_k, KD - 1)
         q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :])
-    if CODE == 2:  # noqa: SIM108 (constexpr branch)
+    if CODE == W_FP4:  # noqa: SIM108 (constexpr branch)
         w = decode_fp4(q)
     else:
         w = q.to(tl.float32)
@@ -63,7 +67,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn,
         if HAS_ZERO:
             z = tl.load(z_ptr + rows * stride_zn).to(tl.float32)
             w = w - z[:, None]
-        elif CODE == 0:
+        elif CODE == W_INT4:
             w = w - 8.0
     elif GROUP >= BLOCK_K:
         # the whole tile lies in one group
@@ -72,7 +76,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn,
         if HAS_ZERO:
             z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
             w = (w - z[:, None]) * s[:, None]
-        elif CODE == 0:
+        elif CODE == W_INT4:
             w = (w - 8.0) * s[:, None]
         else:
             w = w * s[:, None]
@@ -86,7 +90,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, rows, k0, KD, G, stride_wn, stride_sn,
             z = tl.load(z_ptr + rows[:, None] * stride_zn + offs_g[None, :])
             z = tl.reshape(tl.broadcast_to(z.to(tl.float32)[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_K))
             w = (w - z) * s
-        elif CODE == 0:
+        elif CODE == W_INT4:
             w = (w - 8.0) * s
         else:
             w = w * s
@@ -127,7 +131,7 @@ def weight_only_gemm_kernel(
             # GEMV (M == 1): FMAs and a row reduction, no 16-row tensor-core padding
             acc += tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
         else:
-            acc = mma(acc, x, tl.trans(w.to(x.dtype)), EMULATE_DOT)
+            acc = dot(x, tl.trans(w.to(x.dtype)), acc, EMULATE_DOT)
 
     if PER_CHANNEL:
         s = decode_scale(tl.load(s_ptr + rows * stride_sn), SCALE_KIND)
@@ -177,6 +181,7 @@ def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     block_n = 32
     block_k = _block_k_for_group(256, group, K)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    before_launch()
     dequant_weight_kernel[grid](
         data, scale, zero if zero is not None else data, global_scale if global_scale is not None else data, out,
         N, K, KD, scale.shape[1], data.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
@@ -213,11 +218,12 @@ def launch_weight_only(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor
     n_out = N // 2 if silu_mul else N
     out = new_output((M, n_out), x2.dtype, x2.device)
     KD = data.shape[1]
-    even_k = K % cfg.block_k == 0 and KD * (2 if code in (0, 2) else 1) >= K
+    even_k = K % cfg.block_k == 0 and KD * (2 if packed_weight(code) else 1) >= K
     split = cfg.split_k
     target = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1 else out
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     dummy = data
+    before_launch()
     weight_only_gemm_kernel[grid](
         x2, data, scale, zero if zero is not None else dummy, global_scale if global_scale is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy, target,

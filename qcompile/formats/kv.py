@@ -1,12 +1,15 @@
-"""KV-cache formats: the cache's own spec and its reference (torch) quantizers.
+"""KV-cache formats: the cache's spec, its layouts and its reference (torch) quantizers.
 
-Layouts, per layer, batch row and KV head (``S`` = max_seq_len, ``D`` = head_dim):
+These are the formats of ``qcompile.runtime.QuantizedKVCache``; the Triton append and decode
+kernels (``qcompile/codegen/attention/``) write and read exactly these layouts, and their integer
+codes are ``formats.kernel_codes.KV_*``. Layouts, per layer, batch row and KV head
+(``S`` = max_seq_len, ``D`` = head_dim):
 
 - ``bf16``: no compression, stored in the cache's dtype (bf16 or fp16).
 - ``fp8_e4m3`` / ``int8``: per token and head. Codes ``[S, D]`` (fp8 stored as its uint8 bits),
   one float32 scale per token ``[S]``. Symmetric: ``x ≈ code * scale``.
 - ``int4`` / ``int2`` (KIVI / KVQuant style, asymmetric): codes bit-packed along D, low bits
-  first (channel ``PER*j + i`` in bits ``i*bits`` of byte ``j``).
+  first (channel ``PER*j + i`` in bits ``i*bits`` of byte ``j``; ``formats.pack_bits``).
   Keys are quantized per channel over groups of ``group_size`` tokens: scale and minimum
   ``[S / group_size, D]`` float16, each group's row stored *slice-major*: channel ``PER*x + i``
   at ``i * D/PER + x`` (``PER`` = codes per byte), so that the ``D/PER`` scales of the channels
@@ -23,6 +26,30 @@ bytes of a head (``NB`` bytes per token, packed as above) are kept as ``[S / TB,
 with tokens contiguous, every byte it loads already sits where the tensor cores want it
 (``ldmatrix.trans``), so a value tile needs no shuffling or byte-wise shared-memory reads.
 ``block_tokens`` / ``unblock_tokens`` convert between the two views.
+
+**KV ``int4`` is not weight ``int4``** (``QuantSpec("int4", symmetric=False)``, ``integer.py``),
+although both are asymmetric 4-bit codes packed low nibble first:
+
+- *what shares a scale*: weights group along K (``[rows, K / group]`` scales); KV keys group one
+  channel over ``group_size`` consecutive tokens (``[S / group, D]``, slice-major), KV values
+  group channels of one token (``[S, D / value_group]``).
+- *offset*: weights store an integer zero point (``uint8``, ``x ≈ (code - zero) * scale``) and
+  widen the range to include 0, so 0.0 is exact; KV stores a float16 minimum (``x ≈ code * scale
+  + minimum``) over the true range [min, max], so 0.0 is in general not exact.
+- *scale*: weights round the scale *down* to ``scale_dtype`` (min and max land on codes 0 and
+  15); KV rounds ``(max - min) / 15`` to the nearest float16, and the codes are computed against
+  the stored float16 scale and minimum.
+- *rounding*: weights round half to even (``torch.round``); KV rounds half up
+  (``floor(y + 0.5)``), which the Triton append reproduces bit for bit.
+
+Likewise KV ``int8`` is symmetric over [-127, 127] with round half up and a float32 per-token
+scale ``amax / 127``; weight ``int8`` rounds half to even over [-128, 127] with ``scale_dtype``
+scales per channel or group along K. KV ``fp8_e4m3`` is weight ``fp8_e4m3``'s element cast
+(``amax / 448``, clamp, round to nearest even) with one float32 scale per token.
+
+``apply_rope`` is here because ``KVCacheSpec.pre_rope`` makes it part of what a stored key means:
+a pre-RoPE cache dequantizes to keys that are then rotated by it (rotate-half, base ``rope_theta``,
+position = slot).
 """
 
 from __future__ import annotations
@@ -31,14 +58,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from qcompile import formats
+from .floating import E4M3_MAX
+from .kernel_codes import KV_CODES, kv_grouped, kv_per_token
+from .packing import pack_bits as _pack_bits
+from .packing import unpack_bits as _unpack_bits
 
-KV_FORMATS = ("bf16", "fp8_e4m3", "int8", "int4", "int2")
-PER_TOKEN_FORMATS = ("fp8_e4m3", "int8")
-GROUPED_FORMATS = ("int4", "int2")
+KV_FORMATS = tuple(KV_CODES)
+"""``bf16``, ``fp8_e4m3``, ``int8``, ``int4``, ``int2``."""
+PER_TOKEN_FORMATS = tuple(f for f, c in KV_CODES.items() if kv_per_token(c))
+GROUPED_FORMATS = tuple(f for f, c in KV_CODES.items() if kv_grouped(c))
 KV_BITS = {"bf16": 16, "fp8_e4m3": 8, "int8": 8, "int4": 4, "int2": 2}
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-FP8_MAX = 448.0
 VALUE_TOKEN_BLOCK = 16
 """Tokens per block of the token-blocked value-code layout (see the module docstring)."""
 
@@ -175,22 +205,22 @@ def unblock_tokens(blocked: torch.Tensor, S: int) -> torch.Tensor:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last dim, low bits first
     (the formats library's canonical packing, so kernels share one layout)."""
-    return formats.pack_bits(codes.to(torch.uint8), bits)
+    return _pack_bits(codes.to(torch.uint8), bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    return formats.unpack_bits(packed, bits, packed.shape[-1] * (8 // bits)).to(torch.int32)
+    return _unpack_bits(packed, bits, packed.shape[-1] * (8 // bits)).to(torch.int32)
 
 
 def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization along the last dim: (codes, float32 scale)."""
     x = x.float()
     amax = x.abs().amax(-1)
-    qmax = FP8_MAX if fmt == "fp8_e4m3" else 127.0
+    qmax = E4M3_MAX if fmt == "fp8_e4m3" else 127.0
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     y = x * (1.0 / scale)[..., None]
     if fmt == "fp8_e4m3":
-        codes = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        codes = y.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     else:
         codes = torch.floor(y + 0.5).clamp(-127, 127).to(torch.int8)
     return codes, scale

@@ -1,11 +1,14 @@
-"""Prefill: torch SDPA for the math on the uncompressed block, the cache written compressed."""
+"""Prefill: torch SDPA for the math on the uncompressed block, the cache written compressed.
+
+A runtime step rather than a kernel: SDPA plus ``QuantizedKVCache.append`` (whose Triton kernels
+are ``qcompile.codegen.attention.append``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from qcompile.runtime.kv_formats import apply_rope
+from qcompile.formats.kv import apply_rope
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int,
