@@ -11,15 +11,15 @@ log=$OUT/log.txt
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  timeout 150 python3 benchmarks/check_gemm.py; echo "check_gemm rc=$?"
-  timeout 150 python3 benchmarks/check_attention.py; echo "check_attention rc=$?"
+  PYTHONPATH=$new timeout 150 python3 benchmarks/check_gemm.py; echo "check_gemm rc=$?"
+  PYTHONPATH=$new timeout 150 python3 benchmarks/check_attention.py; echo "check_attention rc=$?"
   for round in 1 2; do
     [ $round = 2 ] && [ $SECONDS -gt 330 ] && { echo "round 2 skipped (time)"; break; }
     for tree in base new; do
       dir=$OUT/$tree$round; mkdir -p "$dir"
       src=$([ $tree = base ] && echo "$base" || echo "$new")
-      (cd "$src" && OUT=$dir timeout 150 python3 benchmarks/gemm.py --quick; echo "$tree$round gemm rc=$?")
-      (cd "$src" && timeout 150 python3 benchmarks/attention.py --quick --out-dir "$dir"; echo "$tree$round attention rc=$?")
+      (cd "$src" && PYTHONPATH=$src OUT=$dir timeout 150 python3 benchmarks/gemm.py --quick; echo "$tree$round gemm rc=$?")
+      (cd "$src" && PYTHONPATH=$src timeout 150 python3 benchmarks/attention.py --quick --out-dir "$dir"; echo "$tree$round attention rc=$?")
       rm -f "$dir"/*.md
     done
   done
