@@ -11,8 +11,8 @@ import statistics
 import sys
 from pathlib import Path
 
-GEMM_OURS = ("w4a16", "w8a16", "w8a8")
-GEMM_PEERS = ("bf16", "tiny_w4", "fp8")
+GEMM_OURS = ("ours_w4a16_graph", "ours_w8a16_graph", "ours_fp8_graph")
+GEMM_PEERS = ("bf16_graph", "tinygemm_w4_graph", "scaled_mm_fp8_graph")
 
 
 def _gemm(base: dict, new: dict) -> list[str]:
