@@ -11,7 +11,6 @@ from qcompile.codegen.op_schema import (
 )
 from qcompile.formats import QuantSpec, quantize
 from qcompile.ir.annotations import result_of
-from tests.tiny_models import tiny_inputs, tiny_model
 
 
 def test_registered_op_schema_is_the_dataclass():
@@ -19,11 +18,22 @@ def test_registered_op_schema_is_the_dataclass():
     assert schema == f"qcompile::quantized_linear{QuantizedLinearCall.schema()}"
 
 
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 128)
+        self.down = torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
 @pytest.mark.parametrize("recipe", list(qcompile.RECIPES))
 def test_every_recipes_specs_survive_lowering_and_artifacts(recipe, tmp_path):
     rcp = qcompile.get_recipe(recipe)
-    model = tiny_model("llama", layers=1)
-    cm = qcompile.compile(model, tiny_inputs(), target="blackwell", recipe=recipe, progress=False, verify=False)
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    cm = qcompile.compile(MLP().eval(), x, target="blackwell", recipe=recipe, progress=False, verify=False)
     nodes = quantized_linear_nodes(cm.graph_module)
     assert nodes
     for node in nodes:
@@ -32,11 +42,12 @@ def test_every_recipes_specs_survive_lowering_and_artifacts(recipe, tmp_path):
         assert call.act_spec == rcp.activation
         assert result_of(node).activation == rcp.activation
     cm.save(tmp_path / "art")
-    loaded = qcompile.load(tmp_path / "art", tiny_model("llama", layers=1), tiny_inputs())
+    loaded = qcompile.load(tmp_path / "art", MLP(), x)
     for node in quantized_linear_nodes(loaded.graph_module):
         call = QuantizedLinearCall.from_node(node)
         assert (call.weight_spec, call.act_spec) == (rcp.weight, rcp.activation)
     assert loaded.recipe == rcp
+    torch.testing.assert_close(loaded(x), cm(x), rtol=0, atol=0)
 
 
 def test_fp8_scale_dtype_and_activation_symmetry_are_kept():
