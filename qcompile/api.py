@@ -96,6 +96,11 @@ def compile(  # noqa: A001 - the public name is the point
     else:
         pass_list = [p if isinstance(p, Pass) else make_pass(p, **rcp.pass_options.get(p, {})) for p in passes]
 
+    hungry = [p.name for p in pass_list if p.uses_calibration]
+    if calibration is None and hungry:
+        warnings.warn(f"recipe {rcp.name!r} runs {', '.join(hungry)}, which calibrate on data, and no calibration= "
+                      "was given: the example inputs are used; pass calibration= (batches, or texts with "
+                      "tokenizer=) distinct from the data you evaluate on", stacklevel=2)
     with CompileProgress(progress) as prog, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal noise
         prog.step(f"export {type(model).__name__} with torch.export")

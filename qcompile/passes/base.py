@@ -118,6 +118,9 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
     fills_in: ClassVar[bool] = False
+    uses_calibration: ClassVar[bool] = False
+    """Its result depends on calibration data (GPTQ, smoothing): ``compile`` warns when the user
+    gave none and the example inputs stand in."""
     on_load: ClassVar[OnLoad] = OnLoad.RERUN
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

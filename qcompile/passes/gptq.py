@@ -54,6 +54,7 @@ class GPTQ(WeightQuantizer):
     """
 
     method = "gptq"
+    uses_calibration = True
     needs_hessian = True
 
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True):

@@ -80,3 +80,8 @@ def test_calibration_texts_are_tokenized_with_the_examples_keys():
 def test_calibration_rejects_a_bare_string():
     with pytest.raises(TypeError, match="list of batches"):
         qcompile.compile(MLP(), torch.randn(2, 16), calibration="just one string", progress=False)
+
+
+def test_data_hungry_recipe_without_calibration_warns():
+    with pytest.warns(UserWarning, match="runs gptq, which calibrate on data, and no calibration= was given"):
+        qcompile.compile(MLP(), torch.randn(4, 16), recipe="w8a8-gptq", progress=False)
