@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree
 from torch import fx
 
 from qcompile.ir.interpret import flat_inputs
@@ -127,8 +128,13 @@ class StatsCache:
             progress.start_layers(f"calibration statistics ({len(sources)} activations, {len(batches)} batches)",
                                   len(batches))
         with torch.no_grad():
-            for args, kwargs in batches:
-                _Capture(gm, accs).run(*flat_inputs(gm, args, kwargs))
+            for i, (args, kwargs) in enumerate(batches):
+                try:
+                    _Capture(gm, accs).run(*flat_inputs(gm, args, kwargs))
+                except Exception as e:
+                    shapes = [tuple(t.shape) for t in flat_inputs(gm, args, kwargs) if isinstance(t, torch.Tensor)]
+                    raise ValueError(f"calibration batch {i} (input shapes {shapes}) does not fit the traced model: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
                 if progress is not None:
                     progress.advance_layer()
         self.captures += 1
@@ -170,6 +176,9 @@ def make_calibration(calibration: Any, example_args: tuple, example_kwargs: dict
             args, kwargs = split_inputs(batch, None)
         except TypeError as e:
             raise TypeError(f"calibration batch {i}: {e}") from e
+        for j, t in enumerate(torch.utils._pytree.tree_leaves((args, kwargs))):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"calibration batch {i}: input tensor {j} contains NaN or Inf values")
         batches.append((args, {**kwargs, **pinned_kwargs}))
     return Calibration(batches, source=f"{len(batches)} calibration batches")
 

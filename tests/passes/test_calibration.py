@@ -85,3 +85,17 @@ def test_calibration_rejects_a_bare_string():
 def test_data_hungry_recipe_without_calibration_warns():
     with pytest.warns(UserWarning, match="runs gptq, which calibrate on data, and no calibration= was given"):
         qcompile.compile(MLP(), torch.randn(4, 16), recipe="w8a8-gptq", progress=False)
+
+
+def test_non_finite_calibration_is_named():
+    bad = torch.randn(4, 16)
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="calibration batch 1: input tensor 0 contains NaN"):
+        qcompile.compile(MLP(), torch.randn(4, 16), recipe="w8a8-gptq", calibration=[torch.randn(4, 16), bad],
+                         progress=False)
+
+
+def test_calibration_of_the_wrong_shape_is_named():
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(input shapes \[\(4, 9\)\]\) does not fit"):
+        qcompile.compile(MLP(), torch.randn(4, 16), recipe="w8a8-gptq", calibration=[torch.randn(4, 9)],
+                         progress=False)
