@@ -114,7 +114,17 @@ _BY_NAME = {r.name: r for r in _RTN}
 _GPTQ = tuple(_derived(_BY_NAME[n], "gptq", "GPTQ weights (passes/gptq.py)", GPTQ_PASSES, GPTQ_OPTIONS)
               for n in ("w4a16", "w4a16-g32", "nvfp4-w4a16", "w8a8", "w4a8", "w4a4", "nvfp4"))
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ)}
+SMOOTH_GPTQ_PASSES = ("canonicalize", "assign_quant_specs", "smooth_quant", "gptq", "lower")
+_MIGRATED = (
+    _derived(_BY_NAME["w4a16"], "awq", "AWQ scales and clipping, then RTN (passes/scale_migration.py)",
+             ("canonicalize", "assign_quant_specs", "awq", "awq_clip", "quantize_weights", "lower")),
+    _derived(_BY_NAME["w8a8"], "smooth", "SmoothQuant scales, then RTN",
+             ("canonicalize", "assign_quant_specs", "smooth_quant", "quantize_weights", "lower")),
+    *(_derived(_BY_NAME[n], "smooth-gptq", "SmoothQuant scales, then GPTQ", SMOOTH_GPTQ_PASSES, GPTQ_OPTIONS)
+      for n in ("w8a8", "w4a8", "w4a4", "nvfp4")),
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ, *_MIGRATED)}
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

@@ -8,6 +8,7 @@ of each node's *first input* (the activation of a linear), flattened to ``[rows,
 
 - ``max_abs``: per-channel max |x| (SmoothQuant's and outlier detection's input),
 - ``mean_abs``: per-channel mean |x| (AWQ's activation magnitude),
+- ``min`` / ``max``: per-channel extremes (the Outlier Suppression+ shift),
 - ``hessian``: ``Σ xᵀx`` over every row (GPTQ's ``H = 2XᵀX/n``), on request only (K² floats),
 - ``sample``: up to ``sample_rows`` evenly spaced rows, for measuring a layer's output error.
 """
@@ -45,6 +46,8 @@ class ActivationStats:
     mean_abs: torch.Tensor
     sample: torch.Tensor
     hessian: torch.Tensor | None = None
+    min: torch.Tensor | None = None
+    max: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,6 +58,8 @@ class _Accumulator:
     max_abs: torch.Tensor | None = None
     sum_abs: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
     samples: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, x: torch.Tensor) -> None:
@@ -63,6 +68,9 @@ class _Accumulator:
         m, s = a.amax(0), a.sum(0)
         self.max_abs = m if self.max_abs is None else torch.maximum(self.max_abs, m)
         self.sum_abs = s if self.sum_abs is None else self.sum_abs + s
+        lo, hi = x.amin(0), x.amax(0)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         if self.hessian:
             xtx = x.t().double() @ x.double()
             self.xtx = xtx if self.xtx is None else self.xtx + xtx
@@ -73,7 +81,7 @@ class _Accumulator:
         sample = torch.cat(self.samples)
         sample = sample[_evenly_spaced(sample.shape[0], self.sample_rows)]
         return ActivationStats(self.rows, self.max_abs, self.sum_abs / max(self.rows, 1), sample,
-                               self.xtx.float() if self.xtx is not None else None)
+                               self.xtx.float() if self.xtx is not None else None, self.lo, self.hi)
 
 
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:
