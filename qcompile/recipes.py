@@ -124,7 +124,16 @@ _MIGRATED = (
       for n in ("w8a8", "w4a8", "w4a4", "nvfp4")),
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ, *_MIGRATED)}
+ROTATE_GPTQ_PASSES = ("canonicalize", "assign_quant_specs", "fold_norm_scales", "rotate_residual", "rotate_online",
+                      "gptq", "lower")
+"""Residual rotation (R1) where the model allows it, online Hadamards (R4 before down_proj; every
+quantized input of post-norm encoders), then GPTQ. No R2: it mixes V's outlier rows within a head
+(docs/rotation.md)."""
+_ROTATED = tuple(_derived(_BY_NAME[n], "rotate-gptq", "rotation folding (passes/rotation.py), then GPTQ",
+                          ROTATE_GPTQ_PASSES, {**GPTQ_OPTIONS, "fold_norm_scales": {"when": "always"}})
+                 for n in ("w4a16", "w8a8", "w4a8", "w4a4", "nvfp4"))
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ, *_MIGRATED, *_ROTATED)}
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

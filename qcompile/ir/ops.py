@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.formats.orthogonal import hadamard_transform as _hadamard_reference
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -53,8 +55,26 @@ def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("qcompile::hadamard_transform", mutates_args=())
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """The online rotation ``x ← x · Q`` along the last dimension, ``Q = diag(signs) · (H_p ⊗ block)
+    · scale`` with ``H_p`` the ``±1`` Sylvester matrix of ``p = n / block.shape[0]`` (a power of
+    two) and ``block`` an ``m × m`` matrix (``±1`` Hadamard or random orthogonal; ``None``: m = 1).
+    ``rotate_online`` inserts it before a linear whose weight absorbed ``Q`` (exact). This is the
+    reference (``formats.orthogonal.hadamard_transform``: float32, float64 kept); on CUDA,
+    ``qcompile.codegen.hadamard`` registers a Triton fast Walsh–Hadamard kernel for it."""
+    return _hadamard_reference(x, signs, block, scale)
+
+
+@hadamard_transform.register_fake
+def _(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 RMS_NORM = torch.ops.qcompile.rms_norm.default
 LAYER_NORM = torch.ops.qcompile.layer_norm.default
 CHANNEL_SCALE = torch.ops.qcompile.channel_scale.default
+HADAMARD_TRANSFORM = torch.ops.qcompile.hadamard_transform.default
 NORM_OPS = (RMS_NORM, LAYER_NORM)
 LINEAR = torch.ops.aten.linear.default

@@ -23,12 +23,13 @@ from qcompile.passes.base import (
 from qcompile.passes.calibration import ActivationStats, Calibration
 from qcompile.passes.gptq import GPTQ
 from qcompile.passes.norm_folding import FoldNormScales
+from qcompile.passes.rotation import RotateHeads, RotateOnline, RotateResidual
 from qcompile.passes.scale_migration import AWQ, AWQClip, OSShift, SmoothQuant
 from qcompile.passes.spec_assignment import AssignQuantSpecs
 from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
 
 __all__ = [
-    "AWQ", "GPTQ", "AWQClip", "OSShift", "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
+    "AWQ", "GPTQ", "AWQClip", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual", "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
     "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
     "QuantizeWeights", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
 ]
