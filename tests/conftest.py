@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover - no triton
     triton_env = None
 if triton_env is not None and triton_env.interpreting():
     triton_env.apply_interpreter_compat()
+if not _cuda and os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one intra-op thread per xdist worker: -n 2 on 2 cores, no oversubscription
 
 
 @pytest.fixture(autouse=True)
