@@ -23,7 +23,8 @@ from qcompile.passes.base import (
 from qcompile.passes.calibration import ActivationStats, Calibration
 from qcompile.passes.gptq import GPTQ
 from qcompile.passes.norm_folding import FoldNormScales
-from qcompile.passes.rotation import RotateHeads, RotateOnline, RotateResidual
+from qcompile.passes.rotation import RotateOnline, RotateResidual
+from qcompile.passes.rotation_heads import RotateHeads
 from qcompile.passes.scale_migration import AWQ, AWQClip, OSShift, SmoothQuant
 from qcompile.passes.spec_assignment import AssignQuantSpecs
 from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer

@@ -18,6 +18,7 @@ from qcompile.ir.verify import VerificationError
 from qcompile.passes.base import PassContext, PassManager, PassRequirementError
 from qcompile.passes.norm_folding import FoldNormScales
 from qcompile.passes.rotation import RotateOnline, RotateResidual, RotationError
+from qcompile.passes.rotation_heads import RotateHeads
 from qcompile.recipes import get_recipe
 from tests.outlier_models import outlier_llama
 from tests.tiny_models import FAMILIES, VOCAB, _perturb_norms, tiny_inputs, tiny_model
@@ -147,7 +148,7 @@ def test_extras_record_the_rotations():
     ex = export_model(model, tiny_inputs())
     ctx = PassContext(ex.args, ex.kwargs, recipe=get_recipe("w4a4"))
     passes = [qcompile.passes.make_pass(n) for n in ("canonicalize", "assign_quant_specs")]
-    passes += [FoldNormScales(when="always"), RotateResidual(seed=5), rotation_pass.RotateHeads(seed=5),
+    passes += [FoldNormScales(when="always"), RotateResidual(seed=5), RotateHeads(seed=5),
                RotateOnline(seed=5, targets="all")]
     gm = PassManager(passes, verify=False).run(ex.gm, ctx)
     by_path = {module_path(n): decision_of(n).extras for n in linear_nodes(gm)}
