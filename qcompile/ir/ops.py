@@ -63,7 +63,12 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch
     two) and ``block`` an ``m × m`` matrix (``±1`` Hadamard or random orthogonal; ``None``: m = 1).
     ``rotate_online`` inserts it before a linear whose weight absorbed ``Q`` (exact). This is the
     reference (``formats.orthogonal.hadamard_transform``: float32, float64 kept); on CUDA,
-    ``qcompile.codegen.hadamard`` registers a Triton fast Walsh–Hadamard kernel for it."""
+    ``qcompile.codegen.hadamard`` registers a Triton fast Walsh–Hadamard kernel for it, loaded on
+    the first CUDA call (importing qcompile does not import triton)."""
+    if x.is_cuda:
+        from qcompile.codegen.hadamard import cuda_hadamard_transform
+
+        return cuda_hadamard_transform(x, signs, block, scale)
     return _hadamard_reference(x, signs, block, scale)
 
 

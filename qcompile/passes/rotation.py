@@ -55,13 +55,6 @@ from qcompile.ir.graph import (
 from qcompile.ir.ops import HADAMARD_TRANSFORM, LAYER_NORM, NORM_OPS, RMS_NORM
 from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
 
-try:  # the Triton kernel of the online transform on CUDA registers itself for the op
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - no triton: the op's reference runs everywhere
-    triton = None
-if triton is not None:
-    import qcompile.codegen.hadamard  # noqa: F401
-
 aten = torch.ops.aten
 
 TARGETS = ("auto", "down", "all")

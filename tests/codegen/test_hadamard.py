@@ -83,5 +83,5 @@ def test_op_on_cpu_is_the_reference_and_cuda_fallback():
     r = rotation_factors(384, 4)
     x = torch.randn(3, 384, dtype=torch.float64)
     torch.testing.assert_close(HADAMARD_TRANSFORM(x, r.signs, r.block, r.scale), r.apply(x), rtol=0, atol=1e-12)
-    torch.testing.assert_close(hadamard._cuda_kernel(x, r.signs, r.block, r.scale), r.apply(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(hadamard.cuda_hadamard_transform(x, r.signs, r.block, r.scale), r.apply(x), rtol=0, atol=1e-12)
     hadamard.register_cuda_kernel()  # idempotent

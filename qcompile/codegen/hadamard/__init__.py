@@ -5,7 +5,8 @@ transform (``fwht.py``) and its host wrapper.
   tensor; the tests poison it first);
 - :func:`unsupported_reason`: why the kernel does not take a call (the op then runs the
   reference, ``formats.orthogonal.hadamard_transform``);
-- :func:`register_cuda_kernel`: makes the op dispatch CUDA tensors here (called at import).
+- :func:`register_cuda_kernel`: makes the op dispatch CUDA tensors here (called at import; the op's
+  default implementation imports this module on its first CUDA call).
 
 Shapes: ``x [..., n]`` with ``n = P · MB``, ``P`` a power of two (butterfly in registers) and
 ``MB`` the block size (``block [MB, MB]``; none: ``MB = 1``); float16, bfloat16 or float32 in, the
@@ -23,7 +24,8 @@ import triton
 from qcompile.codegen import triton_env
 from qcompile.codegen.hadamard.fwht import fwht_kernel
 
-__all__ = ["triton_hadamard_transform", "unsupported_reason", "register_cuda_kernel", "launch_config"]
+__all__ = ["cuda_hadamard_transform", "triton_hadamard_transform", "unsupported_reason", "register_cuda_kernel",
+           "launch_config"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TILE = 1 << 15
@@ -130,7 +132,8 @@ def _is_sign_matrix(b: torch.Tensor | None) -> bool:
     return _EXACT[key]
 
 
-def _cuda_kernel(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float) -> torch.Tensor:
+def cuda_hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The op on CUDA tensors: the Triton kernel, or the reference for calls it does not take."""
     if unsupported_reason(x, signs, block) is None:
         return triton_hadamard_transform(x, signs, block, scale)
     from qcompile.formats.orthogonal import hadamard_transform
@@ -148,7 +151,7 @@ def register_cuda_kernel() -> None:
         return
     import qcompile.ir.ops  # noqa: F401  (defines the op)
 
-    torch.library.register_kernel("qcompile::hadamard_transform", "cuda", _cuda_kernel)
+    torch.library.register_kernel("qcompile::hadamard_transform", "cuda", cuda_hadamard_transform)
     _REGISTERED.append(True)
 
 
