@@ -28,6 +28,7 @@ from qcompile.codegen.op_schema import TENSOR_FIELDS, QuantizedLinearCall, is_qu
 from qcompile.formats import QuantizedTensor, QuantSpec, quantize
 from qcompile.ir.annotations import LayerDecision, LayerResult, decided_nodes, result_of
 from qcompile.ir.graph import module_path
+from qcompile.report import Report
 
 if TYPE_CHECKING:
     from qcompile.compiled import CompiledModel
@@ -199,7 +200,7 @@ def save(cm: CompiledModel, path: str | Path) -> Path:
 class LoadedArtifact:
     """A validated artifact, as passes that restore (``on_load = restore``) read it."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]):
+    def __init__(self, root: Path | None, manifest: dict[str, Any], state: dict[str, torch.Tensor]):
         self.root, self.manifest, self.state = root, manifest, state
 
     def decisions(self) -> dict[str, LayerDecision]:
@@ -282,13 +283,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs:
     manifest's ``source`` then rebuilds it. ``example_inputs``: as for ``compile``; by default,
     tensors of the recorded shapes. Raises :class:`ArtifactError` for a malformed artifact.
     """
-    from qcompile.compiled import CompiledModel
     from qcompile.frontend.inputs import split_inputs
-    from qcompile.frontend.torch_export import export_model
-    from qcompile.passes import PassContext, PassManager
-    from qcompile.recipes import Recipe
-    from qcompile.report import Report
-    from qcompile.targets import get_target
 
     root = Path(path)
     if not (root / MANIFEST).exists():
@@ -298,13 +293,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {e}") from None
     validate_manifest(manifest)
-    try:
-        target = get_target(manifest["target"])
-        recipe = Recipe.from_dict(manifest["recipe"])
-    except ValueError as e:
-        raise ArtifactError(f"manifest field manifest.target/recipe: {e}") from None
     state = read_weights(root / WEIGHTS)
-    passes = [_pass_for_load(entry) for entry in manifest["passes"]]
 
     args = kwargs = None
     if model is None:
@@ -318,16 +307,40 @@ def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs:
         args, kwargs = split_inputs(example_inputs if example_inputs is not None else (), example_kwargs)
     elif args is None:
         args, kwargs = _inputs_from_manifest(manifest["example_inputs"])
-    exported = export_model(model, args, kwargs, dynamic=manifest["dynamic"])
-    ctx = PassContext(exported.args, exported.kwargs, target, recipe, artifact=LoadedArtifact(root, manifest, state))
-    gm = PassManager(passes, verify=False, load=True).run(exported.gm, ctx)
-    _load_state(gm, state)
     report = None
     if (root / REPORT).exists():
         try:
             report = Report.from_dict(json.loads((root / REPORT).read_text()))
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
             raise ArtifactError(f"{root / REPORT} is malformed: {e}") from None
+    return rebuild(manifest, state, model, args, kwargs, report=report, root=root)
+
+
+def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: torch.nn.Module, args: tuple,
+            kwargs: dict, *, report: Report | None = None, root: Path | None = None) -> CompiledModel:
+    """Re-trace ``model`` on ``(args, kwargs)`` and apply each recorded pass's load rule, then load
+    ``state`` strictly: the compiled model a validated ``manifest`` and its tensors describe.
+
+    ``load`` calls it with what it read from disk; it also serves an in-memory re-trace (the same
+    compiled layers, traced for other inputs). ``model``'s own weights are never used.
+    """
+    from qcompile.compiled import CompiledModel
+    from qcompile.frontend.torch_export import export_model
+    from qcompile.passes import PassContext, PassManager
+    from qcompile.recipes import Recipe
+    from qcompile.targets import get_target
+
+    try:
+        target = get_target(manifest["target"])
+        recipe = Recipe.from_dict(manifest["recipe"])
+    except ValueError as e:
+        raise ArtifactError(f"manifest field manifest.target/recipe: {e}") from None
+    passes = [_pass_for_load(entry) for entry in manifest["passes"]]
+    exported = export_model(model, args, kwargs, dynamic=manifest["dynamic"])
+    ctx = PassContext(exported.args, exported.kwargs, target, recipe,
+                      artifact=LoadedArtifact(root, manifest, state))
+    gm = PassManager(passes, verify=False, load=True).run(exported.gm, ctx)
+    _load_state(gm, state)
     return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=target, recipe=recipe, report=report,
                          manifest={k: v for k, v in manifest.items()
                                    if k not in ("format_version", "qcompile_version", "torch_version", "layers")})
