@@ -26,6 +26,8 @@ folded 1.27 (docs/accuracy-smollm2.md). Rotation recipes fold (``when="always"``
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named quantization recipe: default weight and activation specs, the passes to run (with their
+    options), patterns of layers kept float, and per-layer overrides (first match wins)."""
     name: str
     description: str
     weight: QuantSpec
@@ -37,6 +39,7 @@ class Recipe:
     """Constructor options of the recipe's passes, by pass name."""
 
     def make_passes(self) -> list:
+        """Fresh instances of the recipe's passes, with the recipe's options."""
         from qcompile.passes import make_pass
 
         return [make_pass(name, **self.pass_options.get(name, {})) for name in self.passes]
@@ -55,6 +58,8 @@ class Recipe:
         return LayerDecision(self.weight, self.activation, source=f"recipe {self.name}")
 
     def with_overrides(self, overrides: dict[str, str | QuantSpec | None]) -> Recipe:
+        """A copy whose ``overrides`` (``{glob: spec text, QuantSpec or None}``) take precedence over
+        the recipe's own."""
         parsed = tuple((pat, parse_spec(s) if s is not None else None) for pat, s in overrides.items())
         return replace(self, overrides=parsed + self.overrides)
 
@@ -68,6 +73,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """Inverse of :meth:`to_dict` (specs parsed from their text)."""
         dec = lambda s: QuantSpec.parse(s) if s is not None else None  # noqa: E731
         return cls(d["name"], d["description"], dec(d["weight"]), dec(d["activation"]), tuple(d["passes"]),
                    tuple(d["exclude"]), tuple((pattern, dec(spec)) for pattern, spec in d["overrides"]),
@@ -137,6 +143,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ, *_MIGRATED, *_R
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
+    """The recipe named ``name`` (a :class:`Recipe` passes through); ``ValueError`` lists the valid
+    names for an unknown one."""
     if isinstance(name, Recipe):
         return name
     if name not in RECIPES:

@@ -126,6 +126,8 @@ class KVCacheSpec:
         return self.key_format in GROUPED_FORMATS
 
     def check_head_dim(self, head_dim: int) -> None:
+        """Raise ``ValueError`` naming the supported sizes if the kernels cannot hold ``head_dim`` in
+        this format."""
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head_dim={head_dim} is not supported; supported head dims: "
                              f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
@@ -151,6 +153,7 @@ class KVCacheSpec:
         return total
 
     def short(self) -> str:
+        """A compact name, e.g. ``int4-g32`` or ``kfp8-vint4-g32``."""
         name = self.key_format if self.key_format == self.value_format else \
             f"k{self.key_format}-v{self.value_format}"
         if self.key_format in GROUPED_FORMATS:
@@ -164,6 +167,7 @@ class KVCacheSpec:
         return name
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict."""
         return asdict(self)
 
 

@@ -20,6 +20,7 @@ CODECS: dict[str, Codec] = {
 
 
 def get_codec(fmt: str) -> Codec:
+    """The codec of format ``fmt``; ``ValueError`` for one with none registered."""
     try:
         return CODECS[fmt]
     except KeyError:

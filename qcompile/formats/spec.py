@@ -67,6 +67,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
+        """Bits per stored code of the format (scales and zero points not included)."""
         return BITS[self.format]
 
     def short(self) -> str:
@@ -115,10 +116,12 @@ class QuantSpec:
         return cls(fmt, **fields)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (``QuantSpec.encode()`` is the compact text form)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantSpec:
+        """Inverse of :meth:`to_dict`."""
         return cls(**d)
 
 
@@ -148,13 +151,17 @@ class QuantizedTensor:
 
     @property
     def padded_k(self) -> int:
+        """K rounded up to whole groups: the stored codes' width before packing."""
         return self.scale.shape[1] * self.group_size
 
     @property
     def group_size(self) -> int:
+        """Elements per scale along K (the whole row for per-channel specs)."""
         return self.spec.group_size or self.shape[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by role (``data``, ``scale``, and ``zero`` / ``global_scale`` where the
+        format has them)."""
         out = {"data": self.data, "scale": self.scale}
         if self.zero is not None:
             out["zero"] = self.zero
@@ -167,6 +174,7 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
+        """A copy with every stored tensor on ``device``."""
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return QuantizedTensor(self.spec, self.shape, moved["data"], moved["scale"],
                                moved.get("zero"), moved.get("global_scale"), dict(self.extra))

@@ -53,6 +53,7 @@ class LayerDecision:
 
     @property
     def quantized(self) -> bool:
+        """True when the layer gets a quantized weight (``weight`` is not None)."""
         return self.weight is not None
 
     def replace(self, **changes: Any) -> LayerDecision:
@@ -60,6 +61,7 @@ class LayerDecision:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (specs as ``QuantSpec.encode()`` text), as artifacts store it."""
         return {
             "weight": self.weight.encode() if self.weight is not None else None,
             "activation": self.activation.encode() if self.activation is not None else None,
@@ -68,6 +70,7 @@ class LayerDecision:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerDecision:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` for a spec that does not parse."""
         return cls(
             weight=QuantSpec.parse(d["weight"]) if d.get("weight") is not None else None,
             activation=QuantSpec.parse(d["activation"]) if d.get("activation") is not None else None,

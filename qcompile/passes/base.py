@@ -124,6 +124,8 @@ class Pass:
     on_load: ClassVar[OnLoad] = OnLoad.RERUN
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite ``gm`` in place (or return a new graph in the result) and say what changed; ``ctx``
+        gives the example inputs, calibration statistics, target, recipe and history."""
         raise NotImplementedError
 
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -155,10 +157,13 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
 
 
 def registered_passes() -> dict[str, Callable[..., Pass]]:
+    """Name -> pass factory, for every pass registered with :func:`register_pass`."""
     return dict(_REGISTRY)
 
 
 def make_pass(name: str, **options: Any) -> Pass:
+    """An instance of the registered pass ``name`` with ``options``; ``ValueError`` lists the
+    registered names for an unknown one."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**options)
@@ -270,9 +275,13 @@ class PassManager:
 
     @classmethod
     def from_names(cls, names: Iterable[str], **kwargs: Any) -> PassManager:
+        """A manager over registered passes by name, each with default options."""
         return cls([make_pass(n) for n in names], **kwargs)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        """Run the passes in their declared order on ``gm``: check each one's requirements, verify
+        exact ones in float64 when asked, record timings and stats in ``records``, and at load apply
+        each pass's ``on_load`` rule instead."""
         for p in self.passes:
             missing = [prop for prop in p.requires if prop not in ctx.properties]
             if missing:

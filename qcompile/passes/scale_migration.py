@@ -107,6 +107,7 @@ class _ScaleMigration(Pass):
     tag = ""
 
     def select(self, decision: LayerDecision) -> bool:
+        """Whether this pass migrates scales for a layer with this decision."""
         raise NotImplementedError
 
     def candidates(self) -> list[float]:
@@ -114,6 +115,8 @@ class _ScaleMigration(Pass):
         raise NotImplementedError
 
     def scale(self, alpha: float, x_max: torch.Tensor, x_mean: torch.Tensor, w_max: torch.Tensor) -> torch.Tensor:
+        """The per-input-channel scale for strength ``alpha`` from the activations' max and mean
+        magnitudes and the weights' max magnitude."""
         raise NotImplementedError
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -40,9 +40,13 @@ class WeightQuantizer(Pass):
 
     def quantize_weight(self, weight: torch.Tensor, decision: LayerDecision,
                         stats: ActivationStats | None) -> QuantizedTensor:
+        """The pure part: quantize one float ``weight`` ``[N, K]`` as ``decision`` says, given the
+        layer's calibration statistics (``None`` when the quantizer needs none)."""
         raise NotImplementedError
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Quantize every decided linear's weight with :meth:`quantize_weight` and record a
+        ``LayerResult`` (method, layer output error on calibration rows)."""
         todo = [(n, decision_of(n)) for n in linear_nodes(gm)]
         todo = [(n, d) for n, d in todo if d is not None and d.quantized]
         stats = {}

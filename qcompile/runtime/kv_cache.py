@@ -100,6 +100,7 @@ class QuantizedKVCache:
 
     # ------------------------------------------------------------------ bookkeeping
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
+        """The stored tensors (codes, scales, ...) of ``layer``, as views."""
         self._check_layer(layer)
         return {k: (None if t is None else t[layer]) for k, t in self._t.items()}
 
@@ -116,10 +117,12 @@ class QuantizedKVCache:
         return torch.div(L, R, rounding_mode="floor") * R
 
     def reset(self) -> None:
+        """Empty every row of every layer (the storage stays allocated)."""
         self.lengths.zero_()
         self._len_bound = [0] * self.num_layers
 
     def nbytes(self) -> int:
+        """Bytes the cache's storage occupies on its device."""
         return sum(t.numel() * t.element_size() for t in self._t.values() if t is not None)
 
     def _check_layer(self, layer: int) -> None:
