@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import fx
 
 
@@ -29,7 +30,7 @@ class LayerReport:
     """What passes did to this layer, by pass name (``LayerDecision.extras``): rotation kind,
     smoothing alpha, clip ratios, GPTQ damping and errors, ..."""
     reason: str = ""
-    """Why a layer kept float stays float (its decision's reason: recipe exclude, override, a
+    """Why a layer left float is float (its decision's reason: a recipe exclude, an override, a
     convolution canonicalization cannot turn into a linear); empty for quantized layers."""
 
 
@@ -135,7 +136,7 @@ class Report:
             )
         t.add_section()
         t.add_row(
-            f"total ({len(self.layers)} layers)", "", "", "", f"{self.bytes_before / 1024:.1f}",
+            f"total ({_layers(len(self.layers))})", "", "", "", f"{self.bytes_before / 1024:.1f}",
             f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []),
         )
         t.caption = self._size_summary()
@@ -148,18 +149,25 @@ class Report:
             return "no quantizable layer found: nothing was quantized"
         quantized = len(self.layers) - len(self.float_layers)
         size = f"layer weights {self.bytes_after / 2**20:.2f} MiB = {self.bytes_after / self.bytes_fp16:.3f}× of fp16"
-        return size if quantized else f"nothing was quantized ({len(self.layers)} layers left float); {size}"
+        return size if quantized else f"nothing was quantized ({_layers(len(self.layers))} left float); {size}"
+
+    def float_listing(self) -> str:
+        """``left float:`` and one line per float layer with its reason (empty if none)."""
+        lines = [f"  {layer.path or '(root)'}: {layer.reason}" for layer in self.float_layers]
+        return "\n".join(["left float:", *lines]) if lines else ""
 
     def __str__(self) -> str:
         buf = io.StringIO()
-        Console(file=buf, width=140, force_terminal=False).print(self.table())
-        if self.float_layers:
-            buf.write("left float:\n")
-            for layer in self.float_layers:
-                buf.write(f"  {layer.path or '(root)'}: {layer.reason}\n")
+        Console(file=buf, width=140, force_terminal=False).print(self)
         for note in self.notes:
             buf.write(f"note: {note}\n")
         return buf.getvalue()
 
-    def __rich__(self) -> Table:
-        return self.table()
+    def __rich__(self) -> Group | Table:
+        """The table, then the float layers with their reasons (notes are the caller's to print)."""
+        listing = self.float_listing()
+        return Group(self.table(), Text(listing)) if listing else self.table()
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" + "s" * (n != 1)

@@ -158,7 +158,7 @@ def test_every_layer_excluded_warns():
     model = nn.Sequential(nn.Linear(32, 32)).eval()
     with pytest.warns(UserWarning, match=r"Sequential: nothing to quantize.*every linear layer is kept float.*'0'"):
         cm = _compile(model, torch.randn(2, 32), overrides={"*": None})
-    assert "nothing was quantized (1 layers left float)" in str(cm.report())
+    assert "nothing was quantized (1 layer left float)" in str(cm.report())
 
 
 def test_override_matching_nothing_names_the_pattern_and_real_paths():

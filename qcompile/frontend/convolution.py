@@ -43,12 +43,12 @@ CONV_TO_LINEAR = {
 """Convolutions rewritten to linears, with their number of spatial dimensions."""
 
 _LEFT_FLOAT = {
-    aten.conv3d.default: "Conv3d is not rewritten to a linear (only Conv1d/Conv2d are)",
-    aten.conv3d.padding: "Conv3d is not rewritten to a linear (only Conv1d/Conv2d are)",
-    aten.conv_transpose1d.default: "transposed conv: not rewritten to a linear",
-    aten.conv_transpose2d.input: "transposed conv: not rewritten to a linear",
-    aten.conv_transpose3d.input: "transposed conv: not rewritten to a linear",
-    aten.convolution.default: "generic aten.convolution call: not rewritten to a linear",
+    aten.conv3d.default: "Conv3d: only Conv1d/Conv2d become linears",
+    aten.conv3d.padding: "Conv3d: only Conv1d/Conv2d become linears",
+    aten.conv_transpose1d.default: "transposed conv: not supported",
+    aten.conv_transpose2d.input: "transposed conv: not supported",
+    aten.conv_transpose3d.input: "transposed conv: not supported",
+    aten.convolution.default: "generic aten.convolution call: not supported",
 }
 
 
@@ -120,9 +120,8 @@ def _rewrite(gm: fx.GraphModule, conv: fx.Node, spatial: int, matrices: dict[str
     c_out, c_in_per_group, *kernel = w.shape
     if groups != 1:
         if c_in_per_group == 1:
-            return (f"depthwise conv (groups = {groups}, one input channel per output channel): not a dense "
-                    "matmul, not rewritten to a linear")
-        return f"grouped conv (groups = {groups}): a block-diagonal matmul, not rewritten to a linear"
+            return f"depthwise conv (groups = {groups}): one input channel per output channel, not a dense matmul"
+        return f"grouped conv (groups = {groups}): a block-diagonal matmul, not supported"
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(val, torch.Tensor) or not isinstance(groups, int):
         return "conv input without a traced shape: cannot place the rewrite"
