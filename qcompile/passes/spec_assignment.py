@@ -66,15 +66,15 @@ class AssignQuantSpecs(Pass):
             if decision_of(node) is None:
                 set_decision(node, LayerDecision(None, source="canonicalize", reason=node.meta[FLOAT_REASON]))
                 counts["not_quantizable"] += 1
-        unmatched = [pat for pat, spec in recipe.overrides if not any(fnmatch.fnmatchcase(p, pat) for p in paths)]
-        for pat in unmatched:
-            warnings.warn(_unmatched_message(pat, dict(recipe.overrides)[pat], paths, unsupported), stacklevel=2)
+        unmatched = [(pat, spec) for pat, spec in recipe.overrides if not any(fnmatch.fnmatchcase(p, pat) for p in paths)]
+        for pat, spec in unmatched:
+            warnings.warn(_unmatched_message(pat, spec, paths, unsupported), stacklevel=2)
         if not any(d is not None and d.quantized for d in map(decision_of, linear_nodes(gm))):
             warnings.warn(_nothing_quantized_message(gm, paths, unsupported), stacklevel=2)
         padded = _padded_k(gm)
         if padded:
             warnings.warn(_padding_message(padded), stacklevel=2)
-        return PassResult(False, {**counts, "unmatched_overrides": unmatched,
+        return PassResult(False, {**counts, "unmatched_overrides": [pat for pat, _ in unmatched],
                                   "padded_k": {path: [k, kp] for path, (_, k, kp) in padded.items()}})
 
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
