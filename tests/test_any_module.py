@@ -65,13 +65,16 @@ def _fake_quantized(model, spec, names):
     return ref.eval()
 
 
-def test_bare_linear_compiles_and_matches():
+def test_bare_linear_compiles_matches_and_round_trips(tmp_path):
     model, x = nn.Linear(64, 64).eval(), torch.randn(4, 64)
     cm = _compile(model, x, recipe="w8a16")
     (row,) = cm.report().layers
     assert row.path == "" and row.weight_format == "int8-pc"
     assert _rel(cm(x), model(x)) < 0.01
     assert "(root)" in str(cm.report())
+    cm.save(tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(qcompile.load(tmp_path / "a", nn.Linear(64, 64), x)(x), cm(x), rtol=0, atol=0)
 
 
 def test_bare_conv_compiles():
