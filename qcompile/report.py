@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import fx
 
 
@@ -28,11 +29,15 @@ class LayerReport:
     passes: dict[str, Any] = field(default_factory=dict)
     """What passes did to this layer, by pass name (``LayerDecision.extras``): rotation kind,
     smoothing alpha, clip ratios, GPTQ damping and errors, ..."""
+    reason: str = ""
+    """Why a layer left float is float (its decision's reason: a recipe exclude, an override, a
+    convolution canonicalization cannot turn into a linear); empty for quantized layers."""
 
 
 def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
-    """One row per decided linear, in graph order, read from its result (quantized) or its float
-    weight (kept float): the report never recomputes what a pass measured."""
+    """One row per decided layer (linears, and convolutions left float), in graph order, read from
+    its result (quantized) or its float weight (kept float): the report never recomputes what a
+    pass measured."""
     from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
     from qcompile.ir.annotations import decided_nodes, result_of
     from qcompile.ir.graph import get_attr, module_path
@@ -58,7 +63,8 @@ def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
                 path=path, weight_format=str(w.dtype).removeprefix("torch."), activation_format=None,
                 bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
                 bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(), weight_rel_error=0.0,
-                output_rel_error=0.0, method="kept float", passes=dict(decision.extras)))
+                output_rel_error=0.0, method="kept float", passes=dict(decision.extras),
+                reason=decision.reason or f"decided by {decision.source}"))
     return rows
 
 
@@ -74,6 +80,11 @@ class Report:
     output_rel_error: float | None = None
     passes: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def float_layers(self) -> list[LayerReport]:
+        """The layers left float, each with its reason."""
+        return [layer for layer in self.layers if layer.method == "kept float"]
 
     @property
     def bytes_before(self) -> int:
@@ -95,11 +106,12 @@ class Report:
             "linear_bytes_after": self.bytes_after,
             "ratio_to_fp16": self.bytes_after / self.bytes_fp16 if self.bytes_fp16 else None,
         }
+        d["left_float"] = [{"path": layer.path, "reason": layer.reason} for layer in self.float_layers]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
-        d = {k: v for k, v in d.items() if k != "totals"}
+        d = {k: v for k, v in d.items() if k not in ("totals", "left_float")}
         d["layers"] = [LayerReport(**layer) for layer in d["layers"]]
         return cls(**d)
 
@@ -116,29 +128,46 @@ class Report:
             t.add_column(col, justify="left" if col in ("layer", "weights", "acts", "passes") else "right")
         for layer in self.layers:
             t.add_row(
-                layer.path, layer.weight_format, layer.activation_format or "-", f"{layer.bits_per_weight:.2f}",
+                layer.path or "(root)", layer.weight_format, layer.activation_format or "-", f"{layer.bits_per_weight:.2f}",
                 f"{layer.bytes_before / 1024:.1f}", f"{layer.bytes_after / 1024:.1f}",
                 f"{layer.weight_rel_error:.4f}",
                 f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-",
                 *([", ".join(layer.passes)] if touched else []),
             )
-        ratio = self.bytes_after / self.bytes_fp16 if self.bytes_fp16 else float("nan")
         t.add_section()
         t.add_row(
-            f"total ({len(self.layers)} linears)", "", "", "", f"{self.bytes_before / 1024:.1f}",
+            f"total ({_layers(len(self.layers))})", "", "", "", f"{self.bytes_before / 1024:.1f}",
             f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []),
         )
-        t.caption = f"linear weights {self.bytes_after / 2**20:.2f} MiB = {ratio:.3f}× of fp16"
+        t.caption = self._size_summary()
         if self.output_cosine is not None:
             t.caption += f"; model output vs float: cosine {self.output_cosine:.5f}, relative error {self.output_rel_error:.4f}"
         return t
 
+    def _size_summary(self) -> str:
+        if not self.layers or not self.bytes_fp16:
+            return "no quantizable layer found: nothing was quantized"
+        quantized = len(self.layers) - len(self.float_layers)
+        size = f"layer weights {self.bytes_after / 2**20:.2f} MiB = {self.bytes_after / self.bytes_fp16:.3f}× of fp16"
+        return size if quantized else f"nothing was quantized ({_layers(len(self.layers))} left float); {size}"
+
+    def float_listing(self) -> str:
+        """``left float:`` and one line per float layer with its reason (empty if none)."""
+        lines = [f"  {layer.path or '(root)'}: {layer.reason}" for layer in self.float_layers]
+        return "\n".join(["left float:", *lines]) if lines else ""
+
     def __str__(self) -> str:
         buf = io.StringIO()
-        Console(file=buf, width=140, force_terminal=False).print(self.table())
+        Console(file=buf, width=140, force_terminal=False).print(self)
         for note in self.notes:
             buf.write(f"note: {note}\n")
         return buf.getvalue()
 
-    def __rich__(self) -> Table:
-        return self.table()
+    def __rich__(self) -> Group | Table:
+        """The table, then the float layers with their reasons (notes are the caller's to print)."""
+        listing = self.float_listing()
+        return Group(self.table(), Text(listing)) if listing else self.table()
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" + "s" * (n != 1)

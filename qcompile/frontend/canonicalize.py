@@ -3,6 +3,8 @@
 - RMSNorm written as pow/mean/add/rsqrt/mul(/cast)/mul(weight) → ``qcompile.rms_norm``
 - ``aten.layer_norm`` over the last dimension → ``qcompile.layer_norm``
 - ``addmm(bias, x, W)`` with weight attributes (GPT-2's Conv1D) → ``aten.linear(x, Wᵀ, bias)``
+- Conv1d/Conv2d with groups = 1 → im2col-style unfold → ``aten.linear`` (``convolution.py``);
+  other convolutions stay and say why (``FLOAT_REASON``)
 - every node gets its source module path in ``node.meta``
 
 Anything not recognized stays as it is, so the graph always runs.
@@ -13,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.ir.graph import MODULE_PATH, add_get_attr, erase_dead_attrs, get_attr, module_path
+from qcompile.frontend.convolution import raise_convolutions
+from qcompile.ir.graph import (
+    MODULE_PATH,
+    add_get_attr,
+    erase_dead_attrs,
+    get_attr,
+    module_path,
+    weight_module_path,
+)
 from qcompile.ir.ops import LAYER_NORM, LINEAR, RMS_NORM
 from qcompile.ir.pattern import Attr, Cast, Op, Var, find_all, strip_casts
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
@@ -35,7 +45,7 @@ _ASSERTS = (aten._assert_tensor_metadata.default,)
 
 @register_pass("canonicalize")
 class Canonicalize(Pass):
-    """Raise norms, GPT-2's addmm and module paths (module docstring); re-run at load."""
+    """Raise norms, GPT-2's addmm, convolutions and module paths (module docstring); re-run at load."""
 
     exact = True
     ensures = ("canonical",)
@@ -47,6 +57,7 @@ class Canonicalize(Pass):
             "rms_norm": _raise_rms_norm(gm),
             "layer_norm": _raise_layer_norm(gm),
             "addmm_to_linear": _raise_addmm(gm),
+            **raise_convolutions(gm),
         }
         gm.graph.eliminate_dead_code()
         erase_dead_attrs(gm)
@@ -67,7 +78,7 @@ def _annotate_paths(gm: fx.GraphModule) -> int:
     count = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == LINEAR and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
-            path = node.args[1].target.rsplit(".", 1)[0]
+            path = weight_module_path(node.args[1].target)
         else:
             path = module_path(node)
         if path:
@@ -127,7 +138,7 @@ def _raise_addmm(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(LINEAR, (x, w_t, bias))
         new.meta.update(node.meta)
-        new.meta[MODULE_PATH] = weight.target.rsplit(".", 1)[0]
+        new.meta[MODULE_PATH] = weight_module_path(weight.target)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1

@@ -13,6 +13,10 @@ from qcompile.ir.ops import LINEAR
 
 MODULE_PATH = "qcompile.module_path"
 """``node.meta`` key holding the dotted source module path (``model.layers.3.mlp.down_proj``)."""
+FLOAT_REASON = "qcompile.float_reason"
+"""``node.meta`` key on a weight layer the compiler recognizes but cannot quantize (a depthwise
+conv, a transposed conv, ...): why it stays float. Set by canonicalization; ``assign_quant_specs``
+turns it into a float decision, so the report lists the layer with the reason."""
 
 
 def module_path(node: fx.Node) -> str:
@@ -27,6 +31,12 @@ def module_path(node: fx.Node) -> str:
     return ""
 
 
+def weight_module_path(target: str) -> str:
+    """The module path owning a weight attribute: ``"h.0.attn.c_attn"`` for
+    ``"h.0.attn.c_attn.weight"``, ``""`` for a root-level ``"weight"`` (a bare ``nn.Linear``)."""
+    return target.rpartition(".")[0]
+
+
 def is_linear(node: fx.Node) -> bool:
     """An ``aten.linear`` whose weight is a graph attribute (a real layer, not x @ y)."""
     return (
@@ -39,6 +49,11 @@ def is_linear(node: fx.Node) -> bool:
 
 def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_linear(n)]
+
+
+def float_layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Weight layers left as they are, with a :data:`FLOAT_REASON` (not linears)."""
+    return [n for n in gm.graph.nodes if FLOAT_REASON in n.meta]
 
 
 def linear_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -136,6 +151,8 @@ def _owner(gm: torch.nn.Module, target: str, create: bool = False) -> tuple[torc
                 raise AttributeError(f"graph has no attribute {target!r}")
             owner.add_module(part, torch.nn.Module())
         owner = getattr(owner, part)
+        if not isinstance(owner, torch.nn.Module):
+            raise AttributeError(f"graph attribute {target!r}: {part!r} is a {type(owner).__name__}, not a module")
     return owner, name
 
 
