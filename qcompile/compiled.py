@@ -45,10 +45,13 @@ class CompiledModel:
         self.graph_module.to(device)
         return self
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, compressed_tensors: bool = False) -> Path:
+        """Write the artifact to the directory ``path`` (new, empty, or an earlier artifact);
+        ``compressed_tensors`` also writes the transformers-readable compressed-tensors layout
+        (``docs/artifacts.md``)."""
         from qcompile.artifact import save
 
-        return save(self, path)
+        return save(self, path, compressed_tensors=compressed_tensors)
 
     def __repr__(self) -> str:
         model = self._report.model if self._report is not None else self.manifest.get("model_class", "?")
