@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -60,6 +61,29 @@ def _one_line_warnings():
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith("torch")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs whole graphs at warning level when a trace fails; the error message
+    summarises the failure, so torch's records below error show only with ``--debug``."""
+    import torch  # noqa: F401  (installs torch's log handler)
+
+    names = [n for n in list(logging.root.manager.loggerDict) if n == "torch" or n.startswith("torch.")]
+    handlers = {h for n in names for h in logging.getLogger(n).handlers} | set(logging.getLogger().handlers)
+    quiet = _BelowError()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
 
 
 def _consoles(as_json: bool) -> Console:
@@ -229,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile" and args.compressed_tensors and not args.out:
         parser.error("--compressed-tensors needs --out")
     try:
-        with contextlib.nullcontext() if debug else _one_line_warnings():
+        with contextlib.ExitStack() as stack:
+            if not debug:
+                stack.enter_context(_one_line_warnings())
+                stack.enter_context(_quiet_torch_logs())
             return args.func(args)
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)

@@ -133,6 +133,9 @@ def layer_tensors(path: str, call: QuantizedLinearCall, fmt: str) -> dict[str, t
         # compressed-tensors divides by its global scale; qcompile multiplies by its own
         out[f"{path}.weight_global_scale"] = (1.0 / call.global_scale.float()).reshape(1)
         return out
+    if spec.group_size != PER_CHANNEL and k % spec.group_size:
+        raise UnmappableError(f"layer {path}: in_features {k} is not a multiple of the group size {spec.group_size} "
+                              "(qcompile pads the last group; compressed-tensors expects whole groups)")
     out[f"{path}.weight_scale"] = call.scale.clone()
     if spec.format == "fp8_e4m3":
         out[f"{path}.weight"] = call.qdata[:, :k].clone()
