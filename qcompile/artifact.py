@@ -248,7 +248,7 @@ def save(cm: CompiledModel, path: str | Path, *, compressed_tensors: bool = Fals
         if config is None:
             raise ArtifactError(f"the compressed-tensors layout needs a transformers model (a config.json); "
                                 f"{cm.manifest.get('model_class', 'this model')} is not one")
-        layout = to_compressed_tensors(gm)
+        layout = to_compressed_tensors(gm, hf)
         config["quantization_config"] = layout.quantization_config
     out.mkdir(parents=True, exist_ok=True)
     save_file({**state, **buffers}, str(out / WEIGHTS), metadata={"format": "qcompile", "version": str(FORMAT_VERSION)})

@@ -9,6 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
+from qcompile.formats import QuantSpec
 from qcompile.recipes import Recipe
 from qcompile.report import Report
 from qcompile.targets import Target
@@ -68,7 +69,7 @@ def build_manifest(exported: Any, target: Target, recipe: Recipe, overrides: dic
         "model_class": exported.model_class,
         "target": target.name,
         "recipe": recipe.to_dict(),
-        "overrides": {k: (v.encode() if hasattr(v, "encode") else v) for k, v in overrides.items()},
+        "overrides": {k: (v.encode() if isinstance(v, QuantSpec) else v) for k, v in overrides.items()},
         "passes": [{"name": p.name, "on_load": p.on_load.value, "ensures": list(p.ensures), "options": p.options()}
                    for p in passes],
         "pinned_kwargs": exported.pinned_kwargs,

@@ -154,3 +154,14 @@ def test_a_loaded_artifact_saves_again_standalone(llama_artifact, tmp_path):
     again = qcompile.load(llama_artifact[0]).save(tmp_path / "again")
     ids = torch.randint(0, 256, (2, 5))
     assert torch.equal(qcompile.load(again)(ids).logits, llama_artifact[1](ids).logits)
+
+
+def test_string_overrides_survive_save_and_load(tmp_path):
+    """Overrides given as text were written as bytes (``str.encode``) and broke ``save``."""
+    cm = qcompile.compile(tiny_model("llama", layers=1), tiny_inputs(), recipe="w4a16",
+                          overrides={"*.o_proj": "int8", "*.mlp.*": None}, verify=False, progress=False)
+    cm.save(tmp_path / "art")
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["overrides"] == {"*.o_proj": "int8",
+                                                                                       "*.mlp.*": None}
+    ids = torch.randint(0, 256, (2, 5))
+    assert torch.equal(qcompile.load(tmp_path / "art")(ids).logits, cm(ids).logits)
