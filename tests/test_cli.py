@@ -26,10 +26,9 @@ def _no_model_load(monkeypatch):
 
 
 def _error(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("qcompile: error: ") or err[-2].startswith("qcompile: error: "), err
-    lines = [ln for ln in err if not ln.startswith("qcompile: warning:")]
-    assert len(lines) <= 2, lines
+    """The error printed on stderr, checked to be one or two lines after any warnings."""
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("qcompile: warning:")]
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("qcompile: error: "), lines
     return "\n".join(lines)
 
 
