@@ -14,6 +14,7 @@ from qcompile.formats import QuantSpec
 from qcompile.frontend.inputs import split_inputs
 from qcompile.frontend.torch_export import export_model
 from qcompile.ir.interpret import run_recording
+from qcompile.models import transformers_description
 from qcompile.passes.base import Pass, PassContext, PassManager, make_pass
 from qcompile.passes.calibration import make_calibration
 from qcompile.progress import CompileProgress
@@ -122,5 +123,7 @@ def compile(  # noqa: A001 - the public name is the point
         notes=_notes(exported, tgt, rcp) + [f"calibration: {calib.source}"] * (calibration is not None),
     )
     manifest = build_manifest(exported, tgt, rcp, dict(overrides or {}), pm.passes)
+    if (hf := transformers_description(model)) is not None:
+        manifest["transformers"] = hf  # what a standalone load rebuilds the architecture from
     return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=tgt, recipe=rcp, report=report,
                          manifest=manifest)

@@ -1,12 +1,15 @@
-"""Compiled-model artifacts: ``manifest.json`` + ``weights.safetensors`` (+ ``report.json``).
+"""Compiled-model artifacts: ``manifest.json`` + ``weights.safetensors`` (+ ``report.json``,
++ ``config.json`` for transformers models, + ``model.safetensors`` in the compressed-tensors layout
+on request). ``docs/artifacts.md`` describes the layout.
 
-The manifest records how the graph was built (model class or source, target, recipe, every pass
-with its load rule) and, per linear, its decision and its result (method, tensor names, dtypes,
-shapes); the safetensors file holds every tensor of the lowered graph. Loading re-traces the
-architecture (from the model the user passes, or from the manifest's ``source``), then applies each
-pass's declared rule: structural passes re-run, data-dependent ones restore their saved choices
-(decisions and quantized weights are never recomputed from the rebuilt model's weights), and the
-state is loaded strictly.
+The manifest records how the graph was built (model class, transformers class, target, recipe,
+every pass with its load rule) and, per linear, its decision and its result (method, tensor names,
+dtypes, shapes); the safetensors file holds every tensor of the lowered graph, the float remainder
+(embeddings, norms, LM head) and the non-persistent buffers included. Loading re-traces the
+architecture (from the model the user passes, or built from ``config.json`` with no checkpoint
+read), then applies each pass's declared rule: structural passes re-run, data-dependent ones
+restore their saved choices (decisions and quantized weights are never recomputed from the rebuilt
+model's weights), and the state is loaded strictly.
 
 An artifact is untrusted input: the manifest is checked against its schema (unknown keys, types,
 dtypes outside an allow-list, tensors missing or shaped unlike the manifest says) and every failure
@@ -16,6 +19,7 @@ is an :class:`ArtifactError` naming the field. JSON and safetensors cannot carry
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +37,15 @@ from qcompile.report import Report
 if TYPE_CHECKING:
     from qcompile.compiled import CompiledModel
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+"""Version 3 added ``transformers`` (standalone loading) and ``buffers``; version 2 artifacts still load."""
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REPORT = "report.json"
+CONFIG = "config.json"
+COMPRESSED_TENSORS = "model.safetensors"
+ARTIFACT_FILES = (MANIFEST, WEIGHTS, REPORT, CONFIG, COMPRESSED_TENSORS)
 
 DTYPES = {name: getattr(torch, name) for name in (
     "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
@@ -46,6 +55,10 @@ DTYPES = {name: getattr(torch, name) for name in (
 
 class ArtifactError(ValueError):
     """An artifact is malformed, corrupted, or does not fit the model; the message names the field."""
+
+
+class ArtifactPathError(ValueError):
+    """An artifact cannot be written where asked (a file, a foreign non-empty directory, no permission)."""
 
 
 # ----------------------------------------------------------------------------- manifest schema
@@ -80,10 +93,12 @@ SCHEMA = {
     "passes": [{"name": str, "on_load": OneOf("rerun", "restore", "skip"), "ensures": [str], "options": dict}],
     "pinned_kwargs": dict, "dynamic": bool, "example_inputs": {"args": list, "kwargs": dict},
     "layers": {str: _LAYER}, "source": (str, None),
+    "transformers": {"class": str, "init_kwargs": {str: (bool, int, float, str)}},
+    "buffers": [str],
 }
 """The manifest's shape: objects (exact key sets), ``{str: v}`` maps, ``[v]`` lists, tuples of
 alternatives (``None`` = null), types and the leaves above."""
-OPTIONAL = {"source"}
+OPTIONAL = {"source", "transformers", "buffers"}
 
 
 def _check(value: Any, schema: Any, where: str) -> None:
@@ -148,9 +163,9 @@ def _check(value: Any, schema: Any, where: str) -> None:
 def validate_manifest(manifest: Any) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{MANIFEST} must hold a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"manifest field manifest.format_version: artifact format {manifest.get('format_version')!r} "
-                            f"is not supported (expected {FORMAT_VERSION})")
+                            f"is not supported (this qcompile reads {', '.join(map(str, READABLE_VERSIONS))})")
     _check(manifest, SCHEMA, "manifest")
     return manifest
 
@@ -177,22 +192,79 @@ def layer_records(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def save(cm: CompiledModel, path: str | Path) -> Path:
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` as a place to write an artifact, or an :class:`ArtifactPathError`: it must be a
+    new or empty directory, or an existing artifact (overwritten), under a writable parent.
+    Called before any work so a bad path fails in a second, not after a compile."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in cm.graph_module.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "qcompile", "version": str(FORMAT_VERSION)})
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactPathError(f"cannot write the artifact to {out}: it is a file, not a directory")
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and MANIFEST not in entries:
+            shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+            raise ArtifactPathError(f"cannot write the artifact to {out}: a non-empty directory that is not a qcompile "
+                                    f"artifact (it holds {shown}); choose a new or empty directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ArtifactPathError(f"cannot write the artifact to {out}: the directory is not writable")
+        return out
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactPathError(f"cannot write the artifact to {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactPathError(f"cannot write the artifact to {out}: {parent} is not writable")
+    return out
+
+
+def save(cm: CompiledModel, path: str | Path, *, compressed_tensors: bool = False) -> Path:
+    """Write ``cm`` to the directory ``path`` (see :func:`check_output_dir`); everything is
+    checked before the first byte is written. ``compressed_tensors``: also write
+    ``model.safetensors`` and a ``quantization_config`` in ``config.json`` in the compressed-tensors
+    layout (transformers models whose every layer maps; otherwise an :class:`ArtifactError` says
+    which layer does not)."""
+    out = check_output_dir(path)
+    gm = cm.graph_module
+    state = {k: v.detach().contiguous().cpu() for k, v in gm.state_dict().items()}
+    buffers = {k: v.detach().contiguous().cpu() for k, v in gm.named_buffers() if k not in state}
+    hf = cm.manifest.get("transformers")
     manifest = {
         "format_version": FORMAT_VERSION,
         "qcompile_version": _version(),
         "torch_version": torch.__version__,
-        **cm.manifest,
-        "layers": layer_records(cm.graph_module),
+        **{k: v for k, v in cm.manifest.items() if k != "transformers"},
+        "layers": layer_records(gm),
+        "buffers": sorted(buffers),
     }
+    if hf is not None:
+        manifest["transformers"] = {"class": hf["class"], "init_kwargs": hf["init_kwargs"]}
     validate_manifest(json.loads(json.dumps(manifest)))  # what load will demand, checked at save
+    config = dict(hf["config"]) if hf is not None else None
+    layout = None
+    if compressed_tensors:
+        from qcompile.compressed_tensors_layout import to_compressed_tensors
+
+        if config is None:
+            raise ArtifactError(f"the compressed-tensors layout needs a transformers model (a config.json); "
+                                f"{cm.manifest.get('model_class', 'this model')} is not one")
+        layout = to_compressed_tensors(gm, hf)
+        config["quantization_config"] = layout.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({**state, **buffers}, str(out / WEIGHTS), metadata={"format": "qcompile", "version": str(FORMAT_VERSION)})
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    written = {MANIFEST, WEIGHTS}
+    if config is not None:
+        (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        written.add(CONFIG)
+    if layout is not None:
+        save_file(layout.tensors, str(out / COMPRESSED_TENSORS), metadata={"format": "pt"})
+        written.add(COMPRESSED_TENSORS)
     if cm.report() is not None:
         (out / REPORT).write_text(cm.report().to_json())
+        written.add(REPORT)
+    for stale in set(ARTIFACT_FILES) - written:  # left by an earlier artifact in the same directory
+        (out / stale).unlink(missing_ok=True)
     return out
 
 
@@ -274,46 +346,91 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The validated manifest of the artifact directory ``root``."""
+    if not root.exists():
+        raise FileNotFoundError(f"artifact {root}: no such directory")
+    if not root.is_dir():
+        raise ArtifactError(f"artifact {root} is a file; an artifact is a directory holding {MANIFEST}")
+    if not (root / MANIFEST).exists():
+        raise ArtifactError(f"{root} is not a qcompile artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {e}") from None
+    return validate_manifest(manifest)
+
+
+def read_report(root: Path) -> Report | None:
+    """``report.json`` of the artifact ``root``, ``None`` when it has none."""
+    if not (root / REPORT).exists():
+        return None
+    try:
+        return Report.from_dict(json.loads((root / REPORT).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError) as e:
+        raise ArtifactError(f"{root / REPORT} is malformed: {e}") from None
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    if not (root / CONFIG).exists():
+        raise ArtifactError(f"{root / CONFIG} is missing: the manifest names a transformers model, whose "
+                            "architecture is rebuilt from its config")
+    try:
+        config = json.loads((root / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{root / CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{root / CONFIG} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs: Any = None,
          *, example_kwargs: dict | None = None) -> CompiledModel:
     """Load an artifact written by ``CompiledModel.save``.
 
     ``model``: an instance of the same architecture (its weights are not used and may be random).
-    Omit it when the artifact was built by the CLI from a model directory or a builtin demo: the
-    manifest's ``source`` then rebuilds it. ``example_inputs``: as for ``compile``; by default,
-    tensors of the recorded shapes. Raises :class:`ArtifactError` for a malformed artifact.
+    Omit it for a transformers model: the architecture is built from the artifact's
+    ``config.json`` (no checkpoint is read, the source directory need not exist). A plain
+    ``nn.Module`` saved from Python needs ``model``. ``example_inputs``: as for ``compile``; by
+    default, tensors of the recorded shapes. Raises :class:`ArtifactError` for a malformed artifact.
     """
     from qcompile.frontend.inputs import split_inputs
+    from qcompile.models import ModelSourceError, build_from_config
 
     root = Path(path)
-    if not (root / MANIFEST).exists():
-        raise FileNotFoundError(f"{root} is not a qcompile artifact (no {MANIFEST})")
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {e}") from None
-    validate_manifest(manifest)
+    manifest = read_manifest(root)
     state = read_weights(root / WEIGHTS)
+    absent = [name for name in manifest.get("buffers", []) if name not in state]
+    if absent:
+        raise ArtifactError(f"{WEIGHTS} has no tensor {absent[0]!r} (manifest.buffers)")
+    hf = manifest.get("transformers")
+    if hf is not None:
+        config = _read_config(root)
+        if model is None:
+            try:
+                model = build_from_config(hf["class"], config, hf["init_kwargs"], str(root / CONFIG))
+            except ModelSourceError as e:
+                raise ArtifactError(str(e)) from None
+        manifest["transformers"] = {**hf, "config": {k: v for k, v in config.items() if k != "quantization_config"}}
 
     args = kwargs = None
     if model is None:
         source = manifest.get("source")
         if source is None:
-            raise ValueError("this artifact was saved from Python: pass the model (same architecture) to qcompile.load")
+            raise ValueError(f"artifact {root} holds a plain nn.Module ({manifest['model_class']}), saved from Python: "
+                             "pass an instance of it (any weights) as qcompile.load(path, model)")
         from qcompile.models import load_source
 
-        model, args, kwargs = load_source(source)
+        try:  # format 2 artifacts written by the CLI: rebuilt from their source
+            model, args, kwargs = load_source(source)
+        except ModelSourceError as e:
+            raise ArtifactError(f"artifact {root} (format {manifest['format_version']}) rebuilds its model from "
+                                f"its source, which is unusable: {e}; pass model=") from None
     if example_inputs is not None or example_kwargs:
         args, kwargs = split_inputs(example_inputs if example_inputs is not None else (), example_kwargs)
     elif args is None:
-        args, kwargs = _inputs_from_manifest(manifest["example_inputs"])
-    report = None
-    if (root / REPORT).exists():
-        try:
-            report = Report.from_dict(json.loads((root / REPORT).read_text()))
-        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-            raise ArtifactError(f"{root / REPORT} is malformed: {e}") from None
-    return rebuild(manifest, state, model, args, kwargs, report=report, root=root)
+        args, kwargs = inputs_from_manifest(manifest["example_inputs"])
+    return rebuild(manifest, state, model, args, kwargs, report=read_report(root), root=root)
 
 
 def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: torch.nn.Module, args: tuple,
@@ -343,7 +460,8 @@ def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: tor
     _load_state(gm, state)
     return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=target, recipe=recipe, report=report,
                          manifest={k: v for k, v in manifest.items()
-                                   if k not in ("format_version", "qcompile_version", "torch_version", "layers")})
+                                   if k not in ("format_version", "qcompile_version", "torch_version", "layers",
+                                                "buffers")})
 
 
 class _Skipped:
@@ -373,19 +491,25 @@ def _pass_for_load(entry: dict[str, Any]) -> Any:
 
 
 def _load_state(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` strictly; non-persistent buffers (rotary frequencies, position ids) it
+    holds replace the rebuilt model's own."""
     expected = gm.state_dict()
+    buffers = {name: b for name, b in gm.named_buffers() if name not in expected}
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected) - set(buffers))
     if missing or unexpected:
         raise ArtifactError(f"{WEIGHTS} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, t in expected.items():
-        if tuple(state[name].shape) != tuple(t.shape) or state[name].dtype != t.dtype:
+    for name, t in {**expected, **buffers}.items():
+        if name in state and (tuple(state[name].shape) != tuple(t.shape) or state[name].dtype != t.dtype):
             raise ArtifactError(f"{WEIGHTS}: tensor {name!r} is {state[name].dtype} {list(state[name].shape)}, "
                                 f"the model needs {t.dtype} {list(t.shape)}")
-    gm.load_state_dict(state, strict=True)
+    gm.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
+    with torch.no_grad():
+        for name in set(state) & set(buffers):
+            buffers[name].copy_(state[name])
 
 
-def _inputs_from_manifest(spec: dict) -> tuple[tuple, dict]:
+def inputs_from_manifest(spec: dict) -> tuple[tuple, dict]:
     def make(x: Any) -> Any:
         if isinstance(x, dict) and set(x) == {"shape", "dtype"}:
             name = str(x["dtype"]).removeprefix("torch.")

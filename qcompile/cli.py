@@ -1,71 +1,271 @@
-"""``qcompile`` command line: compile a model directory or a builtin demo."""
+"""``qcompile`` command line: compile a model directory or a builtin demo; inspect or load an artifact.
+
+Output contract: with ``--json`` stdout carries only the JSON document (tables, notes and
+progress go to stderr). Every error is one or two lines, ``qcompile: error: <message>`` on
+stderr, exit status 2 for bad input (paths, model directories, artifacts) and 1 for a failure
+while working; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+
+EXIT_FAILURE = 1
+EXIT_INPUT = 2
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user's input is wrong (exit 2), not that the work failed."""
+    from qcompile.artifact import ArtifactError, ArtifactPathError
+    from qcompile.compressed_tensors_layout import UnmappableError
+    from qcompile.models import ModelSourceError
+
+    return ArtifactError, ArtifactPathError, ModelSourceError, UnmappableError, FileNotFoundError
+
+
+def summarize(error: BaseException, max_lines: int = 2) -> str:
+    """``error`` as at most ``max_lines`` lines: its own message (the type name prefixed for
+    exceptions qcompile does not raise itself), the first note (which pass failed) after it."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()] or [type(error).__name__]
+    notes = [ln.strip() for note in getattr(error, "__notes__", []) for ln in str(note).splitlines() if ln.strip()]
+    ours = type(error).__module__.startswith("qcompile") or isinstance(error, _input_errors())
+    head = lines[0] if ours else f"{type(error).__name__}: {lines[0]}"
+    rest = (notes[:1] + lines[1:])[: max_lines - 1]
+    cut = len(lines) + len(notes[:1]) > len(rest) + 1
+    text = "\n".join([head, *rest])
+    if cut or not ours:
+        text += " (--debug for the traceback)"
+    return text
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Python warnings as ``qcompile: warning: <first line>`` on stderr, each once."""
+    seen: set[str] = set()
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        first = (str(message).strip().splitlines() or [category.__name__])[0]
+        if first not in seen:
+            seen.add(first)
+            print(f"qcompile: warning: {first}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith("torch")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs whole graphs at warning level when a trace fails; the error message
+    summarises the failure, so torch's records below error show only with ``--debug``."""
+    import torch  # noqa: F401  (installs torch's log handler)
+
+    names = [n for n in list(logging.root.manager.loggerDict) if n == "torch" or n.startswith("torch.")]
+    handlers = {h for n in names for h in logging.getLogger(n).handlers} | set(logging.getLogger().handlers)
+    quiet = _BelowError()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def _consoles(as_json: bool) -> Console:
+    """Where human-readable output goes: stdout, or stderr when stdout carries JSON."""
+    stream = sys.stderr if as_json else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 160)
 
 
 def _compile(args: argparse.Namespace) -> int:
     import torch
 
     import qcompile
+    from qcompile.artifact import check_output_dir
+    from qcompile.compressed_tensors_layout import UnmappableError, recipe_unmappable_reason
     from qcompile.demo import DEMO_NAME, embedding_agreement, mean_pool
-    from qcompile.models import load_source
+    from qcompile.models import check_model_dir, load_source
+    from qcompile.recipes import get_recipe
+    from qcompile.targets import get_target
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    out = check_output_dir(args.out) if args.out else None
+    if args.model != DEMO_NAME:
+        check_model_dir(args.model)
+    recipe = get_recipe(args.recipe or get_target(args.target).default_recipe)
+    if args.compressed_tensors and (reason := recipe_unmappable_reason(recipe)):
+        raise UnmappableError(f"--compressed-tensors: {reason}")
+    console = _consoles(args.json)
     model, ex_args, ex_kwargs = load_source(args.model)
-    cm = qcompile.compile(model, ex_args, target=args.target, recipe=args.recipe, example_kwargs=ex_kwargs,
+    cm = qcompile.compile(model, ex_args, target=args.target, recipe=recipe, example_kwargs=ex_kwargs,
                           verify=args.verify, progress=not args.quiet)
-    cm.manifest["source"] = args.model
+    cm.manifest["source"] = args.model if args.model == DEMO_NAME else str(Path(args.model).resolve())
     console.print(cm.report())
     for note in cm.report().notes:
         console.print(f"[yellow]note:[/] {note}")
     if args.model == DEMO_NAME:
         with torch.no_grad():
             ref = mean_pool(model(**ex_kwargs).last_hidden_state, ex_kwargs["attention_mask"])
-            out = mean_pool(cm(**ex_kwargs).last_hidden_state, ex_kwargs["attention_mask"])
-        m = embedding_agreement(ref, out)
+            got = mean_pool(cm(**ex_kwargs).last_hidden_state, ex_kwargs["attention_mask"])
+        m = embedding_agreement(ref, got)
         console.print(
             f"sentence embeddings vs float32 over {m['sentences']} README sentences: mean cosine "
             f"{m['mean_cosine']:.5f}, min cosine {m['min_cosine']:.5f}, same nearest neighbour {m['same_nearest_neighbour']:.3f}"
         )
-    if args.out:
-        cm.save(args.out)
-        console.print(f"saved to {args.out}")
+    if out is not None:
+        cm.save(out, compressed_tensors=args.compressed_tensors)
+        console.print(f"saved to {out}" + (" (with the compressed-tensors layout)" if args.compressed_tensors else ""))
     if args.json:
         print(cm.report().to_json())
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _info(args: argparse.Namespace) -> int:
+    from qcompile.artifact import WEIGHTS, read_manifest, read_report
+
+    root = Path(args.artifact)
+    manifest = read_manifest(root)
+    report = read_report(root)
+    quantized = sum(layer["result"] is not None for layer in manifest["layers"].values())
+    summary = {
+        "artifact": str(root), "format_version": manifest["format_version"],
+        "qcompile_version": manifest["qcompile_version"], "model_class": manifest["model_class"],
+        "transformers_class": (manifest.get("transformers") or {}).get("class"),
+        "standalone": manifest.get("transformers") is not None, "source": manifest.get("source"),
+        "target": manifest["target"], "recipe": manifest["recipe"]["name"],
+        "layers": len(manifest["layers"]), "quantized_layers": quantized,
+        "files": {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()},
+    }
+    if args.json:
+        print(json.dumps({**summary, "report": report.to_dict() if report is not None else None}, indent=2))
+        return 0
+    console = _consoles(False)
+    for key, value in summary.items():
+        if key != "files":
+            console.print(f"{key:18s} {value}")
+    console.print(f"{'files':18s} " + ", ".join(f"{k} ({v:,} B)" for k, v in summary["files"].items()))
+    if not summary["standalone"]:
+        console.print(f"[yellow]note:[/] no transformers config: qcompile.load needs model= (or its source); "
+                      f"{WEIGHTS} alone does not define the architecture")
+    if report is not None:
+        console.print(report)
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    import torch
+    import torch.utils._pytree as pytree
+
+    import qcompile
+    from qcompile.artifact import inputs_from_manifest, read_manifest
+
+    root = Path(args.artifact)
+    manifest = read_manifest(root)
+    cm = qcompile.load(root)
+    ex_args, ex_kwargs = inputs_from_manifest(manifest["example_inputs"])
+    outputs = [t for t in pytree.tree_leaves(cm(*ex_args, **ex_kwargs)) if isinstance(t, torch.Tensor)]
+    finite = all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point())
+    result = {"artifact": str(root), "model": repr(cm), "outputs": [list(t.shape) for t in outputs],
+              "finite": finite}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console = _consoles(False)
+        console.print(f"loaded {cm!r} from {root}; ran the recorded example inputs: outputs "
+                      f"{', '.join(map(str, result['outputs']))}, {'finite' if finite else 'NOT finite'}")
+        if cm.report() is not None and not args.quiet:
+            console.print(cm.report())
+    return 0 if finite else EXIT_FAILURE
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from qcompile.recipes import RECIPES
+
+    for r in RECIPES.values():
+        print(f"{r.name:14s} {r.description}")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from qcompile.targets import TARGETS
+
+    for t in TARGETS.values():
+        print(f"{t.name:10s} default recipe {t.default_recipe:8s} {t.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     from qcompile.recipes import RECIPES
     from qcompile.targets import TARGETS
 
-    parser = argparse.ArgumentParser(prog="qcompile", description="Quantization compiler for PyTorch models.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="qcompile", description="Quantization compiler for PyTorch models.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compile", help="compile a model directory or a builtin demo and print the report")
+    c = sub.add_parser("compile", parents=[common], help="compile a model directory or a builtin demo and print the report")
     c.add_argument("model", help="a Hugging Face model directory, or 'minilm' (the embedded all-MiniLM-L6-v2)")
     c.add_argument("--target", default="cpu", choices=sorted(TARGETS))
     c.add_argument("--recipe", default=None, choices=sorted(RECIPES), help="default: the target's default recipe")
-    c.add_argument("--out", default=None, help="write the artifact (manifest.json + weights.safetensors) here")
-    c.add_argument("--json", action="store_true", help="also print the report as JSON")
+    c.add_argument("--out", default=None, help="write the artifact here (a new or empty directory, or an earlier "
+                   "artifact); checked before compiling")
+    c.add_argument("--compressed-tensors", action="store_true",
+                   help="with --out: also write model.safetensors + quantization_config in the compressed-tensors layout")
+    c.add_argument("--json", action="store_true", help="print only the report as JSON on stdout (the rest on stderr)")
     c.add_argument("--no-verify", dest="verify", action="store_false", help="skip float64 checks of exact passes")
     c.add_argument("--quiet", action="store_true", help="no progress display")
-    sub.add_parser("recipes", help="list recipes")
-    sub.add_parser("targets", help="list targets")
+    c.set_defaults(func=_compile)
+    i = sub.add_parser("info", parents=[common], help="describe an artifact and print its report (nothing is built)")
+    i.add_argument("artifact", help="an artifact directory")
+    i.add_argument("--json", action="store_true", help="print the description and report as JSON")
+    i.set_defaults(func=_info)
+    ld = sub.add_parser("load", parents=[common],
+                        help="load an artifact standalone and run it on its recorded example inputs")
+    ld.add_argument("artifact", help="an artifact directory")
+    ld.add_argument("--json", action="store_true", help="print the result as JSON")
+    ld.add_argument("--quiet", action="store_true", help="do not print the report")
+    ld.set_defaults(func=_load)
+    sub.add_parser("recipes", parents=[common], help="list recipes").set_defaults(func=_recipes)
+    sub.add_parser("targets", parents=[common], help="list targets").set_defaults(func=_targets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (usage errors exit 2 through argparse)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compile":
-        return _compile(args)
-    if args.command == "recipes":
-        for r in RECIPES.values():
-            print(f"{r.name:14s} {r.description}")
-    if args.command == "targets":
-        for t in TARGETS.values():
-            print(f"{t.name:10s} default recipe {t.default_recipe:8s} {t.description}")
-    return 0
+    debug = getattr(args, "debug", False)
+    if args.command == "compile" and args.compressed_tensors and not args.out:
+        parser.error("--compressed-tensors needs --out")
+    try:
+        with contextlib.ExitStack() as stack:
+            if not debug:
+                stack.enter_context(_one_line_warnings())
+                stack.enter_context(_quiet_torch_logs())
+            return args.func(args)
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"qcompile: error: {summarize(e)}", file=sys.stderr)
+        return EXIT_INPUT if isinstance(e, _input_errors()) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

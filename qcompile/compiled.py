@@ -9,6 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
+from qcompile.formats import QuantSpec
 from qcompile.recipes import Recipe
 from qcompile.report import Report
 from qcompile.targets import Target
@@ -45,10 +46,13 @@ class CompiledModel:
         self.graph_module.to(device)
         return self
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, compressed_tensors: bool = False) -> Path:
+        """Write the artifact to the directory ``path`` (new, empty, or an earlier artifact);
+        ``compressed_tensors`` also writes the transformers-readable compressed-tensors layout
+        (``docs/artifacts.md``)."""
         from qcompile.artifact import save
 
-        return save(self, path)
+        return save(self, path, compressed_tensors=compressed_tensors)
 
     def __repr__(self) -> str:
         model = self._report.model if self._report is not None else self.manifest.get("model_class", "?")
@@ -65,7 +69,7 @@ def build_manifest(exported: Any, target: Target, recipe: Recipe, overrides: dic
         "model_class": exported.model_class,
         "target": target.name,
         "recipe": recipe.to_dict(),
-        "overrides": {k: (v.encode() if hasattr(v, "encode") else v) for k, v in overrides.items()},
+        "overrides": {k: (v.encode() if isinstance(v, QuantSpec) else v) for k, v in overrides.items()},
         "passes": [{"name": p.name, "on_load": p.on_load.value, "ensures": list(p.ensures), "options": p.options()}
                    for p in passes],
         "pinned_kwargs": exported.pinned_kwargs,
