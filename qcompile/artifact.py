@@ -343,7 +343,8 @@ def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: tor
     _load_state(gm, state)
     return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=target, recipe=recipe, report=report,
                          manifest={k: v for k, v in manifest.items()
-                                   if k not in ("format_version", "qcompile_version", "torch_version", "layers")})
+                                   if k not in ("format_version", "qcompile_version", "torch_version", "layers")},
+                         model=model)
 
 
 class _Skipped:
@@ -382,7 +383,7 @@ def _load_state(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
         if tuple(state[name].shape) != tuple(t.shape) or state[name].dtype != t.dtype:
             raise ArtifactError(f"{WEIGHTS}: tensor {name!r} is {state[name].dtype} {list(state[name].shape)}, "
                                 f"the model needs {t.dtype} {list(t.shape)}")
-    gm.load_state_dict(state, strict=True)
+    gm.load_state_dict(state, strict=True, assign=any(t.is_meta for t in expected.values()))  # a skeleton shares the state
 
 
 def _inputs_from_manifest(spec: dict) -> tuple[tuple, dict]:
