@@ -15,6 +15,7 @@ from torch import fx
 from qcompile.frontend.graph_inputs import GraphInputs, traced_inputs
 from qcompile.frontend.signature import BoundCall, CallSignature
 from qcompile.frontend.skeleton import architecture_skeleton
+from qcompile.frontend.torch_export import ExportError
 from qcompile.recipes import Recipe
 from qcompile.report import Report
 from qcompile.targets import Target
@@ -104,7 +105,10 @@ class CompiledModel:
             raise TypeError(f"{self._signature.owner}: called with ({wanted}), but the compiled graph takes "
                             f"({traced}) and cannot be re-traced: {self._no_skeleton}")
         start = time.perf_counter()
-        entry = self._retrace(call)
+        try:
+            entry = self._retrace(call)
+        except ExportError as e:
+            raise ExportError(f"{self._signature.owner}: re-tracing for a call with ({wanted}) failed: {e}") from e
         warnings.warn(f"{self._signature.owner}: called with ({wanted}); the compiled graph takes ({traced}): "
                       f"re-traced in {time.perf_counter() - start:.2f} s (compiled tensors shared, not copied; "
                       "cached for later calls like this)", stacklevel=3)

@@ -46,8 +46,13 @@ class BoundCall:
     key: tuple
 
     def describe(self, pinned: Mapping[str, Any]) -> str:
-        """``input_ids, attention_mask, return_dict=False``: what a graph for this key takes."""
-        parts = [n if _is_tensor_like(v) else f"{n}={v!r}" for n, v in self.values.items() if n not in pinned]
+        """``input_ids 2-D, attention_mask 2-D, return_dict=False``: what a graph for this key takes."""
+        def one(n: str, v: Any) -> str:
+            if isinstance(v, torch.Tensor):
+                return f"{n} {v.dim()}-D"
+            return n if _is_tensor_like(v) else f"{n}={v!r}"
+
+        parts = [one(n, v) for n, v in self.values.items() if n not in pinned]
         parts += [f"*args[{i}]" for i in range(len(self.var_positional))]
         return ", ".join(parts) or "no arguments"
 

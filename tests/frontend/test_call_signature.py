@@ -39,7 +39,8 @@ def test_traced_positionally_called_with_attention_mask(llama):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, use_cache=False).logits
         unmasked = model(ids, use_cache=False).logits
-    with pytest.warns(UserWarning, match=r"called with \(input_ids, attention_mask\).*re-traced in [0-9.]+ s"):
+    with pytest.warns(UserWarning, match=r"called with \(input_ids 2-D, attention_mask 2-D\); the compiled graph takes \(input_ids 2-D\): "
+                                        r"re-traced in [0-9.]+ s"):
         out = cm(ids, attention_mask=mask).logits
     # quantized (w8a16) against float: close; and the mask really was applied
     assert (out - ref).abs().max() < 0.05 < (unmasked - ref).abs().max()
@@ -98,6 +99,9 @@ def test_what_cannot_work_is_named(llama):
         cm(ids, None, None, None, None, None, None, None, None, None, None)
     with pytest.raises(TypeError, match=r"argument 'attention_mask' holds a object"):
         cm(ids, attention_mask=object())
+    with pytest.raises(qcompile.frontend.ExportError, match=r"re-tracing for a call with \(input_ids 3-D\) failed: "
+                                                            r"torch.export could not trace"):
+        cm(ids[..., None])  # 3-D token ids: a new structure, and one the model cannot take
 
 
 class Explicit(torch.nn.Module):
