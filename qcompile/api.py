@@ -37,10 +37,22 @@ def _output_metrics(ref: list[Any], out: list[Any]) -> tuple[float | None, float
     return float(cos), float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
-def _notes(exported: Any, tgt: Target, rcp: Recipe) -> list[str]:
+def _shape_notes(exported: Any, cm: CompiledModel) -> list[str]:
+    """Which input dimensions the compiled graph fixes or bounds, and why (calls outside them
+    raise a ValueError naming the argument and dimension)."""
+    inputs = cm.input_dims()
+    if inputs is None:
+        return [] if exported.dynamic else ["exported with static shapes: call the compiled model with the example "
+                                            "input shapes only"]
+    why = ("dynamic=False" if exported.shape_fallback is None and not exported.dynamic
+           else exported.shape_fallback or "the model's code fixes it")
+    notes = [f"{d.describe()} ({why})" for d in inputs.static_dims()]
+    notes += [f"{d.describe()} (a limit of the model's code)" for d in inputs.limited_dims()]
+    return notes
+
+
+def _notes(tgt: Target, rcp: Recipe) -> list[str]:
     notes = []
-    if not exported.dynamic:
-        notes.append("exported with static shapes: call the compiled model with the example input shapes only")
     if rcp.activation is not None and not tgt.is_native(rcp.weight.format, rcp.activation.format):
         notes.append(f"{rcp.activation.format} activations are not native on {tgt.name}: simulated (fake-quantized)")
     elif not tgt.is_native(rcp.weight.format, None):
@@ -69,7 +81,8 @@ def compile(  # noqa: A001 - the public name is the point
         model: any ``nn.Module`` torch.export can trace (transformers models included).
         example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword
             arguments (e.g. a tokenizer's output). Used to trace, to measure errors and to
-            verify exact passes; batch ≥ 2 keeps the batch dimension dynamic.
+            verify exact passes. Batch and sequence dimensions stay dynamic whatever their sizes
+            here (where the model allows; the report's notes name any static dimension).
         target: ``cpu``, ``ampere``, ``hopper`` or ``blackwell`` (see ``qcompile.TARGETS``).
         recipe: a name from ``qcompile.RECIPES``; default: the target's default recipe.
         overrides: ``{glob on module path: spec or None}``, e.g. ``{"*.down_proj": "int8", "*.0.*": None}``.
@@ -80,7 +93,8 @@ def compile(  # noqa: A001 - the public name is the point
         tokenizer: tokenizes ``calibration`` texts (a transformers tokenizer).
         verify: check every exact pass in float64 on the example inputs (``"auto"``: on for
             models up to 200M parameters).
-        dynamic: trace with dynamic batch/sequence dimensions where the model allows.
+        dynamic: trace with dynamic batch/sequence dimensions where the model allows (``False``:
+            every input dimension static at the example's size).
         progress: show progress on stderr.
 
     The user's model is not modified.
@@ -120,10 +134,12 @@ def compile(  # noqa: A001 - the public name is the point
         passes=[{"name": r.name, "exact": r.exact, "changed": r.changed, "seconds": round(r.seconds, 4),
                  "nodes": [r.nodes_before, r.nodes_after], "verified_rel_error": r.verified_error,
                  "stats": r.stats} for r in pm.records],
-        notes=_notes(exported, tgt, rcp) + [f"calibration: {calib.source}"] * (calibration is not None),
+        notes=_notes(tgt, rcp) + [f"calibration: {calib.source}"] * (calibration is not None),
     )
     manifest = build_manifest(exported, tgt, rcp, dict(overrides or {}), pm.passes)
     if (hf := transformers_description(model)) is not None:
         manifest["transformers"] = hf  # what a standalone load rebuilds the architecture from
-    return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=tgt, recipe=rcp, report=report,
-                         manifest=manifest)
+    cm = CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=tgt, recipe=rcp, report=report,
+                       manifest=manifest, model=model)
+    report.notes[:0] = _shape_notes(exported, cm)
+    return cm

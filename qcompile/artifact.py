@@ -461,7 +461,8 @@ def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: tor
     return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=target, recipe=recipe, report=report,
                          manifest={k: v for k, v in manifest.items()
                                    if k not in ("format_version", "qcompile_version", "torch_version", "layers",
-                                                "buffers")})
+                                                "buffers")},
+                         model=model)
 
 
 class _Skipped:
@@ -503,10 +504,15 @@ def _load_state(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
         if name in state and (tuple(state[name].shape) != tuple(t.shape) or state[name].dtype != t.dtype):
             raise ArtifactError(f"{WEIGHTS}: tensor {name!r} is {state[name].dtype} {list(state[name].shape)}, "
                                 f"the model needs {t.dtype} {list(t.shape)}")
-    gm.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
+    assign = any(t.is_meta for t in expected.values())  # an in-memory re-trace shares the state's tensors
+    gm.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=assign)
     with torch.no_grad():
         for name in set(state) & set(buffers):
-            buffers[name].copy_(state[name])
+            if buffers[name].is_meta:
+                owner, _, leaf = name.rpartition(".")
+                gm.get_submodule(owner).register_buffer(leaf, state[name], persistent=False)
+            else:
+                buffers[name].copy_(state[name])
 
 
 def inputs_from_manifest(spec: dict) -> tuple[tuple, dict]:

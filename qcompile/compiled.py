@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +13,16 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from qcompile.formats import QuantSpec
+from qcompile.frontend.graph_inputs import GraphInputs, traced_inputs
+from qcompile.frontend.signature import BoundCall, CallSignature
+from qcompile.frontend.skeleton import architecture_skeleton
+from qcompile.frontend.torch_export import ExportError
 from qcompile.recipes import Recipe
 from qcompile.report import Report
 from qcompile.targets import Target
+
+MAX_RETRACED = 8
+"""Re-traced graphs a compiled model keeps (besides the compiled one); the oldest is dropped."""
 
 
 class CompiledModel:
@@ -22,28 +32,119 @@ class CompiledModel:
     ``manifest``: how it was built (model class, target, recipe, passes with their load rules,
     pinned keyword arguments, example input shapes); ``save`` adds the per-layer decisions and
     results and the tensors.
+
+    Calls are bound to the model's ``forward`` signature (``model``: the traced module, from which
+    the signature and an architecture skeleton without weights are taken): positional or keyword,
+    optional arguments present or absent. A call whose structure (which arguments, tensor ranks,
+    constant values) no graph was traced with is re-traced once on the skeleton, through the load
+    path (``artifact.rebuild``: structural passes re-run, decisions and quantized tensors restored
+    from the compiled graph, never recomputed), sharing the compiled tensors; a warning says so
+    and how long it took. Shapes are checked against each graph's static dimensions and limits
+    first, with errors naming the argument and dimension.
     """
 
     def __init__(self, gm: fx.GraphModule, *, pinned_kwargs: dict, target: Target, recipe: Recipe,
-                 report: Report | None, manifest: dict[str, Any]):
-        self.graph_module = gm
+                 report: Report | None, manifest: dict[str, Any], model: torch.nn.Module | None = None):
         self.pinned_kwargs = pinned_kwargs
         self.target = target
         self.recipe = recipe
         self._report = report
         self.manifest = manifest
+        self._signature = CallSignature.of(model, pinned_kwargs) if model is not None else None
+        self._skeleton, self._no_skeleton = None, "no model was given"
+        if model is not None:
+            try:
+                self._skeleton = architecture_skeleton(model)
+            except Exception as e:  # noqa: BLE001 - a model copy.deepcopy cannot copy: said at re-trace time
+                self._no_skeleton = f"the model could not be copied for re-tracing ({type(e).__name__}: {e})"
+        self.graph_module = gm
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The compiled graph (the one traced at compile time)."""
+        return self._graph_module
+
+    @graph_module.setter
+    def graph_module(self, gm: fx.GraphModule) -> None:
+        self._graph_module = gm
+        self._graphs: OrderedDict[tuple, tuple[fx.GraphModule, GraphInputs]] = OrderedDict()
+        self._primary: tuple[tuple, GraphInputs] | None = None
+        if self._signature is not None:
+            inputs = GraphInputs.of(gm, self._signature)
+            traced = traced_inputs(gm)
+            if inputs is not None and traced is not None:
+                key = self._signature.bind(*traced).key
+                self._primary = (key, inputs)
+
+    def input_dims(self) -> GraphInputs | None:
+        """The compiled graph's argument form and input dimensions (static sizes, limits)."""
+        return self._primary[1] if self._primary is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._primary is None:  # no signature to bind to: the graph's own calling convention
+            with torch.no_grad():
+                return self.graph_module(*args, **{**self.pinned_kwargs, **kwargs})
+        call = self._signature.bind(args, kwargs)
+        gm, inputs = self._graph_for(call)
+        call_args, call_kwargs = self._signature.arguments(call, inputs.form)
+        inputs.check(call_args, call_kwargs)
         with torch.no_grad():
-            return self.graph_module(*args, **{**self.pinned_kwargs, **kwargs})
+            return gm(*call_args, **call_kwargs)
 
     forward = __call__
+
+    def _graph_for(self, call: BoundCall) -> tuple[fx.GraphModule, GraphInputs]:
+        key, inputs = self._primary
+        if call.key == key:
+            return self.graph_module, inputs
+        if call.key in self._graphs:
+            self._graphs.move_to_end(call.key)
+            return self._graphs[call.key]
+        traced = self._signature.bind(*traced_inputs(self.graph_module)).describe(self.pinned_kwargs)
+        wanted = call.describe(self.pinned_kwargs)
+        if self._skeleton is None:
+            raise TypeError(f"{self._signature.owner}: called with ({wanted}), but the compiled graph takes "
+                            f"({traced}) and cannot be re-traced: {self._no_skeleton}")
+        start = time.perf_counter()
+        try:
+            entry = self._retrace(call)
+        except ExportError as e:
+            raise ExportError(f"{self._signature.owner}: re-tracing for a call with ({wanted}) failed: {e}") from e
+        warnings.warn(f"{self._signature.owner}: called with ({wanted}); the compiled graph takes ({traced}): "
+                      f"re-traced in {time.perf_counter() - start:.2f} s (compiled tensors shared, not copied; "
+                      "cached for later calls like this)", stacklevel=3)
+        self._graphs[call.key] = entry
+        if len(self._graphs) > MAX_RETRACED:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _retrace(self, call: BoundCall) -> tuple[fx.GraphModule, GraphInputs]:
+        from qcompile.artifact import layer_records, rebuild
+
+        form = self._signature.trace_form(call)
+        args, kwargs = self._signature.arguments(call, form)
+        state = self.graph_module.state_dict()
+        manifest = {**self.manifest, "layers": layer_records(self.graph_module)}
+        gm = rebuild(manifest, state, self._skeleton, args, kwargs).graph_module
+        devices = {t.device for t in state.values()}
+        if len(devices) == 1:
+            gm.to(next(iter(devices)))  # the skeleton's non-persistent buffers; shared tensors stay
+        left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"{self._signature.owner}: re-tracing left tensors without values {left[:4]} "
+                               "(created from the weights' device at trace time)")
+        inputs = GraphInputs.of(gm, self._signature)
+        if inputs is None:
+            raise RuntimeError(f"{self._signature.owner}: the re-traced graph records no input structure")
+        return gm, inputs
 
     def report(self) -> Report | None:
         return self._report
 
     def to(self, device: torch.device | str) -> CompiledModel:
         self.graph_module.to(device)
+        for gm, _ in self._graphs.values():
+            gm.to(device)
         return self
 
     def save(self, path: str | Path, *, compressed_tensors: bool = False) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,11 +13,14 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
-from torch.export import Dim
+
+from qcompile.frontend.dynamic_shapes import plan_dynamic, refine
+from qcompile.frontend.export_errors import is_dynamic_shape_error, quiet_export, summarize
 
 
 class ExportError(RuntimeError):
-    """torch.export could not trace the model."""
+    """torch.export could not trace the model. The message is two lines (exception, failing op,
+    the model's source line); the full torch error is ``__cause__``."""
 
 
 @dataclass
@@ -30,12 +35,14 @@ class ExportedModel:
     pinned_kwargs: dict = field(default_factory=dict)
     dynamic: bool = True
     model_class: str = ""
+    shape_fallback: str | None = None
+    """Why the named batch/sequence dims could not all stay dynamic (the report notes it)."""
 
 
 def check_finite(model: torch.nn.Module) -> None:
     """Fail early, naming the parameter, rather than quantizing NaNs."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
             kind = "parameter" if name in dict(model.named_parameters()) else "buffer"
             raise ValueError(f"{kind} {name!r} of {type(model).__name__} contains NaN or Inf values")
 
@@ -53,26 +60,6 @@ def pinned_kwargs_for(model: torch.nn.Module, kwargs: dict) -> dict:
     return {}
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Every tensor dimension ``Dim.AUTO``: export keeps what the model allows dynamic
-    (batch, sequence) and specializes the rest."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-
-    def spec(x: Any) -> Any:
-        return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
-
-    out = {}
-    for name, value in bound.arguments.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
-        else:
-            out[name] = pytree.tree_map(spec, value)
-    return out
-
-
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     """Trace in eval mode without leaving the user's module changed."""
@@ -85,11 +72,56 @@ def _eval_mode(model: torch.nn.Module):
             m.training = training
 
 
+def _var_keyword_items(model: torch.nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments that ``forward`` takes through ``**kwargs``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {}
+    return {k: v for k, v in kwargs.items() if k not in params}
+
+
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))
+
+
+@contextlib.contextmanager
+def _bound_forward(model: torch.nn.Module, constants: dict):
+    """Constants passed through ``**kwargs`` bound into ``forward`` for the trace (the graph is
+    specialized on them anyway): torch.export 2.13 mismatches ``**kwargs`` entries against
+    ``dynamic_shapes``. The instance attribute is removed afterwards."""
+    if not constants:
+        yield
+        return
+    had = "forward" in vars(model)
+    previous = vars(model).get("forward")
+    model.forward = functools.partial(model.forward, **constants)
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
+
+
 def export_model(
     model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic: bool = True
 ) -> ExportedModel:
     """Trace ``model(*args, **kwargs)`` into an ATen-level GraphModule whose weights
-    are attributes and whose nodes carry their source module paths."""
+    are attributes and whose nodes carry their source module paths.
+
+    ``dynamic``: batch and sequence dimensions are traced dynamic whatever the example's sizes
+    (``frontend/dynamic_shapes.py``); where the model needs one static, export is retried with
+    ``Dim.AUTO`` (the model's own choice) and then with static shapes, each with a warning, but
+    only when the failure is about dynamic shapes. Any other failure is an :class:`ExportError`
+    naming the exception, the failing op and the model's source line.
+    A model with tensors on the meta device (an architecture skeleton, for re-tracing a compiled
+    model) is traced on meta copies of the inputs (fake tensors must share a device); the device
+    constants the trace records become the inputs' device.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile compiles torch.nn.Module instances, got {type(model).__name__}")
     args = args if isinstance(args, tuple) else (args,)
@@ -97,25 +129,93 @@ def export_model(
     check_finite(model)
     pinned = pinned_kwargs_for(model, kwargs)
     kwargs.update(pinned)
+    name = f"{type(model).__module__}.{type(model).__name__}"
+    extra = _var_keyword_items(model, kwargs)
+    baked = {k: v for k, v in extra.items() if not _holds_tensor(v)}
+    if dynamic and len(baked) < len(extra):
+        warnings.warn(f"{type(model).__name__}: tensors passed through **kwargs ({', '.join(sorted(set(extra) - set(baked)))}) "
+                      "cannot be given dynamic dimensions (torch.export 2.13 mismatches **kwargs in dynamic_shapes): "
+                      "traced with static shapes", stacklevel=2)
+        dynamic = False
+    kwargs = {k: v for k, v in kwargs.items() if k not in baked}
+    skeleton = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    trace_args, trace_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs)) \
+        if skeleton else (args, kwargs)
+    with _eval_mode(model), _bound_forward(model, baked), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal noise
+        ep, used_dynamic, fallback = _export_with_fallbacks(model, trace_args, trace_kwargs, dynamic)
+    gm = ep.module()
+    if skeleton:
+        _retarget_meta_devices(gm, _input_device(args, kwargs))
+    return ExportedModel(gm, args, kwargs, pinned, used_dynamic, name, fallback)
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, spec: dict | None) -> torch.export.ExportedProgram:
+    with quiet_export():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+
+
+def _export_with_fallbacks(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool
+                           ) -> tuple[torch.export.ExportedProgram, bool, str | None]:
+    """(program, traced with dynamic dims, why a fallback was taken or None)."""
     name = type(model).__name__
-    ep, used_dynamic = None, False
-    with _eval_mode(model), torch.no_grad():
-        if dynamic:
+    reason = None
+    if dynamic:
+        plans = [plan_dynamic(model, args, kwargs)]
+        while plans:
+            plan = plans.pop(0)
             try:
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
-                used_dynamic = True
-            except Exception as e:  # noqa: BLE001 - retried statically below, and said so
-                warnings.warn(
-                    f"{name}: export with dynamic shapes failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                    "retrying with the example input shapes fixed: the compiled model will accept only those shapes",
-                    stacklevel=2,
-                )
-        if ep is None:
-            try:
-                ep = torch.export.export(model, args, kwargs, strict=False)
+                return _export(model, plan.args, plan.kwargs, plan.spec), True, reason
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ExportError(
-                    f"torch.export could not trace {name} ({type(model).__module__}.{name}): {first}"
-                ) from e
-    return ExportedModel(ep.module(), args, kwargs, pinned, used_dynamic, f"{type(model).__module__}.{name}")
+                if not is_dynamic_shape_error(e):
+                    raise ExportError(f"torch.export could not trace {name} ({type(model).__module__}.{name}): "
+                                      f"{summarize(e)}") from e
+                refined = refine(plan, e) if plan.named else None
+                if refined is not None:
+                    plans.insert(0, refined)
+                    continue
+                reason = _first_line(e)
+                if plan.named:
+                    warnings.warn(f"{name}: batch/sequence dimensions cannot all stay dynamic ({reason}); traced "
+                                  "again with the dimensions the model allows dynamic (the report notes which are "
+                                  "static)", stacklevel=3)
+                    plans.append(plan_dynamic(model, args, kwargs, named=False))
+                else:
+                    warnings.warn(f"{name}: export with dynamic shapes failed ({reason}); retrying with the example "
+                                  "input shapes fixed: the compiled model will accept only those shapes", stacklevel=3)
+    try:
+        return _export(model, args, kwargs, None), False, reason
+    except Exception as e:
+        raise ExportError(f"torch.export could not trace {name} ({type(model).__module__}.{name}): {summarize(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """One line: the guard a constraint violation names, else the message's first line."""
+    text = str(e).strip()
+    dims = re.search(r"Constraints violated \(([^)]*)\)", text)
+    constant = re.search(r"specialized it to be a constant \((\d+)\)", text)
+    if dims and constant:
+        return f"the model's code fixes {dims.group(1)} at {constant.group(1)}"
+    guard = re.search(r"satisfy the generated guard (.+)", text)
+    if guard:
+        return f"the model's code requires {guard.group(1).strip()}"
+    first = text.splitlines()[0].split(" For more information")[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _input_device(args: tuple, kwargs: dict) -> torch.device:
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _retarget_meta_devices(gm: fx.GraphModule, device: torch.device) -> None:
+    """A skeleton's trace records ``device=meta`` wherever the model creates tensors on its
+    weights' device; at run time that is where the inputs (and the compiled tensors) are."""
+    def fix(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a.type == "meta" else a
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = fx.node.map_aggregate(node.args, fix)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, fix)
+    gm.recompile()
