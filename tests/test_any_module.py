@@ -200,3 +200,12 @@ def test_conv_runs_through_the_triton_kernels(monkeypatch):
         out = cm(x)
     assert [tuple(s) for s in calls] == [(1, 8, 8, 72), (1, 4, 4, 144)]
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_conv_keeps_batch_and_spatial_sizes_dynamic():
+    """The im2col rewrite must not specialize the traced sizes (a batch-1 example included)."""
+    model = ConvNet().eval()
+    cm = _compile(model, torch.randn(1, 8, 16, 16), recipe="w8a16")
+    assert [n for n in cm.report().notes if "static" in n] == ["argument x dim 1 is static at 8 (the model's code fixes it)"]
+    x = torch.randn(3, 8, 12, 10)
+    assert _rel(cm(x), model(x)) < 0.02

@@ -119,8 +119,6 @@ def test_an_untraceable_model_is_one_error_and_debug_shows_the_traceback(tmp_pat
         cli.main(["compile", "some_dir", "--quiet", "--debug"])
 
 
-@pytest.mark.xfail(reason="torch.export prints the partial graph to stderr itself (torch/export/_trace.py); "
-                          "frontend/torch_export.py is to hold it back", strict=False)
 def test_an_untraceable_model_prints_no_graph_dump(tmp_path, monkeypatch, capsys):
     _untraceable_source(monkeypatch, tmp_path)
     assert cli.main(["compile", "some_dir", "--quiet"]) == 1

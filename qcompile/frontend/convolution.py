@@ -26,6 +26,7 @@ which ``assign_quant_specs`` turns into a float decision the report lists.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -190,7 +191,9 @@ class _Emitter:
         node.meta[MODULE_PATH] = self.path
         if self.fake_mode is not None:
             vals = [self._val(a) for a in args]
-            with self.fake_mode:
+            shape_env = self.fake_mode.shape_env
+            guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+            with self.fake_mode, guards:  # a guard here would specialize the graph's dynamic sizes
                 node.meta["val"] = target(*vals, **kwargs)
         return node
 
