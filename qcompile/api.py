@@ -134,7 +134,8 @@ def compile(  # noqa: A001 - the public name is the point
         passes=[{"name": r.name, "exact": r.exact, "changed": r.changed, "seconds": round(r.seconds, 4),
                  "nodes": [r.nodes_before, r.nodes_after], "verified_rel_error": r.verified_error,
                  "stats": r.stats} for r in pm.records],
-        notes=_notes(tgt, rcp) + [f"calibration: {calib.source}"] * (calibration is not None),
+        notes=_notes(tgt, rcp) + [note for r in pm.records for note in (r.stats or {}).get("notes", [])]
+        + [f"calibration: {calib.source}"] * (calibration is not None),
     )
     manifest = build_manifest(exported, tgt, rcp, dict(overrides or {}), pm.passes)
     if (hf := transformers_description(model)) is not None:

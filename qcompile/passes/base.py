@@ -56,7 +56,9 @@ class PassRequirementError(RuntimeError):
 
 @dataclass
 class PassResult:
-    """What a pass did: whether the graph changed, and numbers worth reporting."""
+    """What a pass did: whether the graph changed, and numbers worth reporting (JSON values, in
+    the report's pass records). ``stats["notes"]``, a list of strings, also become report notes:
+    what a user should read without opening the pass records."""
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)

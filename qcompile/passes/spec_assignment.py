@@ -72,10 +72,9 @@ class AssignQuantSpecs(Pass):
         if not any(d is not None and d.quantized for d in map(decision_of, linear_nodes(gm))):
             warnings.warn(_nothing_quantized_message(gm, paths, unsupported), stacklevel=2)
         padded = _padded_k(gm)
-        if padded:
-            warnings.warn(_padding_message(padded), stacklevel=2)
         return PassResult(False, {**counts, "unmatched_overrides": [pat for pat, _ in unmatched],
-                                  "padded_k": {path: [k, kp] for path, (_, k, kp) in padded.items()}})
+                                  "padded_k": {path: [k, kp] for path, (_, k, kp) in padded.items()},
+                                  "notes": [_padding_message(padded)] if padded else []})
 
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         saved = ctx.artifact.decisions()
