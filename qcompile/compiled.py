@@ -81,6 +81,9 @@ class CompiledModel:
         return self._primary[1] if self._primary is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the compiled model: the original model's arguments, positional or keyword, bound to its
+        ``forward`` signature (a new call structure is re-traced once, with a warning); under
+        ``torch.no_grad``."""
         if self._primary is None:  # no signature to bind to: the graph's own calling convention
             with torch.no_grad():
                 return self.graph_module(*args, **{**self.pinned_kwargs, **kwargs})
@@ -139,9 +142,12 @@ class CompiledModel:
         return gm, inputs
 
     def report(self) -> Report | None:
+        """The compile report (per-layer formats, bytes, errors, pass records, notes); ``None`` for an
+        artifact saved without one."""
         return self._report
 
     def to(self, device: torch.device | str) -> CompiledModel:
+        """Move the compiled tensors (and every re-traced graph) to ``device``; returns ``self``."""
         self.graph_module.to(device)
         for gm, _ in self._graphs.values():
             gm.to(device)
