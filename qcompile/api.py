@@ -18,7 +18,7 @@ from qcompile.passes.base import Pass, PassContext, PassManager, make_pass
 from qcompile.passes.calibration import make_calibration
 from qcompile.progress import CompileProgress
 from qcompile.recipes import Recipe, get_recipe
-from qcompile.report import Report, layer_reports
+from qcompile.report import LayerReport, Report, layer_reports
 from qcompile.targets import Target, get_target
 
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
@@ -36,14 +36,17 @@ def _output_metrics(ref: list[Any], out: list[Any]) -> tuple[float | None, float
     return float(cos), float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
-def _notes(exported: Any, tgt: Target, rcp: Recipe) -> list[str]:
+def _notes(exported: Any, tgt: Target, rcp: Recipe, layers: Sequence[LayerReport] = ()) -> list[str]:
     notes = []
     if not exported.dynamic:
         notes.append("exported with static shapes: call the compiled model with the example input shapes only")
-    if rcp.activation is not None and not tgt.is_native(rcp.weight.format, rcp.activation.format):
-        notes.append(f"{rcp.activation.format} activations are not native on {tgt.name}: simulated (fake-quantized)")
-    elif not tgt.is_native(rcp.weight.format, None):
-        notes.append(f"{rcp.weight.format} weights are not native on {tgt.name}: dequantized to 16-bit for the matmul")
+    by_note: dict[str, list[str]] = {}
+    for layer in layers:  # every simulated / emulated / reference layer, and what its kernel rounds or holds
+        for note in layer.kernel_notes:
+            by_note.setdefault(note, []).append(layer.path)
+    for note, paths in by_note.items():
+        shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} layers)" if len(paths) > 3 else "")
+        notes.append(f"on {tgt.name}, {note}: {shown}")
     return notes
 
 
@@ -113,13 +116,14 @@ def compile(  # noqa: A001 - the public name is the point
         prog.step("measure the compiled model against float")
         out, _ = run_recording(gm, exported.args, exported.kwargs, names=())
     cosine, rel = _output_metrics(ref, out)
+    layers = layer_reports(gm, tgt)
     report = Report(
         model=exported.model_class.rsplit(".", 1)[-1], target=tgt.name, recipe=rcp.name,
-        layers=layer_reports(gm), output_cosine=cosine, output_rel_error=rel,
+        layers=layers, output_cosine=cosine, output_rel_error=rel,
         passes=[{"name": r.name, "exact": r.exact, "changed": r.changed, "seconds": round(r.seconds, 4),
                  "nodes": [r.nodes_before, r.nodes_after], "verified_rel_error": r.verified_error,
                  "stats": r.stats} for r in pm.records],
-        notes=_notes(exported, tgt, rcp) + [f"calibration: {calib.source}"] * (calibration is not None),
+        notes=_notes(exported, tgt, rcp, layers) + [f"calibration: {calib.source}"] * (calibration is not None),
     )
     manifest = build_manifest(exported, tgt, rcp, dict(overrides or {}), pm.passes)
     return CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=tgt, recipe=rcp, report=report,

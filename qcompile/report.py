@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import fx
 
+from qcompile.targets import Target
+
 
 @dataclass
 class LayerReport:
@@ -28,12 +30,19 @@ class LayerReport:
     passes: dict[str, Any] = field(default_factory=dict)
     """What passes did to this layer, by pass name (``LayerDecision.extras``): rotation kind,
     smoothing alpha, clip ratios, GPTQ damping and errors, ..."""
+    kernel: str = ""
+    """What runs this layer on the target's device, by tokens per call where that changes it, e.g.
+    ``cpu:int4pack_mm (M<=16), cpu:dequant-cached (M>16)``, ``triton:int_mma``, ``reference``, ``torch``."""
+    kernel_notes: list[str] = field(default_factory=list)
+    """Where that kernel is simulated, emulated, the reference, or rounds (``Report.notes`` summarises them)."""
 
 
-def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
+def layer_reports(gm: fx.GraphModule, target: Target | None = None) -> list[LayerReport]:
     """One row per decided linear, in graph order, read from its result (quantized) or its float
-    weight (kept float): the report never recomputes what a pass measured."""
+    weight (kept float): the report never recomputes what a pass measured. With ``target``, each row
+    says which kernel runs it there."""
     from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+    from qcompile.codegen.quantized_linear import describe_kernel
     from qcompile.ir.annotations import decided_nodes, result_of
     from qcompile.ir.graph import get_attr, module_path
 
@@ -44,21 +53,27 @@ def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
         if is_quantized_linear(node) and result is not None:
             qt = QuantizedLinearCall.from_node(node).resolve(gm).quantized_weight()
             numel = qt.shape[0] * qt.shape[1]
-            itemsize = torch.empty((), dtype=getattr(torch, result.float_dtype.removeprefix("torch."))).element_size()
+            float_dtype = getattr(torch, result.float_dtype.removeprefix("torch."))
+            itemsize = torch.empty((), dtype=float_dtype).element_size()
+            kernel, kernel_notes = ("", []) if target is None else describe_kernel(
+                target.kernels, target.is_native(qt.spec.format, result.activation.format if result.activation
+                                                 is not None else None),
+                qt.spec, result.activation, float_dtype, qt.shape[1])
             rows.append(LayerReport(
                 path=path, weight_format=qt.spec.short(),
                 activation_format=result.activation.short() if result.activation is not None else None,
                 bits_per_weight=8.0 * qt.nbytes() / numel, bytes_before=numel * itemsize, bytes_fp16=numel * 2,
                 bytes_after=qt.nbytes(), weight_rel_error=result.metrics.get("weight_rel_error", 0.0),
                 output_rel_error=result.metrics.get("output_rel_error"), method=result.method,
-                passes=dict(decision.extras)))
+                passes=dict(decision.extras), kernel=kernel, kernel_notes=kernel_notes))
         elif node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
             w = get_attr(gm, node.args[1].target)
             rows.append(LayerReport(
                 path=path, weight_format=str(w.dtype).removeprefix("torch."), activation_format=None,
                 bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
                 bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(), weight_rel_error=0.0,
-                output_rel_error=0.0, method="kept float", passes=dict(decision.extras)))
+                output_rel_error=0.0, method="kept float", passes=dict(decision.extras),
+                kernel="torch" if target is not None else ""))
     return rows
 
 
@@ -112,21 +127,24 @@ class Report:
         touched = any(layer.passes for layer in self.layers)
         if touched:
             cols.append("passes")
+        kernels = any(layer.kernel for layer in self.layers)
+        if kernels:
+            cols.append("kernel, 1 token")  # the full dispatch by tokens is LayerReport.kernel
         for col in cols:
-            t.add_column(col, justify="left" if col in ("layer", "weights", "acts", "passes") else "right")
+            t.add_column(col, justify="left" if col in ("layer", "weights", "acts", "passes", "kernel, 1 token") else "right")
         for layer in self.layers:
             t.add_row(
                 layer.path, layer.weight_format, layer.activation_format or "-", f"{layer.bits_per_weight:.2f}",
                 f"{layer.bytes_before / 1024:.1f}", f"{layer.bytes_after / 1024:.1f}",
                 f"{layer.weight_rel_error:.4f}",
                 f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-",
-                *([", ".join(layer.passes)] if touched else []),
+                *([", ".join(layer.passes)] if touched else []), *([layer.kernel.split(" (")[0]] if kernels else []),
             )
         ratio = self.bytes_after / self.bytes_fp16 if self.bytes_fp16 else float("nan")
         t.add_section()
         t.add_row(
             f"total ({len(self.layers)} linears)", "", "", "", f"{self.bytes_before / 1024:.1f}",
-            f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []),
+            f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []), *([""] if kernels else []),
         )
         t.caption = f"linear weights {self.bytes_after / 2**20:.2f} MiB = {ratio:.3f}× of fp16"
         if self.output_cosine is not None:
