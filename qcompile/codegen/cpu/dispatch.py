@@ -15,6 +15,7 @@ Per (weight spec, activation spec, x dtype, tokens M), measured on a 2-core Xeon
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -88,7 +89,14 @@ class Choice:
 
 
 def choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int, m: int) -> Choice:
-    """The kernel for a call of ``m`` tokens (before the cache budget is consulted)."""
+    """The kernel for a call of ``m`` tokens (before the cache budget is consulted); memoized, as it runs
+    on every call and depends on ``m`` only through ``m <= PACKED_MAX_M``."""
+    return _choose(w_spec, a_spec, x_dtype, in_features, m <= PACKED_MAX_M)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int,
+            small: bool) -> Choice:
     if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return Choice(REFERENCE, f"{str(x_dtype).removeprefix('torch.')} inputs run the reference",
                       simulated=a_spec is not None)
@@ -100,7 +108,7 @@ def choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in
     packed, reason = packed_kernel(w_spec, x_dtype, in_features)
     if packed is None:
         return Choice(DEQUANT_CACHED, reason)
-    if m <= PACKED_MAX_M:
+    if small:
         return Choice(packed)
     return Choice(DEQUANT_CACHED, f"above {PACKED_MAX_M} tokens {packed} is slower than a float32 GEMM")
 
