@@ -1,5 +1,6 @@
 """The CPU kernels of quantized_linear against float64 references, their dispatch, cache and report."""
 
+import gc
 import warnings
 
 import pytest
@@ -133,13 +134,15 @@ def test_pack_once_and_rebuild_when_the_weight_changes(monkeypatch):
     assert len(builds) == 2 and _rel(y, _ref64(x, other)) < BF16_TOL
 
 
-def test_cache_entry_dies_with_its_weight():
+@pytest.mark.parametrize("spec", [QuantSpec("nvfp4"), QuantSpec("int8"), QuantSpec("int4", 32)], ids=str)
+def test_cache_entry_dies_with_its_weight(spec):
     weight_cache.clear()
-    qt = quantize(torch.randn(32, 64), QuantSpec("nvfp4"))
+    qt = quantize(torch.randn(32, 64), spec)
     _op(torch.randn(1, 64), qt)
-    assert weight_cache.dequant_cached_bytes() == 32 * 64 * 4
+    assert len(weight_cache._cache) == 1
     del qt
-    assert weight_cache.dequant_cached_bytes() == 0
+    gc.collect()
+    assert len(weight_cache._cache) == 0 and weight_cache.dequant_cached_bytes() == 0
 
 
 def test_inference_tensors_are_not_cached_and_say_so():

@@ -139,9 +139,7 @@ def cpu_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tenso
     if choice.kernel == INT_MM:
         y = kernels.int_mm_linear(x2, qt, act_spec)
     elif choice.kernel == INT8PACK:
-        weight = qt.data if k % kernels.INT8PACK_K_MULTIPLE == 0 else weight_cache.cached(
-            qt, "int8pack", kernels.int8pack_weight)
-        y = kernels.int8pack_linear(x2, weight, qt.scale)
+        y = kernels.int8pack_linear(x2, qt.data, weight_cache.cached(qt, "int8pack", kernels.pack_int8))
     else:
         y = kernels.int4pack_linear(x2, weight_cache.cached(qt, "int4pack", kernels.pack_int4))
     if bias is not None:

@@ -92,20 +92,32 @@ def int4pack_linear(x2: torch.Tensor, packed: Int4Packed) -> torch.Tensor:
     return y[:, :packed.n].float()
 
 
-def int8pack_weight(qt: QuantizedTensor) -> torch.Tensor:
-    """The int8 codes with K zero-padded to a multiple of :data:`INT8PACK_K_MULTIPLE` (a copy only if needed)."""
-    k = qt.shape[1]
-    return F.pad(qt.data[:, :k], (0, -k % INT8PACK_K_MULTIPLE)).contiguous()
+@dataclass(frozen=True)
+class Int8Packed:
+    padded: torch.Tensor | None
+    """The int8 codes zero-padded to ``[N, k_pad]``, or None when K is already a multiple of
+    :data:`INT8PACK_K_MULTIPLE` and the stored codes are used as they are (never referenced here: a
+    cache entry must not keep its own weight alive)."""
+    scale: torch.Tensor
+    """float32 ``[N]`` per-channel scales, applied to the kernel's output."""
+    ones: torch.Tensor
+    """bfloat16 ``[N]`` unit scales for the kernel."""
 
 
-def int8pack_linear(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``weight`` from :func:`int8pack_weight`, ``scale`` the ``[N, 1]`` per-channel scales."""
-    n, k_pad = weight.shape
+def pack_int8(qt: QuantizedTensor) -> Int8Packed:
+    n, k = qt.shape
+    pad = -k % INT8PACK_K_MULTIPLE
+    padded = F.pad(qt.data[:, :k], (0, pad)).contiguous() if pad else None
+    return Int8Packed(padded, qt.scale.float().reshape(n), torch.ones(n, dtype=torch.bfloat16))
+
+
+def int8pack_linear(x2: torch.Tensor, codes: torch.Tensor, packed: Int8Packed) -> torch.Tensor:
+    """``codes``: the stored int8 ``[N, K]`` (used when ``packed.padded`` is None)."""
+    weight = packed.padded if packed.padded is not None else codes
     xb = x2.to(torch.bfloat16)
-    if k_pad != xb.shape[1]:
-        xb = F.pad(xb, (0, k_pad - xb.shape[1]))
-    y = _aten._weight_int8pack_mm(xb.contiguous(), weight, torch.ones(n, dtype=torch.bfloat16))
-    return y.float() * scale.float().reshape(1, n)
+    if weight.shape[1] != xb.shape[1]:
+        xb = F.pad(xb, (0, weight.shape[1] - xb.shape[1]))
+    return torch.mul(_aten._weight_int8pack_mm(xb.contiguous(), weight, packed.ones), packed.scale)
 
 
 def int_mm_linear(x2: torch.Tensor, qt: QuantizedTensor, act_spec: QuantSpec) -> torch.Tensor:
