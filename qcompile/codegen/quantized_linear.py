@@ -61,7 +61,7 @@ def quantized_linear(*args: Any) -> torch.Tensor:
     if call.x.device.type == "cpu":
         from qcompile.codegen.cpu import cpu_quantized_linear
 
-        return cpu_quantized_linear(call.x, qt, call.bias, call.act_spec)
+        return cpu_quantized_linear(call.x, qt, call.bias, call.act_spec, reference_quantized_linear)
     return reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
 
 

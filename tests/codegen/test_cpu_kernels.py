@@ -211,3 +211,16 @@ def test_report_on_a_gpu_target_names_triton_or_reference():
     w8a8, notes = ql.describe_kernel("triton", True, QuantSpec("int8"), QuantSpec("int8", dynamic=True),
                                      torch.bfloat16, 256)
     assert w8a8 == "reference" and "fake-quantized" in notes[0]
+
+
+def test_a_torch_without_the_packed_op_falls_back_and_says_why(monkeypatch):
+    """torch 2.11-2.13 all have the ops; an older or trimmed build takes the cached float32 path."""
+    monkeypatch.setattr(kernels, "has_op", lambda name: False)
+    dispatch._choose.cache_clear()
+    try:
+        choice = dispatch.choose(QuantSpec("int4", 32), None, torch.float32, 64, 1)
+        kernel, notes = dispatch.describe(QuantSpec("int4", 32), None, torch.float32, 64)
+    finally:
+        dispatch._choose.cache_clear()
+    assert choice.kernel == dispatch.DEQUANT_CACHED and "_weight_int4pack_mm_for_cpu" in choice.why
+    assert kernel == dispatch.DEQUANT_CACHED and "_weight_int4pack_mm_for_cpu" in notes[0]

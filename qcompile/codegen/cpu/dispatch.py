@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,15 +115,14 @@ def _choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, i
 
 
 def cpu_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-                         act_spec: QuantSpec | None) -> torch.Tensor:
-    """``qcompile::quantized_linear`` on CPU tensors: the kernel :func:`choose` picks."""
-    from qcompile.codegen.quantized_linear import reference_quantized_linear
-
+                         act_spec: QuantSpec | None, reference: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``qcompile::quantized_linear`` on CPU tensors: the kernel :func:`choose` picks. ``reference`` is
+    the op's reference kernel (passed in, so that kernels do not import the op)."""
     k = qt.shape[1]
     x2 = x.reshape(-1, k)
     choice = choose(qt.spec, act_spec, x.dtype, k, x2.shape[0])
     if choice.kernel == REFERENCE or x2.shape[0] == 0:
-        return reference_quantized_linear(x, qt, bias, act_spec)
+        return reference(x, qt, bias, act_spec)
     if choice.kernel == DEQUANT_CACHED:
         w32 = weight_cache.cached_dequantized(qt, kernels.dequantize_float32)
         if w32 is not None:
@@ -134,7 +134,7 @@ def cpu_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tenso
             f"QCOMPILE_CPU_DEQUANT_CACHE_MB): layers beyond it run "
             f"{packed or 'the reference (dequantizing on every call, slow)'} where they would run {DEQUANT_CACHED}")
         if packed is None:
-            return reference_quantized_linear(x, qt, bias, act_spec)
+            return reference(x, qt, bias, act_spec)
         choice = Choice(packed)
     if choice.kernel == INT_MM:
         y = kernels.int_mm_linear(x2, qt, act_spec)

@@ -5,7 +5,7 @@ Checked on torch 2.13 (``tests/codegen/test_cpu_kernels.py``, docs/kernels-cpu.m
 
 - ``aten._weight_int8pack_mm(x, w_int8 [N, K], scales [N])``: int8 symmetric per-channel weights,
   any N; its bfloat16 variant needs K a multiple of 16 (else padded, a cached copy). Scales must have x's dtype; only the bfloat16 variant is vectorized (float32 and
-  float16 are scalar loops, 2-20x slower than a float32 GEMM), so x runs in bfloat16 and the
+  float16 take 5-50x a float32 GEMM's time, docs/kernels-cpu.md), so x runs in bfloat16 and the
   kernel gets unit scales: the float32 scales are applied to its output, keeping them exact.
 - ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zeros [K/group, N, 2])``:
   ``w = (code - 8) * scale + zero`` with a float ``zero``; our asymmetric ``(code - z) * s`` is
