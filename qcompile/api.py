@@ -19,7 +19,7 @@ from qcompile.passes.base import Pass, PassContext, PassManager, make_pass
 from qcompile.passes.calibration import make_calibration
 from qcompile.progress import CompileProgress
 from qcompile.recipes import Recipe, get_recipe
-from qcompile.report import Report, layer_reports
+from qcompile.report import LayerReport, Report, layer_reports
 from qcompile.targets import Target, get_target
 
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
@@ -51,12 +51,17 @@ def _shape_notes(exported: Any, cm: CompiledModel) -> list[str]:
     return notes
 
 
-def _notes(tgt: Target, rcp: Recipe) -> list[str]:
+def _notes(tgt: Target, layers: Sequence[LayerReport] = ()) -> list[str]:
+    """Every layer that runs simulated, emulated or on the reference kernel on ``tgt`` (and what its
+    kernel rounds or holds), grouped by note."""
     notes = []
-    if rcp.activation is not None and not tgt.is_native(rcp.weight.format, rcp.activation.format):
-        notes.append(f"{rcp.activation.format} activations are not native on {tgt.name}: simulated (fake-quantized)")
-    elif not tgt.is_native(rcp.weight.format, None):
-        notes.append(f"{rcp.weight.format} weights are not native on {tgt.name}: dequantized to 16-bit for the matmul")
+    by_note: dict[str, list[str]] = {}
+    for layer in layers:
+        for note in layer.kernel_notes:
+            by_note.setdefault(note, []).append(layer.path)
+    for note, paths in by_note.items():
+        shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} layers)" if len(paths) > 3 else "")
+        notes.append(f"on {tgt.name}, {note}: {shown}")
     return notes
 
 
@@ -128,13 +133,14 @@ def compile(  # noqa: A001 - the public name is the point
         prog.step("measure the compiled model against float")
         out, _ = run_recording(gm, exported.args, exported.kwargs, names=())
     cosine, rel = _output_metrics(ref, out)
+    layers = layer_reports(gm, tgt)
     report = Report(
         model=exported.model_class.rsplit(".", 1)[-1], target=tgt.name, recipe=rcp.name,
-        layers=layer_reports(gm), output_cosine=cosine, output_rel_error=rel,
+        layers=layers, output_cosine=cosine, output_rel_error=rel,
         passes=[{"name": r.name, "exact": r.exact, "changed": r.changed, "seconds": round(r.seconds, 4),
                  "nodes": [r.nodes_before, r.nodes_after], "verified_rel_error": r.verified_error,
                  "stats": r.stats} for r in pm.records],
-        notes=_notes(tgt, rcp) + [note for r in pm.records for note in (r.stats or {}).get("notes", [])]
+        notes=_notes(tgt, layers) + [note for r in pm.records for note in (r.stats or {}).get("notes", [])]
         + [f"calibration: {calib.source}"] * (calibration is not None),
     )
     manifest = build_manifest(exported, tgt, rcp, dict(overrides or {}), pm.passes)

@@ -13,6 +13,8 @@ from rich.table import Table
 from rich.text import Text
 from torch import fx
 
+from qcompile.targets import Target
+
 
 @dataclass
 class LayerReport:
@@ -32,13 +34,19 @@ class LayerReport:
     reason: str = ""
     """Why a layer left float is float (its decision's reason: a recipe exclude, an override, a
     convolution canonicalization cannot turn into a linear); empty for quantized layers."""
+    kernel: str = ""
+    """What runs this layer on the target's device, by tokens per call where that changes it, e.g.
+    ``cpu:int4pack_mm (M<=16), cpu:dequant-cached (M>16)``, ``triton:int_mma``, ``reference``, ``torch``."""
+    kernel_notes: list[str] = field(default_factory=list)
+    """Where that kernel is simulated, emulated, the reference, or rounds (``Report.notes`` summarises them)."""
 
 
-def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
+def layer_reports(gm: fx.GraphModule, target: Target | None = None) -> list[LayerReport]:
     """One row per decided layer (linears, and convolutions left float), in graph order, read from
     its result (quantized) or its float weight (kept float): the report never recomputes what a
-    pass measured."""
+    pass measured. With ``target``, each row says which kernel runs it there."""
     from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+    from qcompile.codegen.quantized_linear import describe_kernel
     from qcompile.ir.annotations import decided_nodes, result_of
     from qcompile.ir.graph import get_attr, module_path
 
@@ -49,14 +57,19 @@ def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
         if is_quantized_linear(node) and result is not None:
             qt = QuantizedLinearCall.from_node(node).resolve(gm).quantized_weight()
             numel = qt.shape[0] * qt.shape[1]
-            itemsize = torch.empty((), dtype=getattr(torch, result.float_dtype.removeprefix("torch."))).element_size()
+            float_dtype = getattr(torch, result.float_dtype.removeprefix("torch."))
+            itemsize = torch.empty((), dtype=float_dtype).element_size()
+            kernel, kernel_notes = ("", []) if target is None else describe_kernel(
+                target.kernels, target.is_native(qt.spec.format, result.activation.format if result.activation
+                                                 is not None else None),
+                qt.spec, result.activation, float_dtype, qt.shape[1])
             rows.append(LayerReport(
                 path=path, weight_format=qt.spec.short(),
                 activation_format=result.activation.short() if result.activation is not None else None,
                 bits_per_weight=8.0 * qt.nbytes() / numel, bytes_before=numel * itemsize, bytes_fp16=numel * 2,
                 bytes_after=qt.nbytes(), weight_rel_error=result.metrics.get("weight_rel_error", 0.0),
                 output_rel_error=result.metrics.get("output_rel_error"), method=result.method,
-                passes=dict(decision.extras)))
+                passes=dict(decision.extras), kernel=kernel, kernel_notes=kernel_notes))
         elif node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
             w = get_attr(gm, node.args[1].target)
             rows.append(LayerReport(
@@ -64,7 +77,8 @@ def layer_reports(gm: fx.GraphModule) -> list[LayerReport]:
                 bits_per_weight=8.0 * w.element_size(), bytes_before=w.numel() * w.element_size(),
                 bytes_fp16=w.numel() * 2, bytes_after=w.numel() * w.element_size(), weight_rel_error=0.0,
                 output_rel_error=0.0, method="kept float", passes=dict(decision.extras),
-                reason=decision.reason or f"decided by {decision.source}"))
+                reason=decision.reason or f"decided by {decision.source}",
+                kernel="torch" if target is not None else ""))
     return rows
 
 
@@ -124,20 +138,23 @@ class Report:
         touched = any(layer.passes for layer in self.layers)
         if touched:
             cols.append("passes")
+        kernels = any(layer.kernel for layer in self.layers)
+        if kernels:
+            cols.append("kernel, 1 token")  # the full dispatch by tokens is LayerReport.kernel
         for col in cols:
-            t.add_column(col, justify="left" if col in ("layer", "weights", "acts", "passes") else "right")
+            t.add_column(col, justify="left" if col in ("layer", "weights", "acts", "passes", "kernel, 1 token") else "right")
         for layer in self.layers:
             t.add_row(
                 layer.path or "(root)", layer.weight_format, layer.activation_format or "-", f"{layer.bits_per_weight:.2f}",
                 f"{layer.bytes_before / 1024:.1f}", f"{layer.bytes_after / 1024:.1f}",
                 f"{layer.weight_rel_error:.4f}",
                 f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-",
-                *([", ".join(layer.passes)] if touched else []),
+                *([", ".join(layer.passes)] if touched else []), *([layer.kernel.split(" (")[0]] if kernels else []),
             )
         t.add_section()
         t.add_row(
             f"total ({_layers(len(self.layers))})", "", "", "", f"{self.bytes_before / 1024:.1f}",
-            f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []),
+            f"{self.bytes_after / 1024:.1f}", "", "", *([""] if touched else []), *([""] if kernels else []),
         )
         t.caption = self._size_summary()
         if self.output_cosine is not None:

@@ -23,7 +23,8 @@ class Target:
     matmul_tflops: dict[str, float]
     """Dense matmul rate by operand format (cost model: math)."""
     kernels: str = "reference"
-    """``triton`` where the torch runtime dispatches to Triton kernels on CUDA."""
+    """What runs the quantized linears there: ``triton`` (Triton kernels on CUDA), ``cpu`` (torch's packed
+    CPU kernels, ``qcompile.codegen.cpu``) or ``reference`` (dequantize, float matmul)."""
 
     def is_native(self, weight_format: str, activation_format: str | None) -> bool:
         ok_w = weight_format in self.native_weight_formats
@@ -42,9 +43,10 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target(
-            "cpu", "Any CPU: int8/int4 weight-only, reference kernels.",
-            native_weight_formats=_INT_W, native_activation_formats=(),
+            "cpu", "Any CPU: int8/int4 weight-only on torch's packed kernels (bf16), W8A8 on torch._int_mm.",
+            native_weight_formats=("int8", "int4"), native_activation_formats=("int8",),
             default_recipe="w4a16", memory_bandwidth_gbs=50.0, matmul_tflops={"bf16": 1.0, "fp32": 1.0},
+            kernels="cpu",
         ),
         Target(
             "ampere", "NVIDIA A100-class: int8 tensor cores, int4 weight-only Triton kernels.",

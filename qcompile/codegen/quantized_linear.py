@@ -4,7 +4,9 @@ Its arguments are plain tensors and scalars (so graphs holding it export,
 save and load), ordered by ``op_schema.QuantizedLinearCall``; the reference kernel dequantizes with the formats library and
 runs a float matmul anywhere. On CUDA it dispatches to the Triton kernels in
 ``qcompile.codegen.gemm``; when no kernel covers a combination it says so once,
-with the reason, and runs the reference — never silently.
+with the reason, and runs the reference — never silently. On CPU it dispatches to
+``qcompile.codegen.cpu`` (torch's packed CPU kernels, ``torch._int_mm``, or a float32 GEMM on a
+cached dequantized weight). :func:`describe_kernel` says which, per layer, for the report.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def quantized_linear(*args: Any) -> torch.Tensor:
     kernel = _triton_path(call.x, qt.spec, call.act_spec)
     if kernel is not None:
         return kernel(call.x, qt, call.bias, call.act_spec)
+    if call.x.device.type == "cpu":
+        from qcompile.codegen.cpu import cpu_quantized_linear
+
+        return cpu_quantized_linear(call.x, qt, call.bias, call.act_spec, reference_quantized_linear)
     return reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
 
 
@@ -74,6 +80,30 @@ def reference_quantized_linear(
     xq = fake_quantize(x, act_spec) if act_spec is not None else x
     y = torch.nn.functional.linear(xq.to(compute), w, bias.to(compute) if bias is not None else None)
     return y.to(x.dtype)
+
+
+def describe_kernel(target_kernels: str, is_native: bool, w_spec: QuantSpec, a_spec: QuantSpec | None,
+                    x_dtype: torch.dtype, in_features: int) -> tuple[str, list[str]]:
+    """The kernel(s) a layer runs on a target's device, and notes where it is simulated, emulated or on
+    the reference. ``target_kernels`` is ``Target.kernels``: ``"cpu"``, ``"triton"`` (CUDA) or ``"reference"``."""
+    if target_kernels == "cpu":
+        from qcompile.codegen.cpu import describe
+
+        return describe(w_spec, a_spec, x_dtype, in_features)
+    acts = "" if a_spec is None else ", activations fake-quantized"
+    if target_kernels != "triton":
+        return "reference", [f"reference kernel (dequantizes on every call{acts})"]
+    try:
+        from qcompile.codegen import gemm
+    except ImportError as e:
+        return "reference", [f"reference kernel (dequantizes on every call{acts}): Triton unavailable ({e})"]
+    reason = gemm.unsupported_reason(w_spec, a_spec)
+    if reason is not None:
+        return "reference", [f"reference kernel (dequantizes on every call{acts}): {reason}"]
+    decode, prefill = (gemm.kernel_name(w_spec, a_spec, m, in_features) for m in (1, 4096))
+    kernel = f"triton:{decode}" if decode == prefill else f"triton:{decode} (decode), triton:{prefill} (prefill)"
+    formats = w_spec.format if a_spec is None else f"{w_spec.format} x {a_spec.format}"
+    return kernel, [] if is_native else [f"{formats} not native on the target: emulated by the Triton kernel"]
 
 
 QUANTIZED_LINEAR = torch.ops.qcompile.quantized_linear.default

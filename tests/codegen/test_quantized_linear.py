@@ -19,9 +19,9 @@ def _call(x, qt, bias=None, act=None):
 
 @pytest.mark.parametrize("spec", [QuantSpec("int4", 32, symmetric=False), QuantSpec("int8"), QuantSpec("nvfp4")])
 def test_reference_path_matches_float64(spec):
-    w, x, b = torch.randn(24, 96), torch.randn(5, 96), torch.randn(24)
+    w, x, b = torch.randn(24, 96), torch.randn(5, 96, dtype=torch.float64), torch.randn(24)
     qt = quantize(w, spec)
-    out = _call(x, qt, b)
+    out = _call(x, qt, b)  # float64 x: the reference on CPU (float32 takes qcompile.codegen.cpu)
     ref = x.double() @ dequantize(qt, torch.float64).t() + b.double()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 

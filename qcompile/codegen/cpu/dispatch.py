@@ -1,0 +1,176 @@
+"""Which CPU kernel runs a ``quantized_linear`` call, and running it.
+
+Per (weight spec, activation spec, x dtype, tokens M), measured on a 2-core Xeon, torch 2.13
+(docs/benchmarks/cpu.md):
+
+- W8A8 (int8 symmetric per-channel weights, int8 symmetric per-token activations): ``torch._int_mm``
+  at every M (faster than float32 at 1, 16 and 256 tokens).
+- Weight-only int8 symmetric per-channel / int4 (groups multiple of 32 or per channel), x float32 or
+  bfloat16, ``M <= PACKED_MAX_M``: torch's packed kernels, in bfloat16.
+- Everything else on float32/bfloat16/float16 x, and every M above ``PACKED_MAX_M``: float32 GEMM on
+  the weight dequantized once and cached (as fast as float; 4 bytes per weight, up to a budget,
+  ``weight_cache``). Activation formats without a kernel are fake-quantized first (simulated).
+- float64 x (the pass manager's verification) and a full cache: the reference, dequantizing per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.codegen.cpu import kernels, weight_cache
+from qcompile.formats import QuantizedTensor, QuantSpec
+from qcompile.formats.spec import PER_CHANNEL
+
+PACKED_MAX_M = 16
+"""Above this many tokens per call torch's packed CPU kernels lose to a float32 GEMM (docs/benchmarks/cpu.md,
+"One linear", the three Llama shapes: at 16 tokens int8pack/int4pack are 1.2-1.4x faster than float32,
+at 24 level or slower, at 32 they take 1.1-1.3x its time)."""
+
+INT8PACK = "cpu:int8pack_mm"
+INT4PACK = "cpu:int4pack_mm"
+INT_MM = "cpu:int_mm"
+DEQUANT_CACHED = "cpu:dequant-cached"
+REFERENCE = "reference"
+
+_warned: set[str] = set()
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+"""x dtypes the packed kernels take (run in bfloat16); float16 x takes the exact float32 path."""
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _per_channel(spec: QuantSpec, in_features: int) -> bool:
+    return spec.group_size == PER_CHANNEL or spec.group_size >= in_features
+
+
+def packed_kernel(w_spec: QuantSpec, x_dtype: torch.dtype, in_features: int) -> tuple[str | None, str]:
+    """The packed weight-only kernel for this weight, or None and why not."""
+    if x_dtype not in PACKED_DTYPES:
+        return None, f"{str(x_dtype).removeprefix('torch.')} inputs run the exact float32 path"
+    if w_spec.format == "int8":
+        if not w_spec.symmetric or not _per_channel(w_spec, in_features):
+            return None, f"_weight_int8pack_mm takes symmetric per-channel int8 only, not {w_spec.short()}"
+        return (INT8PACK, "") if kernels.has_op("_weight_int8pack_mm") else (None, "torch lacks _weight_int8pack_mm")
+    if w_spec.format == "int4":
+        if kernels.int4pack_group(w_spec, in_features) is None:
+            return None, f"_weight_int4pack_mm_for_cpu needs int4 groups that are multiples of 32, not {w_spec.short()}"
+        if not kernels.has_op("_weight_int4pack_mm_for_cpu"):
+            return None, "torch lacks _weight_int4pack_mm_for_cpu"
+        return INT4PACK, ""
+    return None, f"no packed CPU kernel for {w_spec.format} weights"
+
+
+def int_mm_reason(w_spec: QuantSpec, a_spec: QuantSpec, in_features: int) -> str | None:
+    """None if ``torch._int_mm`` computes this W8A8 pair exactly, else why not."""
+    if a_spec.format != "int8" or not a_spec.symmetric or a_spec.group_size != PER_CHANNEL:
+        return f"no CPU kernel for {a_spec.short()} activations (torch._int_mm takes symmetric per-token int8)"
+    if w_spec.format != "int8" or not w_spec.symmetric or not _per_channel(w_spec, in_features):
+        return f"torch._int_mm W8A8 needs symmetric per-channel int8 weights, not {w_spec.short()}"
+    if not hasattr(torch, "_int_mm"):
+        return "torch lacks _int_mm"
+    return None
+
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: str
+    why: str = ""
+    """Why not a faster kernel (empty when this is the fast path)."""
+    simulated: bool = False
+    """Activations fake-quantized (no kernel computes in their format)."""
+
+
+def choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int, m: int) -> Choice:
+    """The kernel for a call of ``m`` tokens (before the cache budget is consulted); memoized, as it runs
+    on every call and depends on ``m`` only through ``m <= PACKED_MAX_M``."""
+    return _choose(w_spec, a_spec, x_dtype, in_features, m <= PACKED_MAX_M)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int,
+            small: bool) -> Choice:
+    if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return Choice(REFERENCE, f"{str(x_dtype).removeprefix('torch.')} inputs run the reference",
+                      simulated=a_spec is not None)
+    if a_spec is not None:
+        reason = int_mm_reason(w_spec, a_spec, in_features)
+        if reason is None:
+            return Choice(INT_MM)
+        return Choice(DEQUANT_CACHED, reason, simulated=True)
+    packed, reason = packed_kernel(w_spec, x_dtype, in_features)
+    if packed is None:
+        return Choice(DEQUANT_CACHED, reason)
+    if small:
+        return Choice(packed)
+    return Choice(DEQUANT_CACHED, f"above {PACKED_MAX_M} tokens {packed} is slower than a float32 GEMM")
+
+
+def cpu_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                         act_spec: QuantSpec | None, reference: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``qcompile::quantized_linear`` on CPU tensors: the kernel :func:`choose` picks. ``reference`` is
+    the op's reference kernel (passed in, so that kernels do not import the op)."""
+    k = qt.shape[1]
+    x2 = x.reshape(-1, k)
+    choice = choose(qt.spec, act_spec, x.dtype, k, x2.shape[0])
+    if choice.kernel == REFERENCE or x2.shape[0] == 0:
+        return reference(x, qt, bias, act_spec)
+    if choice.kernel == DEQUANT_CACHED:
+        w32 = weight_cache.cached_dequantized(qt, kernels.dequantize_float32)
+        if w32 is not None:
+            return kernels.dequant_linear(x2, w32, bias, act_spec).to(x.dtype).reshape(*x.shape[:-1], -1)
+        packed, _ = packed_kernel(qt.spec, x.dtype, k) if act_spec is None else (None, "")
+        budget = weight_cache.dequant_budget_bytes() // 2**20
+        _warn_once(
+            "budget", f"qcompile: the CPU dequantized-weight cache is full ({budget} MiB, "
+            f"QCOMPILE_CPU_DEQUANT_CACHE_MB): layers beyond it run "
+            f"{packed or 'the reference (dequantizing on every call, slow)'} where they would run {DEQUANT_CACHED}")
+        if packed is None:
+            return reference(x, qt, bias, act_spec)
+        choice = Choice(packed)
+    if choice.kernel == INT_MM:
+        y = kernels.int_mm_linear(x2, qt, act_spec)
+    elif choice.kernel == INT8PACK:
+        y = kernels.int8pack_linear(x2, qt.data, weight_cache.cached(qt, "int8pack", kernels.pack_int8))
+    else:
+        y = kernels.int4pack_linear(x2, weight_cache.cached(qt, "int4pack", kernels.pack_int4))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def describe(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype,
+             in_features: int) -> tuple[str, list[str]]:
+    """For the report: the kernel(s) a layer runs on CPU by tokens per call (M), and notes where it is
+    simulated, on the reference, rounded to bfloat16, or holds a float32 copy of its weight."""
+    small = choose(w_spec, a_spec, x_dtype, in_features, 1)
+    large = choose(w_spec, a_spec, x_dtype, in_features, PACKED_MAX_M + 1)
+    if small.kernel == large.kernel:
+        kernel = small.kernel
+    else:
+        kernel = f"{small.kernel} (M<={PACKED_MAX_M}), {large.kernel} (M>{PACKED_MAX_M})"
+    notes = []
+    if small.simulated:
+        notes.append(f"{a_spec.short()} activations simulated (fake-quantized, then float32 GEMM on dequantized "
+                     f"weights): {small.why}")
+    elif small.kernel == DEQUANT_CACHED:
+        notes.append(f"weights dequantized once to float32 and cached (speed and memory as float32): {small.why}")
+    elif small.kernel == REFERENCE:
+        notes.append(f"reference kernel (dequantizes on every call): {small.why}")
+    if small.kernel in (INT8PACK, INT4PACK) and x_dtype == torch.float32:
+        notes.append("float32 activations and outputs rounded to bfloat16 in torch's packed CPU kernels "
+                     "(their only vectorized variant)")
+    if large.kernel == DEQUANT_CACHED and small.kernel != DEQUANT_CACHED:
+        notes.append(f"above {PACKED_MAX_M} tokens per call: float32 GEMM on a dequantized copy cached at first "
+                     "use (4 bytes per weight, up to QCOMPILE_CPU_DEQUANT_CACHE_MB), as the packed kernels are "
+                     "slower than float32 there")
+    return kernel, notes
