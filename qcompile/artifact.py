@@ -51,6 +51,9 @@ DTYPES = {name: getattr(torch, name) for name in (
     "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
     "float8_e4m3fn", "float8_e5m2")}
 """Tensor dtypes an artifact may hold (and example inputs may name)."""
+TENSOR_ALIGNMENT = 64
+"""Bytes loaded tensors are aligned to: safetensors can hand out tensors 8 bytes off a boundary,
+which some packed CPU kernels do not survive (``codegen/cpu/kernels.py``); those are copied."""
 
 
 class ArtifactError(ValueError):
@@ -340,7 +343,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                 t = f.get_tensor(key)
                 if str(t.dtype).removeprefix("torch.") not in allowed:
                     raise ArtifactError(f"{path.name}: tensor {key!r} has dtype {t.dtype}, not one of {', '.join(sorted(allowed))}")
-                state[key] = t
+                state[key] = t.clone() if t.data_ptr() % TENSOR_ALIGNMENT else t
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
     return state

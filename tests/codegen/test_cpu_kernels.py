@@ -58,6 +58,18 @@ def test_packed_kernels_match_float64(spec, n, k, group, x_dtype):
     assert _rel(y, _ref64(x, qt, bias)) < BF16_TOL
 
 
+def test_int8_codes_off_an_alignment_boundary():
+    """torch's int8 kernel crashes on codes 8 bytes past a 64-byte boundary (as safetensors can
+    hand them out): they are packed as an aligned copy."""
+    qt = quantize(torch.randn(64, 64), QuantSpec("int8"))
+    buf = torch.zeros(qt.data.numel() + 64, dtype=torch.int8)
+    start = (-buf.data_ptr() % 64) + 8
+    qt.data = buf[start:start + qt.data.numel()].view(64, 64).copy_(qt.data)
+    assert qt.data.data_ptr() % kernels.INT8PACK_ALIGNMENT == 8
+    x = torch.randn(4, 64)
+    assert _rel(_op(x, qt), _ref64(x, qt)) < BF16_TOL
+
+
 def test_int4_zero_convention_is_ours():
     """Asymmetric codes far from 8: torch's float zero must be (8 - z) * s, not z or -z * s (those miss
     by > 30%). The zero 8 * s rounded to bfloat16 shifts a whole group by up to s / 64: 0.74% here."""

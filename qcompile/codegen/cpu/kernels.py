@@ -37,6 +37,9 @@ INT4PACK_N_MULTIPLE = 16
 """``_convert_weight_to_int4pack_for_cpu`` needs N divisible by this."""
 INT8PACK_K_MULTIPLE = 16
 """``_weight_int8pack_mm``'s bfloat16 variant reads out of bounds (NaN, or a crash) unless K is a multiple of this."""
+INT8PACK_ALIGNMENT = 64
+"""... and it crashes on weight codes not aligned to this many bytes (tensors read from a safetensors
+file can start 8 bytes past an alignment boundary): such codes are packed as an aligned copy."""
 
 _aten = torch.ops.aten
 
@@ -95,9 +98,9 @@ def int4pack_linear(x2: torch.Tensor, packed: Int4Packed) -> torch.Tensor:
 @dataclass(frozen=True)
 class Int8Packed:
     padded: torch.Tensor | None
-    """The int8 codes zero-padded to ``[N, k_pad]``, or None when K is already a multiple of
-    :data:`INT8PACK_K_MULTIPLE` and the stored codes are used as they are (never referenced here: a
-    cache entry must not keep its own weight alive)."""
+    """The int8 codes zero-padded to ``[N, k_pad]`` (or copied to aligned memory), or None when K is
+    already a multiple of :data:`INT8PACK_K_MULTIPLE` and the stored codes, aligned, are used as
+    they are (never referenced here: a cache entry must not keep its own weight alive)."""
     scale: torch.Tensor
     """float32 ``[N]`` per-channel scales, applied to the kernel's output."""
     ones: torch.Tensor
@@ -107,7 +110,12 @@ class Int8Packed:
 def pack_int8(qt: QuantizedTensor) -> Int8Packed:
     n, k = qt.shape
     pad = -k % INT8PACK_K_MULTIPLE
-    padded = F.pad(qt.data[:, :k], (0, pad)).contiguous() if pad else None
+    if pad:
+        padded = F.pad(qt.data[:, :k], (0, pad)).contiguous()
+    elif qt.data.data_ptr() % INT8PACK_ALIGNMENT or not qt.data.is_contiguous():
+        padded = qt.data.contiguous().clone()
+    else:
+        padded = None
     return Int8Packed(padded, qt.scale.float().reshape(n), torch.ones(n, dtype=torch.bfloat16))
 
 
