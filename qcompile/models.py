@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,8 @@ def transformers_description(model: torch.nn.Module) -> dict[str, Any] | None:
     """What rebuilding ``model``'s architecture needs without its checkpoint: the transformers
     class, constructor keywords that differ from the config's defaults, and the config as a
     JSON-able dict; ``None`` for a model that is not a transformers ``PreTrainedModel``."""
-    try:
-        import transformers
-    except ImportError:
+    transformers = sys.modules.get("transformers")  # a transformers model has imported it: never import it here
+    if transformers is None:
         return None
     if not isinstance(model, transformers.PreTrainedModel) or getattr(transformers, type(model).__name__, None) is not type(model):
         return None

@@ -102,17 +102,22 @@ class Report:
 
     @property
     def bytes_before(self) -> int:
+        """Bytes of the decided layers' weights in the model's own float dtype."""
         return sum(layer.bytes_before for layer in self.layers)
 
     @property
     def bytes_fp16(self) -> int:
+        """Bytes the same weights take in 16-bit (the usual baseline for "×" smaller)."""
         return sum(layer.bytes_fp16 for layer in self.layers)
 
     @property
     def bytes_after(self) -> int:
+        """Bytes of the compiled layers' stored tensors (codes, scales, zero points; float layers as
+        they are)."""
         return sum(layer.bytes_after for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: every field, plus byte totals and the layers left float."""
         d = asdict(self)
         d["totals"] = {
             "linear_bytes_before": self.bytes_before,
@@ -125,14 +130,18 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict` (derived keys ignored), as ``report.json`` is read back."""
         d = {k: v for k, v in d.items() if k not in ("totals", "left_float")}
         d["layers"] = [LayerReport(**layer) for layer in d["layers"]]
         return cls(**d)
 
     def to_json(self, indent: int = 2) -> str:
+        """The report as JSON text (:meth:`to_dict`)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> Table:
+        """The per-layer table as a ``rich`` Table (``print(report)`` shows it with the summary and
+        notes)."""
         t = Table(title=f"qcompile: {self.model} → target {self.target}, recipe {self.recipe}", show_lines=False)
         cols = ["layer", "weights", "acts", "bits/w", "KiB before", "KiB after", "weight err", "output err"]
         touched = any(layer.passes for layer in self.layers)

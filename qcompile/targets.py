@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Target:
+    """A hardware target as data: the formats it runs natively, its kernels, a roofline cost model
+    (bandwidth, matmul rates) and the recipe used when none is named."""
     name: str
     description: str
     native_weight_formats: tuple[str, ...]
@@ -27,6 +29,8 @@ class Target:
     CPU kernels, ``qcompile.codegen.cpu``) or ``reference`` (dequantize, float matmul)."""
 
     def is_native(self, weight_format: str, activation_format: str | None) -> bool:
+        """Whether weights of ``weight_format`` (with ``activation_format`` activations, or none) run
+        natively here rather than emulated or simulated."""
         ok_w = weight_format in self.native_weight_formats
         ok_a = activation_format is None or activation_format in self.native_activation_formats
         return ok_w and ok_a
@@ -74,6 +78,8 @@ TARGETS: dict[str, Target] = {
 
 
 def get_target(name: str | Target) -> Target:
+    """The target named ``name`` (a :class:`Target` passes through); ``ValueError`` lists the valid
+    names for an unknown one."""
     if isinstance(name, Target):
         return name
     if name not in TARGETS:
