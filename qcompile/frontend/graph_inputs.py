@@ -54,6 +54,12 @@ def traced_inputs(gm: fx.GraphModule) -> tuple[tuple, dict] | None:
     return tuple(args), dict(kwargs)
 
 
+SPECIALIZATION_FLOOR = 2
+"""A lower bound this small is torch.export's 0/1 specialization, not the model's: ``Dim.AUTO``
+dimensions get the range [2, ∞) on torch 2.11 while the graph runs sizes 0 and 1 fine (measured on
+the H200 image, docs/benchmarks/compile-e2e-h200.md), so it is not enforced."""
+
+
 def _range(size: torch.SymInt, ranges: dict) -> tuple[str | None, int, float]:
     """Symbol and range of a dynamic size: the program's ``range_constraints`` (what its input
     check enforces), not the tracer's working range (which assumes sizes ≥ 2)."""
@@ -63,7 +69,8 @@ def _range(size: torch.SymInt, ranges: dict) -> tuple[str | None, int, float]:
     vr = ranges.get(expr)
     if vr is None:
         return str(expr), 0, math.inf
-    return str(expr), int(_bound(vr.lower, 0)), _bound(vr.upper, math.inf)
+    low = int(_bound(vr.lower, 0))
+    return str(expr), 0 if low <= SPECIALIZATION_FLOOR else low, _bound(vr.upper, math.inf)
 
 
 def _bound(x: Any, infinite: float) -> float:

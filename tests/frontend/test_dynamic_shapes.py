@@ -88,3 +88,19 @@ def test_dynamic_shape_failure_is_retried_with_a_warning():
     with pytest.warns(UserWarning, match="traced again with the dimensions the model allows dynamic"):
         exported = export_model(FixedBatch(), (torch.randn(2, 16),))
     assert exported.dynamic and exported.shape_fallback == "the model's code fixes batch at 2"
+
+
+def test_a_lower_bound_of_two_from_dim_auto_is_not_enforced():
+    """``Dim.AUTO`` gives [2, ∞) (0/1 specialization) though the graph runs batch 1: not refused."""
+    from qcompile.frontend.graph_inputs import GraphInputs
+    from qcompile.frontend.signature import CallSignature
+
+    model = torch.nn.Linear(8, 8)
+    ep = torch.export.export(model, (torch.randn(2, 8),), dynamic_shapes={"input": {0: torch.export.Dim.AUTO}},
+                             strict=False)
+    assert [(int(r.lower)) for r in ep.range_constraints.values()] == [2]
+    inputs = GraphInputs.of(ep.module(), CallSignature.of(model, {}))
+    (batch,) = [d for d in inputs.dims if d.dim == 0]
+    assert batch.static is None and batch.low == 0
+    inputs.check((torch.randn(1, 8),), {})
+    assert not inputs.limited_dims()
