@@ -53,7 +53,7 @@ TARGETS: dict[str, Target] = {
             kernels="cpu",
         ),
         Target(
-            "ampere", "NVIDIA A100-class: int8 tensor cores, int4 weight-only Triton kernels.",
+            "ampere", "NVIDIA A100-class: int8/int4 weight-only Triton kernels (int8 tensor cores; W8A8 int8 simulated until its kernel exists).",
             native_weight_formats=_INT_W, native_activation_formats=("int8",),
             default_recipe="w4a16", memory_bandwidth_gbs=1935.0,
             matmul_tflops={"bf16": 312.0, "int8": 624.0}, kernels="triton",

@@ -103,7 +103,11 @@ def describe_kernel(target_kernels: str, is_native: bool, w_spec: QuantSpec, a_s
     decode, prefill = (gemm.kernel_name(w_spec, a_spec, m, in_features) for m in (1, 4096))
     kernel = f"triton:{decode}" if decode == prefill else f"triton:{decode} (decode), triton:{prefill} (prefill)"
     formats = w_spec.format if a_spec is None else f"{w_spec.format} x {a_spec.format}"
-    return kernel, [] if is_native else [f"{formats} not native on the target: emulated by the Triton kernel"]
+    if not is_native:
+        return kernel, [f"{formats} not native on the target: emulated by the Triton kernel"]
+    if a_spec is not None and a_spec.format == "nvfp4":  # docs/kernels-gemm.md: w4a4.py
+        return kernel, ["NVFP4 x NVFP4 decoded to bf16 for the MMA on every GPU (no native FP4 MMA in the kernel yet): emulated"]
+    return kernel, []
 
 
 QUANTIZED_LINEAR = torch.ops.qcompile.quantized_linear.default

@@ -223,6 +223,9 @@ def test_report_on_a_gpu_target_names_triton_or_reference():
     w8a8, notes = ql.describe_kernel("triton", True, QuantSpec("int8"), QuantSpec("int8", dynamic=True),
                                      torch.bfloat16, 256)
     assert w8a8 == "reference" and "fake-quantized" in notes[0]
+    nvfp4, notes = ql.describe_kernel("triton", True, QuantSpec("nvfp4"), QuantSpec("nvfp4", dynamic=True),
+                                      torch.bfloat16, 256)
+    assert nvfp4 == "triton:w4a4" and "emulated" in notes[0]
 
 
 def test_a_torch_without_the_packed_op_falls_back_and_says_why(monkeypatch):
