@@ -60,8 +60,8 @@ def crossover(repeats: int) -> str:
     from qcompile.codegen.cpu import kernels
     from qcompile.formats import QuantSpec, quantize
 
-    lines = ["| N × K | tokens | float32 ms | int8pack_mm ms | int4pack_mm g128 ms | int_mm (W8A8) ms |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| N × K | tokens | float32 ms | int8pack_mm ms | int8 split on int_mm (W8A16) ms | int4pack_mm g128 ms "
+             "| int_mm (W8A8) ms |", "|---|---|---|---|---|---|---|"]
     for n, k in ((5632, 2048), (2048, 5632), (2048, 2048)):
         w = torch.randn(n, k)
         q8 = quantize(w, QuantSpec("int8"))
@@ -72,7 +72,7 @@ def crossover(repeats: int) -> str:
             x = torch.randn(m, k)
             t = interleaved_ms({
                 "f32": partial(torch.nn.functional.linear, x, w), "i8": partial(kernels.int8pack_linear, x, q8.data, p8),
-                "i4": partial(kernels.int4pack_linear, x, q4), "mm": partial(kernels.int_mm_linear, x, q8, act)},
+                "i8split": partial(kernels.int8_split_linear, x, q8), "i4": partial(kernels.int4pack_linear, x, q4), "mm": partial(kernels.int_mm_linear, x, q8, act)},
                 repeats).values()
             lines.append(f"| {n} × {k} | {m} | " + " | ".join(f"{v:.3f}" for v in t) + " |")
             print(lines[-1], flush=True)
@@ -164,8 +164,10 @@ def markdown(rows: list[dict], kernels: dict[str, dict[str, str]], cross: str, r
         "## One linear: where the packed kernels stop paying",
         "",
         "The kernels alone (`qcompile.codegen.cpu.kernels`, weights prepacked; float32 in, float32 out), "
-        "per Llama linear shape, by tokens. This sets `PACKED_MAX_M`: above it the weight-only layers run a "
-        "float32 GEMM on the cached dequantized weight instead.",
+        "per Llama linear shape, by tokens. This sets `PACKED_MAX_M`: above it int4 weight-only layers run a "
+        "float32 GEMM on the cached dequantized weight instead. int8 weight-only layers run `int8pack_mm` up to "
+        "`INT8PACK_MAX_M` tokens and the split kernel (x as two int8 terms, one `torch._int_mm`, float32 precision) "
+        "above.",
         "",
         cross,
         "",

@@ -5,8 +5,12 @@ Per (weight spec, activation spec, x dtype, tokens M), measured on a 2-core Xeon
 
 - W8A8 (int8 symmetric per-channel weights, int8 symmetric per-token activations): ``torch._int_mm``
   at every M (faster than float32 at 1, 16 and 256 tokens).
-- Weight-only int8 symmetric per-channel / int4 (groups multiple of 32 or per channel), x float32 or
-  bfloat16, ``M <= PACKED_MAX_M``: torch's packed kernels, in bfloat16.
+- Weight-only int8 symmetric per-channel: ``_weight_int8pack_mm`` (bfloat16) up to ``INT8PACK_MAX_M``
+  tokens, where it is fastest; above, and for float16 x, ``torch._int_mm`` on a two-term int8
+  expansion of x (``kernels.int8_split_linear``: float32 precision, faster than int8pack and float32
+  from 6 tokens to prefill sizes).
+- Weight-only int4 (groups multiple of 32 or per channel), x float32 or bfloat16,
+  ``M <= PACKED_MAX_M``: torch's packed kernel, in bfloat16.
 - Everything else on float32/bfloat16/float16 x, and every M above ``PACKED_MAX_M``: float32 GEMM on
   the weight dequantized once and cached (as fast as float; 4 bytes per weight, up to a budget,
   ``weight_cache``). Activation formats without a kernel are fake-quantized first (simulated).
@@ -26,12 +30,18 @@ from qcompile.codegen.cpu import kernels, weight_cache
 from qcompile.formats import QuantizedTensor, QuantSpec
 from qcompile.formats.spec import PER_CHANNEL
 
+INT8PACK_MAX_M = 4
+"""Up to this many tokens per call int8 weight-only layers run ``_weight_int8pack_mm`` (bf16; 2.1-3× the
+speed of the split ``_int_mm`` kernel at 1 token), above it the split kernel (float32 precision, faster
+from 6 tokens: 1.3-1.5× at 6-12, 2× at 16). Measured on the 2-core Xeon, docs/benchmarks/cpu.md."""
+
 PACKED_MAX_M = 16
 """Above this many tokens per call torch's packed CPU kernels lose to a float32 GEMM (docs/benchmarks/cpu.md,
 "One linear", the three Llama shapes: at 16 tokens int8pack/int4pack are 1.2-1.4x faster than float32,
 at 24 level or slower, at 32 they take 1.1-1.3x its time)."""
 
 INT8PACK = "cpu:int8pack_mm"
+INT8_SPLIT = "cpu:int8-split-int_mm"
 INT4PACK = "cpu:int4pack_mm"
 INT_MM = "cpu:int_mm"
 DEQUANT_CACHED = "cpu:dequant-cached"
@@ -53,14 +63,20 @@ def _per_channel(spec: QuantSpec, in_features: int) -> bool:
     return spec.group_size == PER_CHANNEL or spec.group_size >= in_features
 
 
-def packed_kernel(w_spec: QuantSpec, x_dtype: torch.dtype, in_features: int) -> tuple[str | None, str]:
-    """The packed weight-only kernel for this weight, or None and why not."""
-    if x_dtype not in PACKED_DTYPES:
-        return None, f"{str(x_dtype).removeprefix('torch.')} inputs run the exact float32 path"
+def packed_kernel(w_spec: QuantSpec, x_dtype: torch.dtype, in_features: int,
+                  m: int = 1) -> tuple[str | None, str]:
+    """The packed weight-only kernel for this weight at ``m`` tokens, or None and why not."""
     if w_spec.format == "int8":
         if not w_spec.symmetric or not _per_channel(w_spec, in_features):
-            return None, f"_weight_int8pack_mm takes symmetric per-channel int8 only, not {w_spec.short()}"
+            return None, f"torch's int8 CPU kernels take symmetric per-channel int8 only, not {w_spec.short()}"
+        tiny = m <= INT8PACK_MAX_M and x_dtype in PACKED_DTYPES and kernels.has_op("_weight_int8pack_mm")
+        if hasattr(torch, "_int_mm") and not tiny:
+            return INT8_SPLIT, ""
+        if x_dtype not in PACKED_DTYPES:
+            return None, f"{str(x_dtype).removeprefix('torch.')} inputs run the exact float32 path"
         return (INT8PACK, "") if kernels.has_op("_weight_int8pack_mm") else (None, "torch lacks _weight_int8pack_mm")
+    if x_dtype not in PACKED_DTYPES:
+        return None, f"{str(x_dtype).removeprefix('torch.')} inputs run the exact float32 path"
     if w_spec.format == "int4":
         if kernels.int4pack_group(w_spec, in_features) is None:
             return None, f"_weight_int4pack_mm_for_cpu needs int4 groups that are multiples of 32, not {w_spec.short()}"
@@ -90,15 +106,21 @@ class Choice:
     """Activations fake-quantized (no kernel computes in their format)."""
 
 
+M_BUCKETS = (INT8PACK_MAX_M, PACKED_MAX_M)
+"""Token counts at which a kernel choice can change."""
+
+
 def choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int, m: int) -> Choice:
     """The kernel for a call of ``m`` tokens (before the cache budget is consulted); memoized, as it runs
-    on every call and depends on ``m`` only through ``m <= PACKED_MAX_M``."""
-    return _choose(w_spec, a_spec, x_dtype, in_features, m <= PACKED_MAX_M)
+    on every call and depends on ``m`` only through its bucket (:data:`M_BUCKETS`)."""
+    bucket = next((b for b in M_BUCKETS if m <= b), PACKED_MAX_M + 1)
+    return _choose(w_spec, a_spec, x_dtype, in_features, bucket)
 
 
 @functools.lru_cache(maxsize=1024)
 def _choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int,
-            small: bool) -> Choice:
+            bucket: int) -> Choice:
+    small = bucket <= PACKED_MAX_M
     if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return Choice(REFERENCE, f"{str(x_dtype).removeprefix('torch.')} inputs run the reference",
                       simulated=a_spec is not None)
@@ -107,10 +129,10 @@ def _choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, i
         if reason is None:
             return Choice(INT_MM)
         return Choice(DEQUANT_CACHED, reason, simulated=True)
-    packed, reason = packed_kernel(w_spec, x_dtype, in_features)
+    packed, reason = packed_kernel(w_spec, x_dtype, in_features, bucket)
     if packed is None:
         return Choice(DEQUANT_CACHED, reason)
-    if small:
+    if small or packed == INT8_SPLIT:
         return Choice(packed)
     return Choice(DEQUANT_CACHED, f"above {PACKED_MAX_M} tokens {packed} is slower than a float32 GEMM")
 
@@ -128,7 +150,7 @@ def cpu_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tenso
         w32 = weight_cache.cached_dequantized(qt, kernels.dequantize_float32)
         if w32 is not None:
             return kernels.dequant_linear(x2, w32, bias, act_spec).to(x.dtype).reshape(*x.shape[:-1], -1)
-        packed, _ = packed_kernel(qt.spec, x.dtype, k) if act_spec is None else (None, "")
+        packed, _ = packed_kernel(qt.spec, x.dtype, k, x2.shape[0]) if act_spec is None else (None, "")
         budget = weight_cache.dequant_budget_bytes() // 2**20
         _warn_once(
             "budget", f"qcompile: the CPU dequantized-weight cache is full ({budget} MiB, "
@@ -139,6 +161,8 @@ def cpu_quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tenso
         choice = Choice(packed)
     if choice.kernel == INT_MM:
         y = kernels.int_mm_linear(x2, qt, act_spec)
+    elif choice.kernel == INT8_SPLIT:
+        y = kernels.int8_split_linear(x2, qt)
     elif choice.kernel == INT8PACK:
         y = kernels.int8pack_linear(x2, qt.data, weight_cache.cached(qt, "int8pack", kernels.pack_int8))
     else:
@@ -154,10 +178,18 @@ def describe(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype,
     simulated, on the reference, rounded to bfloat16, or holds a float32 copy of its weight."""
     small = choose(w_spec, a_spec, x_dtype, in_features, 1)
     large = choose(w_spec, a_spec, x_dtype, in_features, PACKED_MAX_M + 1)
-    if small.kernel == large.kernel:
+    ranges: list[tuple[str, int, int | None]] = []  # (kernel, first M, last M or None)
+    for low, high in zip((1, *(b + 1 for b in M_BUCKETS)), (*M_BUCKETS, None)):
+        k = choose(w_spec, a_spec, x_dtype, in_features, low).kernel
+        if ranges and ranges[-1][0] == k:
+            ranges[-1] = (k, ranges[-1][1], high)
+        else:
+            ranges.append((k, low, high))
+    if len(ranges) == 1:
         kernel = small.kernel
     else:
-        kernel = f"{small.kernel} (M<={PACKED_MAX_M}), {large.kernel} (M>{PACKED_MAX_M})"
+        kernel = ", ".join(f"{k} (M<={hi})" if lo == 1 else f"{k} (M>{lo - 1})" if hi is None else f"{k} ({lo}<=M<={hi})"
+                           for k, lo, hi in ranges)
     notes = []
     if small.simulated:
         notes.append(f"{a_spec.short()} activations simulated (fake-quantized, then float32 GEMM on dequantized "
@@ -167,8 +199,9 @@ def describe(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype,
     elif small.kernel == REFERENCE:
         notes.append(f"reference kernel (dequantizes on every call): {small.why}")
     if small.kernel in (INT8PACK, INT4PACK) and x_dtype == torch.float32:
+        upto = INT8PACK_MAX_M if small.kernel == INT8PACK else PACKED_MAX_M
         notes.append("float32 activations and outputs rounded to bfloat16 in torch's packed CPU kernels "
-                     "(their only vectorized variant)")
+                     f"(their only vectorized variant), up to {upto} tokens per call")
     if large.kernel == DEQUANT_CACHED and small.kernel != DEQUANT_CACHED:
         notes.append(f"above {PACKED_MAX_M} tokens per call: float32 GEMM on a dequantized copy cached at first "
                      "use (4 bytes per weight, up to QCOMPILE_CPU_DEQUANT_CACHE_MB), as the packed kernels are "
