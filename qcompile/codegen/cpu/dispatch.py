@@ -6,9 +6,10 @@ Per (weight spec, activation spec, x dtype, tokens M), measured on a 2-core Xeon
 - W8A8 (int8 symmetric per-channel weights, int8 symmetric per-token activations): ``torch._int_mm``
   at every M (faster than float32 at 1, 16 and 256 tokens).
 - Weight-only int8 symmetric per-channel: ``_weight_int8pack_mm`` (bfloat16) up to ``INT8PACK_MAX_M``
-  tokens, where it is fastest; above, and for float16 x, ``torch._int_mm`` on a two-term int8
-  expansion of x (``kernels.int8_split_linear``: float32 precision, faster than int8pack and float32
-  from 6 tokens to prefill sizes).
+  tokens, where it is fastest; above (and for float16 x), for K >= ``INT8_SPLIT_MIN_K`` up to
+  ``INT8_SPLIT_MAX_M`` tokens, ``torch._int_mm`` on a two-term int8 expansion of x
+  (``kernels.int8_split_linear``: float32 precision, 1.3-2x int8pack and float32 from 6 tokens);
+  otherwise as int4 below.
 - Weight-only int4 (groups multiple of 32 or per channel), x float32 or bfloat16,
   ``M <= PACKED_MAX_M``: torch's packed kernel, in bfloat16.
 - Everything else on float32/bfloat16/float16 x, and every M above ``PACKED_MAX_M``: float32 GEMM on
@@ -34,6 +35,13 @@ INT8PACK_MAX_M = 4
 """Up to this many tokens per call int8 weight-only layers run ``_weight_int8pack_mm`` (bf16; 2.1-3× the
 speed of the split ``_int_mm`` kernel at 1 token), above it the split kernel (float32 precision, faster
 from 6 tokens: 1.3-1.5× at 6-12, 2× at 16). Measured on the 2-core Xeon, docs/benchmarks/cpu.md."""
+
+INT8_SPLIT_MIN_K = 2048
+INT8_SPLIT_MAX_M = 256
+"""Where the split kernel pays: its per-token expansion costs about what a float32 GEMM of a narrow
+weight does, so below K = 2048 (MiniLM's 384 and 1536: 1.0-3× float32's time) and above 256 tokens
+(1924 tokens: 1.1-9×) the weight-only rules below apply instead. Measured with the whole-model rows in
+docs/benchmarks/cpu.md ("One linear" and the MiniLM rows)."""
 
 PACKED_MAX_M = 16
 """Above this many tokens per call torch's packed CPU kernels lose to a float32 GEMM (docs/benchmarks/cpu.md,
@@ -70,7 +78,7 @@ def packed_kernel(w_spec: QuantSpec, x_dtype: torch.dtype, in_features: int,
         if not w_spec.symmetric or not _per_channel(w_spec, in_features):
             return None, f"torch's int8 CPU kernels take symmetric per-channel int8 only, not {w_spec.short()}"
         tiny = m <= INT8PACK_MAX_M and x_dtype in PACKED_DTYPES and kernels.has_op("_weight_int8pack_mm")
-        if hasattr(torch, "_int_mm") and not tiny:
+        if hasattr(torch, "_int_mm") and not tiny and in_features >= INT8_SPLIT_MIN_K and m <= INT8_SPLIT_MAX_M:
             return INT8_SPLIT, ""
         if x_dtype not in PACKED_DTYPES:
             return None, f"{str(x_dtype).removeprefix('torch.')} inputs run the exact float32 path"
@@ -106,14 +114,14 @@ class Choice:
     """Activations fake-quantized (no kernel computes in their format)."""
 
 
-M_BUCKETS = (INT8PACK_MAX_M, PACKED_MAX_M)
+M_BUCKETS = (INT8PACK_MAX_M, PACKED_MAX_M, INT8_SPLIT_MAX_M)
 """Token counts at which a kernel choice can change."""
 
 
 def choose(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype, in_features: int, m: int) -> Choice:
     """The kernel for a call of ``m`` tokens (before the cache budget is consulted); memoized, as it runs
     on every call and depends on ``m`` only through its bucket (:data:`M_BUCKETS`)."""
-    bucket = next((b for b in M_BUCKETS if m <= b), PACKED_MAX_M + 1)
+    bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1] + 1)
     return _choose(w_spec, a_spec, x_dtype, in_features, bucket)
 
 
@@ -177,7 +185,6 @@ def describe(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype,
     """For the report: the kernel(s) a layer runs on CPU by tokens per call (M), and notes where it is
     simulated, on the reference, rounded to bfloat16, or holds a float32 copy of its weight."""
     small = choose(w_spec, a_spec, x_dtype, in_features, 1)
-    large = choose(w_spec, a_spec, x_dtype, in_features, PACKED_MAX_M + 1)
     ranges: list[tuple[str, int, int | None]] = []  # (kernel, first M, last M or None)
     for low, high in zip((1, *(b + 1 for b in M_BUCKETS)), (*M_BUCKETS, None)):
         k = choose(w_spec, a_spec, x_dtype, in_features, low).kernel
@@ -202,8 +209,9 @@ def describe(w_spec: QuantSpec, a_spec: QuantSpec | None, x_dtype: torch.dtype,
         upto = INT8PACK_MAX_M if small.kernel == INT8PACK else PACKED_MAX_M
         notes.append("float32 activations and outputs rounded to bfloat16 in torch's packed CPU kernels "
                      f"(their only vectorized variant), up to {upto} tokens per call")
-    if large.kernel == DEQUANT_CACHED and small.kernel != DEQUANT_CACHED:
-        notes.append(f"above {PACKED_MAX_M} tokens per call: float32 GEMM on a dequantized copy cached at first "
+    cached_from = next((lo for k, lo, _ in ranges if k == DEQUANT_CACHED), None)
+    if cached_from is not None and small.kernel != DEQUANT_CACHED:
+        notes.append(f"above {cached_from - 1} tokens per call: float32 GEMM on a dequantized copy cached at first "
                      "use (4 bytes per weight, up to QCOMPILE_CPU_DEQUANT_CACHE_MB), as the packed kernels are "
                      "slower than float32 there")
     return kernel, notes
