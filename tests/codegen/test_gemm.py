@@ -66,23 +66,31 @@ def test_weight_only(spec, tol, M):
     assert rel_err(y, reference_linear(x, qt)) < tol
 
 
-@pytest.mark.parametrize("cfg", [
-    GemmConfig(16, 16, 32, split_k=3),      # split-K, BLOCK_K == group
-    GemmConfig(16, 32, 64, split_k=1),      # two groups per tile
-    GemmConfig(32, 16, 16, split_k=2),      # group spans several tiles
-    GemmConfig(1, 16, 64, split_k=2),       # GEMV (M tile of 1)
-])
-def test_int4_tile_paths(cfg):
+@pytest.mark.parametrize("group,cfg", [
+    (32, GemmConfig(16, 16, 32, split_k=3)),      # split-K, BLOCK_K == group
+    (32, GemmConfig(16, 32, 64, split_k=1)),      # two groups per tile
+    (64, GemmConfig(32, 16, 32, split_k=2)),      # group spans several tiles
+    (32, GemmConfig(1, 16, 64, split_k=2)),       # GEMV (M tile of 1)
+], ids=["split3-bk32", "2groups-per-tile", "group-spans-tiles", "gemv"])
+def test_int4_tile_paths(group, cfg):
     """Every scale-broadcast path and the split-K epilogue, with bias + residual."""
     g = torch.Generator().manual_seed(1)
     M, N, K = 3, 24, 160
-    qt = random_quantized(QuantSpec("int4", 32, False), N, K, DEV, g)
+    qt = random_quantized(QuantSpec("int4", group, False), N, K, DEV, g)
     x = torch.randn(M, K, generator=g).to(DEV, torch.float16)
     bias = torch.randn(N, generator=g).to(DEV, torch.float16)
     res = torch.randn(M, N, generator=g).to(DEV, torch.float16)
     y = run(x, qt, bias=bias, residual=res, config=cfg)
     assert y.dtype == torch.float16
     assert rel_err(y, reference_linear(x, qt, bias=bias, residual=res)) < 1e-2
+
+
+def test_weight_only_refuses_k_tiles_below_32():
+    """``block_k`` 16 computed garbage natively on sm_90: the launcher refuses it by name."""
+    qt = random_quantized(QuantSpec("int4", 32, True), 24, 160, DEV, torch.Generator().manual_seed(1))
+    x = torch.randn(3, 160).to(DEV, torch.float16)
+    with force_triton(), pytest.raises(ValueError, match="block_k=16"):
+        triton_quantized_linear(x, qt, config=GemmConfig(32, 16, 16, split_k=2))
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])

@@ -1,5 +1,5 @@
-"""The Triton fast Walsh–Hadamard transform (codegen/hadamard) against the float64 reference,
-under the interpreter on CPU: outputs poisoned (NaN) first, Hadamard and random blocks, odd row
+"""The Triton fast Walsh–Hadamard transform (codegen/hadamard) against the float64 reference, on
+the test device (natively on CUDA, else under the interpreter on CPU): outputs poisoned (NaN) first, Hadamard and random blocks, odd row
 counts, 3-D and strided inputs, 16-bit dtypes."""
 
 import pytest
@@ -12,6 +12,7 @@ from qcompile.codegen.hadamard import launch_config, triton_hadamard_transform, 
 from qcompile.formats.orthogonal import rotation_factors  # noqa: E402
 from qcompile.ir.ops import HADAMARD_TRANSFORM  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 """Worst error relative to the largest output: float32 arithmetic with the block matmul in split
 16-bit operands (~1e-5), then the output dtype's rounding."""
@@ -19,11 +20,11 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 def _check(x, r, dtype):
     x = x.to(dtype)
-    out = torch.full(x.shape, float("nan"), dtype=dtype)
-    y = triton_hadamard_transform(x, r.signs, r.block, r.scale, out=out)
+    out = torch.full(x.shape, float("nan"), dtype=dtype, device=DEV)
+    y = triton_hadamard_transform(x.to(DEV), r.signs, r.block, r.scale, out=out)
     assert y is out and not torch.isnan(y).any()
-    ref = r.apply(x.double())
-    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    ref = r.apply(x.double().cpu())
+    err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
     assert err <= TOL[dtype], (tuple(x.shape), dtype, err)
 
 
@@ -52,23 +53,24 @@ def test_random_and_large_blocks(n):
 def test_shapes_strides_and_no_signs():
     r = rotation_factors(384, seed=3)
     _check(torch.randn(2, 5, 384), r, torch.float32)  # 3-D
-    wide = torch.randn(7, 2 * 384)
+    wide = torch.randn(7, 2 * 384).to(DEV)
     _check(wide[:, ::2], r, torch.float32)  # strided last dimension: copied contiguous
     plain = rotation_factors(64, seed=0)
     x = torch.randn(4, 64)
-    y = triton_hadamard_transform(x, None, None, 0.125)
-    torch.testing.assert_close(y.double(), x.double() @ (plain.matrix() / plain.signs[:, None]), rtol=0, atol=1e-5)
+    y = triton_hadamard_transform(x.to(DEV), None, None, 0.125)
+    torch.testing.assert_close(y.double().cpu(), x.double() @ (plain.matrix() / plain.signs[:, None]),
+                               rtol=0, atol=1e-5)
 
 
 def test_checks_and_configs():
-    x = torch.randn(2, 384)
+    x = torch.randn(2, 384, device=DEV)
     r = rotation_factors(384, 0)
     assert unsupported_reason(x.double(), r.signs, r.block).startswith("dtype")
     assert "not square" in unsupported_reason(x, r.signs, r.block[:, :6])
-    assert "power of two" in unsupported_reason(torch.randn(2, 380), None, r.block)
+    assert "power of two" in unsupported_reason(torch.randn(2, 380, device=DEV), None, r.block)
     assert "signs" in unsupported_reason(x, r.signs[:10], r.block)
     with pytest.raises(ValueError, match="out must be"):
-        triton_hadamard_transform(x, r.signs, r.block, r.scale, out=torch.empty(3, 384))
+        triton_hadamard_transform(x, r.signs, r.block, r.scale, out=torch.empty(3, 384, device=DEV))
     for n, mb in ((4096, 1), (11008, 344), (14336, 28), (18944, 148), (384, 12)):
         cfg = launch_config(n, mb)
         assert cfg["P"] * cfg["MB"] == n and cfg["P"] * cfg["MB_PAD"] <= hadamard.MAX_TILE

@@ -92,3 +92,6 @@ def test_supports_and_config_rules():
     qt = random_quantized(QuantSpec("int4", 64, True), 8, 128, DEV)
     with pytest.raises(ValueError, match="block_k"):
         launch(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), qt, GemmConfig(16, 16, 128))
+    # four dots of block_k / 4 codes: 32-code tiles would be 8-deep dots (no GPU compiles them)
+    with pytest.raises(ValueError, match="block_k=32 is below 64"):
+        launch(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), qt, GemmConfig(16, 16, 32))

@@ -11,6 +11,9 @@ from qcompile.codegen import quantized_linear as ql
 from qcompile.codegen.op_schema import QuantizedLinearCall
 from qcompile.formats import QuantSpec, dequantize, quantize
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the forced-Triton tests run their kernels: natively on a GPU, else the interpreter."""
+
 
 def _call(x, qt, bias=None, act=None):
     call = QuantizedLinearCall.for_weight(x, qt, qt.tensors(), bias, act)
@@ -31,8 +34,8 @@ def test_forced_triton_path_matches_reference():
     qt = quantize(w, QuantSpec("int4", 32, symmetric=False))
     ref = ql.reference_quantized_linear(x, qt, None, None)
     with gemm.force_triton():
-        out = _call(x, qt)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        out = _call(x.to(DEV), qt.to(DEV))
+    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_fallback_is_announced_once():
@@ -54,6 +57,7 @@ def test_compiled_model_through_triton_kernels():
     x = torch.randn(3, 64)
     cm = qcompile.compile(model.half(), x.half(), recipe="w4a16-g32", progress=False, verify=False)
     ref = cm(x.half())
+    cm.to(DEV)
     with gemm.force_triton():
-        out = cm(x.half())
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        out = cm(x.half().to(DEV))
+    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -142,16 +142,14 @@ def byte_values(byt, FMT: tl.constexpr, ASM: tl.constexpr):
             return byt.to(tl.float16)
 
 
-
 @triton.jit
-def unpack_codes(byt, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-    """[ROWS, COLS*BITS/8] int32 bytes -> [ROWS, COLS] int32 codes, channel order restored."""
-    if BITS == 4:
-        return tl.reshape(tl.join(byt & 0xF, (byt >> 4) & 0xF), (ROWS, COLS))
-    else:
-        c0 = byt & 3
-        c1 = (byt >> 2) & 3
-        c2 = (byt >> 4) & 3
-        c3 = (byt >> 6) & 3
-        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
+def channel_codes(byt, ch, BITS: tl.constexpr):
+    """Codes of channels ``ch`` from ``byt`` ([rows, len(ch)], the byte holding each channel,
+    ``ch // (8 // BITS)``, loaded once per channel): channel ``c`` sits at bit ``(c % PER) * BITS``.
 
+    Each channel reads its byte again (L1 hits) rather than unpacking ``[rows, D*BITS/8]`` bytes
+    with ``tl.join`` + ``tl.reshape``: on sm_90 (Triton 3.6) that interleave, feeding a dot of 16
+    tokens (BLOCK_N = 16), gave wrong results natively while the interpreter computed them
+    right. Only the generic (dequantize-everything) path uses this."""
+    PER: tl.constexpr = 8 // BITS
+    return (byt.to(tl.int32) >> ((ch % PER) * BITS)[None, :]) & ((1 << BITS) - 1)

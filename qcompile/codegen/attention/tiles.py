@@ -49,11 +49,10 @@ def generic_keys(K, Ks, Km, bh, S, NG, offs_n, nmask, SHIFT: tl.constexpr, D: tl
     else:
         BITS: tl.constexpr = 4 if K_FMT == KV_INT4 else 2
         NB: tl.constexpr = D * BITS // 8
-        jb = (tl.arange(0, NB) + SHIFT * BITS // 8) % NB
-        byt = tl.load(K + (bh * S + offs_n)[:, None] * NB + jb[None, :], mask=nmask[:, None], other=0)
-        c = bits.unpack_codes(byt.to(tl.int32), BLOCK_N, D, BITS).to(tl.float32)
-        g = tl.minimum(offs_n // GROUP, NG - 1)
         PER: tl.constexpr = 8 // BITS
+        byt = tl.load(K + (bh * S + offs_n)[:, None] * NB + (ch // PER)[None, :], mask=nmask[:, None], other=0)
+        c = bits.channel_codes(byt, ch, BITS).to(tl.float32)
+        g = tl.minimum(offs_n // GROUP, NG - 1)
         sidx = (bh * NG + g)[:, None] * D + ((ch % PER) * (D // PER) + ch // PER)[None, :]
         sc = tl.load(Ks + sidx, mask=nmask[:, None], other=0.0).to(tl.float32)
         mn = tl.load(Km + sidx, mask=nmask[:, None], other=0.0).to(tl.float32)
@@ -75,11 +74,11 @@ def generic_values(V, Vs, Vm, bh, S, offs_n, nmask, D: tl.constexpr, BLOCK_N: tl
     NB: tl.constexpr = D * BITS // 8
     NGC: tl.constexpr = D // VGROUP
     SV = (S + TB - 1) // TB * TB
-    jb = tl.arange(0, NB)
+    d = tl.arange(0, D)
+    jb = d // (8 // BITS)
     off = bh * SV * NB + (offs_n // TB)[:, None] * (TB * NB) + jb[None, :] * TB + (offs_n % TB)[:, None]
     byt = tl.load(V + off, mask=nmask[:, None], other=0)
-    c = bits.unpack_codes(byt.to(tl.int32), BLOCK_N, D, BITS).to(tl.float32)
-    d = tl.arange(0, D)
+    c = bits.channel_codes(byt, d, BITS).to(tl.float32)
     sidx = (bh * S + offs_n)[:, None] * NGC + (d // VGROUP)[None, :]
     sc = tl.load(Vs + sidx, mask=nmask[:, None], other=0.0).to(tl.float32)
     mn = tl.load(Vm + sidx, mask=nmask[:, None], other=0.0).to(tl.float32)

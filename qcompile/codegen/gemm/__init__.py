@@ -64,11 +64,12 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def _int_mma_takes(code: int, group: int, K: int, M: int, config: GemmConfig | None) -> bool:
     """int4 / int8 weight-only GEMMs up to M = 128 run on ``int_mma`` (register dequantization);
-    a ``config`` it cannot run (``block_m`` < 16, ``dequant``, K tiles across groups) selects the
-    general weight-only kernel instead."""
-    from qcompile.codegen.gemm.int_mma import supports
+    a ``config`` it cannot run (``block_m`` < 16, ``block_k`` < ``int_mma.MIN_BLOCK_K``,
+    ``dequant``, K tiles across groups) selects the general weight-only kernel instead."""
+    from qcompile.codegen.gemm.int_mma import MIN_BLOCK_K, supports
 
-    if config is not None and (config.block_m < 16 or config.dequant or (group and group % config.block_k)):
+    if config is not None and (config.block_m < 16 or config.block_k < MIN_BLOCK_K or config.dequant
+                               or (group and group % config.block_k)):
         return False
     if config is None and M > INT_MMA_MAX_M:
         return False

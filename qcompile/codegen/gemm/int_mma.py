@@ -140,20 +140,26 @@ def _nibbles_minus(base, byte, KD, sh, o, DT: tl.constexpr):
 
 @triton.jit
 def _int4_tile(w_ptr, rows, kb, KD, stride_wn, off, HAS_ZERO: tl.constexpr, DT: tl.constexpr,
-               BF16: tl.constexpr, HALF: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+               BF16: tl.constexpr, HALF: tl.constexpr, W_FULL: tl.constexpr, ASM: tl.constexpr):
     """Codes of W[rows, 2 kb : 2 kb + 2 HALF] as ``q - off`` in DT, as four [BLOCK_N, HALF // 2]
     matrices: ``w_i[:, 2a + e]`` is code ``8a + 2i + e``. The bytes are read as int16 (four codes
     each) so that the MMA operand layout gives every thread whole pairs of codes: the asm's
     ``pack=2`` then always sees the two int16 of one 32-bit word. ``off`` ([BLOCK_N] int32) is
-    the zero point (8 for symmetric codes). Past the ``KD`` stored bytes the last pair of bytes
-    is read again: those codes meet zero activations."""
+    the zero point (8 for symmetric codes). ``W_FULL``: every code of the tile is stored (K is
+    padded to whole groups, and a tile never straddles one), so the load takes no bound: the asm
+    needs each thread to hold the two int16 of a word in consecutive registers, which the
+    compiler's layout gives a contiguous load but not a clamped one (the clamped tail tile of a
+    grouped asymmetric weight ran the asm in a layout pairing rows 8 apart: garbage on an H200). Otherwise
+    (per-channel scales, K not a tile multiple) int16 past the ``KD`` stored bytes load as 0 under
+    a mask, which keeps the addresses contiguous; those codes meet zero activations."""
     Q: tl.constexpr = HALF // 2
     offs = kb // 2 + tl.arange(0, Q)
-    if not EVEN_K:
-        offs = tl.minimum(offs, KD // 2 - 1)
     ptrs = w_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * (stride_wn // 2) + offs[None, :]
     if ASM:
-        w16 = tl.load(ptrs)
+        if W_FULL:  # noqa: SIM108 (constexpr branch)
+            w16 = tl.load(ptrs)
+        else:
+            w16 = tl.load(ptrs, mask=(offs < KD // 2)[None, :], other=0)
         if not HAS_ZERO:
             if BF16:
                 w0, w1, w2, w3 = tl.inline_asm_elementwise(
@@ -187,14 +193,17 @@ def _int4_tile(w_ptr, rows, kb, KD, stride_wn, off, HAS_ZERO: tl.constexpr, DT: 
 
 @triton.jit
 def _int8_tile(w_ptr, rows, k0, KD, stride_wn, off, SIGNED: tl.constexpr, DT: tl.constexpr,
-               BF16: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
-    """W[rows, k0 : k0 + BLOCK_K] as ``q - off`` in DT (signed codes: off = 0)."""
+               BF16: tl.constexpr, BLOCK_K: tl.constexpr, W_FULL: tl.constexpr, ASM: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] as ``q - off`` in DT (signed codes: off = 0). Like
+    :func:`_int4_tile` (the asm takes 4 consecutive bytes of a thread): no bound when ``W_FULL``,
+    else a masked load (codes past ``KD`` are 0 and meet zero activations)."""
     offs = k0 + tl.arange(0, BLOCK_K)
-    if not EVEN_K:
-        offs = tl.minimum(offs, KD - 1)
     ptrs = w_ptr + rows[:, None] * stride_wn + offs[None, :]
     if ASM:
-        u = tl.load(ptrs.to(tl.pointer_type(tl.uint8)))
+        if W_FULL:
+            u = tl.load(ptrs.to(tl.pointer_type(tl.uint8)))
+        else:
+            u = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=(offs < KD)[None, :], other=0)
         if SIGNED:
             u = u ^ 0x80  # two's complement -> q + 128
             off = off + 128
@@ -207,7 +216,7 @@ def _int8_tile(w_ptr, rows, k0, KD, stride_wn, off, SIGNED: tl.constexpr, DT: tl
             return tl.inline_asm_elementwise(INT8_TO_F16, "=r,=r,r,r,r,r,r", [u, zneg],
                                              dtype=tl.float16, is_pure=True, pack=4)
     else:
-        q = tl.load(ptrs).to(tl.float32)
+        q = tl.load(ptrs, mask=(offs < KD)[None, :], other=0).to(tl.float32)
         return (q - off.to(tl.float32)[:, None]).to(DT)
 
 
@@ -263,7 +272,8 @@ def int_mma_kernel(
     stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_rm, WS_M, WS_N,
     CODE: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr,
-    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, W_FULL: tl.constexpr, ASM: tl.constexpr,
+    EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = x @ dequant(W).T`` (+ epilogue) for one [BLOCK_M, BLOCK_N] tile and one K split.
@@ -304,14 +314,14 @@ def int_mma_kernel(
                                              HAS_ZERO, GROUP, BLOCK_K)
         if CODE == W_INT4:
             w0, w1, w2, w3 = _int4_tile(w_ptr, rows, k0 // 2, KD, stride_wn, off, HAS_ZERO, DT, BF16, HALF,
-                                        EVEN_K, ASM)
+                                        W_FULL, ASM)
             part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 0, Q, EVEN_K), tl.trans(w0),
                        tl.zeros((BLOCK_M, BLOCK_N), tl.float32), EMULATE_DOT)
             part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 1, Q, EVEN_K), tl.trans(w1), part, EMULATE_DOT)
             part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 2, Q, EVEN_K), tl.trans(w2), part, EMULATE_DOT)
             part = dot(_x_pairs(x_ptr, offs_m, M, k0, K, stride_xm, 3, Q, EVEN_K), tl.trans(w3), part, EMULATE_DOT)
         else:
-            w = _int8_tile(w_ptr, rows, k0, KD, stride_wn, off, SIGNED, DT, BF16, BLOCK_K, EVEN_K, ASM)
+            w = _int8_tile(w_ptr, rows, k0, KD, stride_wn, off, SIGNED, DT, BF16, BLOCK_K, W_FULL, ASM)
             xt = _x_tile(x_ptr, offs_m, M, k0, K, stride_xm, BLOCK_K, EVEN_K)
             part = dot(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), EMULATE_DOT)
         if GROUP > 0:
@@ -344,6 +354,10 @@ def int_mma_kernel(
             tl.atomic_xchg(ticket_ptr + pid, 0)  # ready for the next call
 
 
+MIN_BLOCK_K = 64
+"""Smallest K tile of :func:`launch_int_mma`: an int4 tile is four ``tl.dot`` of ``block_k / 4``
+codes, and a 16-bit tensor-core dot needs K >= 16 (the interpreter does not check)."""
+
 _TICKETS: dict[tuple, torch.Tensor] = {}
 
 
@@ -375,6 +389,9 @@ def launch_int_mma(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, ze
                    residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
     """Run :func:`int_mma_kernel` on ``x2 [M, K]`` (contiguous, even row stride, 4-byte aligned)
     and canonical int4 / int8 weight tensors."""
+    if cfg.block_k < MIN_BLOCK_K:
+        raise ValueError(f"int_mma: block_k={cfg.block_k} is below {MIN_BLOCK_K} (a K tile is four dots of "
+                         "block_k / 4 codes, and a tensor-core dot takes at least 16)")
     if group and group % cfg.block_k:
         raise ValueError(f"int_mma: block_k={cfg.block_k} must divide the group size {group}")
     M = x2.shape[0]
@@ -403,7 +420,9 @@ def launch_int_mma(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, ze
         m_tiles * cfg.block_m, n_tiles * cfg.block_n,
         CODE=code, SIGNED=data.dtype == torch.int8, GROUP=group, HAS_ZERO=zero is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
-        SPLIT=split > 1, EVEN_K=K % cfg.block_k == 0, ASM=not interpreting(), EMULATE_DOT=interpreting(),
+        SPLIT=split > 1, EVEN_K=K % cfg.block_k == 0,
+        W_FULL=data.shape[1] * (2 if code == kernel_codes.W_INT4 else 1) >= num_k_tiles * cfg.block_k,
+        ASM=not interpreting(), EMULATE_DOT=interpreting(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -35,6 +35,10 @@ from qcompile.formats import kernel_codes
 W_INT4 = tl.constexpr(kernel_codes.W_INT4)
 W_FP4 = tl.constexpr(kernel_codes.W_FP4)
 packed_weight = triton.constexpr_function(kernel_codes.packed_weight)
+MIN_BLOCK_K = 32
+"""Smallest K tile :func:`launch_weight_only` takes: with ``GemmConfig(32, 16, 16)`` (16-code
+tiles, int4 symmetric or not) the kernel computed garbage natively on an H200 (Triton 3.6)
+while the interpreter was right."""
 
 
 @triton.jit
@@ -210,6 +214,10 @@ def launch_weight_only(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor
                        code: int, scale_kind: int, cfg: GemmConfig, bias: torch.Tensor | None,
                        residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
     """Run the kernel on 2-D ``x2 [M, K]`` (contiguous) and canonical weight tensors."""
+    if not cfg.dequant and cfg.block_k < MIN_BLOCK_K:
+        raise ValueError(f"weight_only: block_k={cfg.block_k} is below {MIN_BLOCK_K}; such tiles gave "
+                         "wrong results on sm_90 (Triton 3.6) while the interpreter computed them right. "
+                         "Use block_k >= 32 (pick_config never chooses less for power-of-two groups).")
     if cfg.dequant:
         w = dequantize_weight(data, scale, zero, global_scale, K, group, per_channel, code, scale_kind, x2.dtype)
         return dequant_then_matmul(x2, w, bias, residual, silu_mul)
