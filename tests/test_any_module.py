@@ -194,12 +194,14 @@ def test_conv_runs_through_the_triton_kernels(monkeypatch):
     model, x = ConvNet().eval().half(), torch.randn(1, 8, 8, 8).half()
     cm = _compile(model, x, recipe="w4a16-g32", verify=False)
     ref = cm(x)
+    if torch.cuda.is_available():  # natively: CUDA tensors (the interpreter takes CPU ones)
+        cm, x = cm.to("cuda"), x.cuda()
     calls, kernel = [], gemm.triton_quantized_linear
     monkeypatch.setattr(gemm, "triton_quantized_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
     with gemm.force_triton():
         out = cm(x)
     assert [tuple(s) for s in calls] == [(1, 8, 8, 72), (1, 4, 4, 144)]
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_conv_keeps_batch_and_spatial_sizes_dynamic():

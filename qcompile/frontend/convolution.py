@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qcompile.ir.graph import FLOAT_REASON, MODULE_PATH, add_get_attr, get_attr, weight_module_path
 from qcompile.ir.ops import LINEAR
@@ -169,11 +170,10 @@ def _rewrite(gm: fx.GraphModule, conv: fx.Node, spatial: int, matrices: dict[str
 def _channels_last(conv: fx.Node) -> bool:
     """Whether eager conv gave a channels-last output on the example input (its traced strides)."""
     val = conv.meta.get("val")
-    try:
-        return isinstance(val, torch.Tensor) and val.dim() == 4 and not val.is_contiguous() \
-            and val.is_contiguous(memory_format=torch.channels_last)
-    except Exception:  # noqa: BLE001 - strides undecidable symbolically: contiguous, the default
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return False
+    stride = val.stride()  # read without guards (torch 2.11 cannot decide is_contiguous symbolically)
+    return statically_known_true(stride[1] == 1) and not statically_known_true(stride[3] == 1)
 
 
 class _Emitter:
@@ -194,7 +194,11 @@ class _Emitter:
             shape_env = self.fake_mode.shape_env
             guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
             with self.fake_mode, guards:  # a guard here would specialize the graph's dynamic sizes
-                node.meta["val"] = target(*vals, **kwargs)
+                if target is LINEAR:  # by shape: torch 2.11's linear calls numel() on symbolic sizes
+                    x_val, w_val = vals[0], vals[1]
+                    node.meta["val"] = x_val.new_empty((*x_val.shape[:-1], w_val.shape[0]))
+                else:
+                    node.meta["val"] = target(*vals, **kwargs)
         return node
 
     def _val(self, arg: Any) -> Any:

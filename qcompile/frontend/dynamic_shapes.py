@@ -8,6 +8,8 @@ allows, static otherwise). torch.export specializes an example dimension of size
 dimension of size 1 is traced on the example repeated to size 2: the program traced for sizes
 ≥ 2 also serves size 1, since named dimensions range over 0..∞ (tests check outputs at size 1).
 Where the model bounds a named dimension (BERT: 512 positions), torch's suggested fix refines it.
+Where a named sequence dimension fails without a fix (torch 2.11 cannot prove Llama's
+``min(16*s, 32*s) == 16*s`` for ``s >= 0``), batch alone is named and sequence is ``Dim.AUTO``.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ class DynamicPlan:
     spec: dict[str, Any]
     args: tuple
     kwargs: dict[str, Any]
-    named: bool
+    named: tuple[str, ...]
+    """The dimensions marked with named Dims (``(BATCH, SEQ)``, ``(BATCH,)`` or none)."""
 
 
 def _is_token_shaped(t: torch.Tensor) -> bool:
     return t.dim() == 2 and not t.is_floating_point() and not t.is_complex()
 
 
-def plan_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], *, named: bool = True) -> DynamicPlan:
-    """Named batch/seq dims plus ``Dim.AUTO`` elsewhere (``named=False``: ``Dim.AUTO`` everywhere,
-    on the inputs as given)."""
+def plan_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], *,
+                 named: tuple[str, ...] = (BATCH, SEQ)) -> DynamicPlan:
+    """Named Dims for the ``named`` ones of batch and seq, ``Dim.AUTO`` elsewhere (``named=()``:
+    ``Dim.AUTO`` everywhere, on the inputs as given)."""
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
     tensors = [x for x in pytree.tree_leaves(dict(bound.arguments)) if isinstance(x, torch.Tensor)]
@@ -50,9 +54,9 @@ def plan_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], *,
 
     def named_dims(t: torch.Tensor) -> dict[int, str]:
         out = {}
-        if named and first is not None and t.dim() >= 1 and t.shape[0] == first.shape[0]:
+        if BATCH in named and first is not None and t.dim() >= 1 and t.shape[0] == first.shape[0]:
             out[0] = BATCH
-        if named and token is not None and _is_token_shaped(t) and t.shape[1] == token.shape[1]:
+        if SEQ in named and token is not None and _is_token_shaped(t) and t.shape[1] == token.shape[1]:
             out[1] = SEQ
         return out
 

@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from qcompile.frontend.dynamic_shapes import plan_dynamic, refine
+from qcompile.frontend.dynamic_shapes import BATCH, SEQ, plan_dynamic, refine
 from qcompile.frontend.export_errors import is_dynamic_shape_error, quiet_export, summarize
 
 
@@ -175,11 +175,13 @@ def _export_with_fallbacks(model: torch.nn.Module, args: tuple, kwargs: dict, dy
                     plans.insert(0, refined)
                     continue
                 reason = _first_line(e)
-                if plan.named:
+                if plan.named == (BATCH, SEQ):  # torch 2.11 fails Llama's named sequence dim with no fix
+                    plans.append(plan_dynamic(model, args, kwargs, named=(BATCH,)))
+                elif plan.named:
                     warnings.warn(f"{name}: batch/sequence dimensions cannot all stay dynamic ({reason}); traced "
                                   "again with the dimensions the model allows dynamic (the report notes which are "
                                   "static)", stacklevel=3)
-                    plans.append(plan_dynamic(model, args, kwargs, named=False))
+                    plans.append(plan_dynamic(model, args, kwargs, named=()))
                 else:
                     warnings.warn(f"{name}: export with dynamic shapes failed ({reason}); retrying with the example "
                                   "input shapes fixed: the compiled model will accept only those shapes", stacklevel=3)
