@@ -42,3 +42,16 @@ def _perturb_norms(model: torch.nn.Module) -> None:
 
 def tiny_inputs(batch: int = 2, seq: int = 8) -> tuple[torch.Tensor]:
     return (torch.randint(0, VOCAB, (batch, seq)),)
+
+
+class DataDependent(torch.nn.Module):
+    """Branches on a value (``if x.sum() > 0``): torch.export cannot trace it, statically or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return x

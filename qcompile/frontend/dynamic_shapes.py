@@ -34,7 +34,8 @@ class DynamicPlan:
     args: tuple
     kwargs: dict[str, Any]
     named: tuple[str, ...]
-    """The dimensions marked with named Dims (``(BATCH, SEQ)``, ``(BATCH,)`` or none)."""
+    """The dimensions marked with named Dims in ``spec`` (``(BATCH, SEQ)``, ``(BATCH,)`` or none):
+    those asked for that some input has."""
 
 
 def _is_token_shaped(t: torch.Tensor) -> bool:
@@ -60,10 +61,13 @@ def plan_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], *,
             out[1] = SEQ
         return out
 
+    used: set[str] = set()
+
     def spec(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return None
         marked = named_dims(x)
+        used.update(marked.values())
         return {i: dims[marked[i]] if i in marked else Dim.AUTO for i in range(x.dim())}
 
     def widen(x: Any) -> Any:
@@ -84,7 +88,7 @@ def plan_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], *,
         else:
             out[name] = pytree.tree_map(spec, value)
     trace_args, trace_kwargs = pytree.tree_map(widen, (tuple(args), dict(kwargs)))
-    return DynamicPlan(out, trace_args, trace_kwargs, named)
+    return DynamicPlan(out, trace_args, trace_kwargs, tuple(n for n in named if n in used))
 
 
 def refine(plan: DynamicPlan, error: BaseException) -> DynamicPlan | None:

@@ -6,7 +6,7 @@ import torch
 from qcompile.frontend import ExportError, export_model
 from qcompile.ir.ops import LAYER_NORM, LINEAR, RMS_NORM
 from qcompile.passes.base import PassContext, PassManager
-from tests.tiny_models import FAMILIES, tiny_inputs, tiny_model
+from tests.tiny_models import FAMILIES, DataDependent, tiny_inputs, tiny_model
 
 EXPECTED = {  # (rms norms, layer norms) raised for 2 layers
     "llama": (5, 0), "qwen2": (5, 0), "mistral": (5, 0), "gpt2": (0, 5), "opt": (0, 5), "bert": (0, 5),
@@ -43,17 +43,6 @@ def test_gpt2_conv1d_becomes_linear():
 def test_transformers_cache_is_pinned_off():
     ex = export_model(tiny_model("llama"), tiny_inputs())
     assert ex.pinned_kwargs == {"use_cache": False}
-
-
-class DataDependent(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.lin(x)
-        return x
 
 
 def test_untraceable_module_names_the_model():
