@@ -34,7 +34,8 @@ class FoldNormScales(Pass):
     post-norm residuals); ``when="if_better"`` additionally requires that folding does not raise
     the consumers' quantized output error on calibration rows (norms whose consumers have no
     quantized decision fold). Each consumer's decision records the comparison under
-    ``extras["fold_norm_scales"]``. Runs after the decisions, before every quantizer.
+    ``extras["fold_norm_scales"]``; where decisions already carry it (restored at load or for a
+    re-trace) the recorded choice is applied without measuring. Runs after the decisions, before every quantizer.
     """
 
     exact = True
@@ -62,8 +63,18 @@ class FoldNormScales(Pass):
                 candidates.append(norm)
         quantized = {n.name: n for norm in candidates for n in _linear_consumers(norm)
                      if decision_of(n) is not None and decision_of(n).quantized}
-        stats = ctx.activation_stats(gm, list(quantized.values())) if self.when == "if_better" and quantized else {}
+        recorded = {name for name, n in quantized.items() if self.name in decision_of(n).extras}
+        measure = [n for name, n in quantized.items() if name not in recorded] if self.when == "if_better" else []
+        stats = ctx.activation_stats(gm, measure) if measure else {}
         for norm in candidates:
+            choice = _recorded_choice(norm, self.name) if self.when == "if_better" else None
+            if choice is not None:  # restored decisions (load, re-trace) carry the comparison: never re-measure
+                if choice:
+                    _fold(gm, norm)
+                    folded += 1
+                else:
+                    kept += 1
+                continue
             consumers = [n for n in _linear_consumers(norm) if n.name in stats]
             if consumers:
                 e_fold, e_keep = _fold_errors(gm, norm, consumers, stats)
@@ -77,6 +88,17 @@ class FoldNormScales(Pass):
             _fold(gm, norm)
             folded += 1
         return PassResult(folded > 0, {"folded": folded, "kept_for_accuracy": kept, "skipped": skipped})
+
+
+def _recorded_choice(norm: fx.Node, key: str) -> bool | None:
+    """The fold-or-keep choice its consumers' decisions recorded (all agree: one comparison per norm),
+    or None when none recorded one. Load and re-trace restore decisions, and their weights may be
+    meta tensors, so the choice is read, not measured again."""
+    choices = {bool(decision_of(n).extras[key]["folded"]) for n in _linear_consumers(norm)
+               if decision_of(n) is not None and key in decision_of(n).extras}
+    if len(choices) > 1:
+        raise ValueError(f"fold_norm_scales: the consumers of norm {norm.name} recorded different choices")
+    return choices.pop() if choices else None
 
 
 def _fold_errors(gm: fx.GraphModule, norm: fx.Node, consumers: list[fx.Node], stats: dict) -> tuple[float, float]:

@@ -67,7 +67,7 @@ def test_calibration_texts_need_a_tokenizer():
                          calibration=["one text", "another"], progress=False)
 
 
-def test_calibration_texts_are_tokenized_with_the_examples_keys():
+def test_calibration_texts_are_tokenized_with_the_examples_keys_minilm():
     from qcompile.demo import load_minilm
 
     model, tokenizer, enc = load_minilm(max_sentences=4)

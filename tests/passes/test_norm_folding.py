@@ -27,3 +27,30 @@ def test_fold_norm_scales_is_exact(family):
         ref = model(*ex.args, **ex.pinned_kwargs)[0]
         out = gm(*ex.args, **ex.pinned_kwargs)[0]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_if_better_choices_are_restored_at_load_not_measured(tmp_path, monkeypatch):
+    import dataclasses
+
+    import qcompile
+    from qcompile.recipes import get_recipe
+
+    base = get_recipe("w4a16")
+    recipe = dataclasses.replace(base, name="w4a16-fold-if-better",
+                                 passes=("canonicalize", "assign_quant_specs", "fold_norm_scales", "quantize_weights",
+                                         "lower"),
+                                 pass_options={"fold_norm_scales": {"when": "if_better"}})
+    model = tiny_model("llama")
+    x = tiny_inputs()
+    cm = qcompile.compile(model, x, target="cpu", recipe=recipe, progress=False)
+    choices = [lr.passes["fold_norm_scales"]["folded"] for lr in cm.report().layers if "fold_norm_scales" in lr.passes]
+    assert choices, "if_better recorded no comparison"
+    cm.save(tmp_path / "a")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fold_norm_scales measured calibration statistics at load")
+
+    monkeypatch.setattr(PassContext, "activation_stats", refuse)
+    loaded = qcompile.load(tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x)[0], cm(*x)[0])
