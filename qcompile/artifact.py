@@ -191,7 +191,12 @@ def layer_records(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
                 "tensors": {k: None if t is None else {"name": t, "dtype": str(state[t].dtype).removeprefix("torch."),
                                                         "shape": list(state[t].shape)} for k, t in targets.items()},
             }
-        layers[module_path(node)] = record
+        path = module_path(node)
+        if path in layers:
+            raise ArtifactError(f"layer {path!r} is called more than once in the model's forward; each call was "
+                                f"quantized on its own and artifacts key layers by module path, so this model cannot "
+                                f"be saved yet (its compiled model runs)")
+        layers[path] = record
     return layers
 
 

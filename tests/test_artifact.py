@@ -162,3 +162,19 @@ def test_unregistered_pass_that_must_rerun(artifact, tmp_path):
                                                           "ensures": [], "options": {}}))
     with pytest.raises(ArtifactError, match=r"pass 'from_elsewhere' must rerun at load, but it is not registered"):
         _load(root)
+
+
+def test_a_layer_called_twice_is_a_named_save_error_and_a_report_note(tmp_path):
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+    cm = qcompile.compile(Twice(), torch.randn(4, 64), target="cpu", recipe="w8a16", progress=False)
+    assert any("a (2 calls)" in n for n in cm.report().notes)
+    with pytest.raises(ArtifactError, match="layer 'a' is called more than once"):
+        cm.save(tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()

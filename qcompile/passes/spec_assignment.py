@@ -72,9 +72,19 @@ class AssignQuantSpecs(Pass):
         if not any(d is not None and d.quantized for d in map(decision_of, linear_nodes(gm))):
             warnings.warn(_nothing_quantized_message(gm, paths, unsupported), stacklevel=2)
         padded = _padded_k(gm)
+        notes = [_padding_message(padded)] if padded else []
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            notes.append(_repeated_message(repeated, paths))
         return PassResult(False, {**counts, "unmatched_overrides": [pat for pat, _ in unmatched],
                                   "padded_k": {path: [k, kp] for path, (_, k, kp) in padded.items()},
-                                  "notes": [_padding_message(padded)] if padded else []})
+                                  "notes": notes})
+
+
+def _repeated_message(repeated: list[str], paths: list[str]) -> str:
+    shown = ", ".join(f"{p} ({paths.count(p)} calls)" for p in repeated[:5]) + (", …" if len(repeated) > 5 else "")
+    return (f"layers called more than once in forward: {shown}; each call is quantized on its own (its weight is "
+            f"stored once per call), and such a compiled model cannot be saved yet")
 
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         saved = ctx.artifact.decisions()
