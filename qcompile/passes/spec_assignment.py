@@ -80,12 +80,6 @@ class AssignQuantSpecs(Pass):
                                   "padded_k": {path: [k, kp] for path, (_, k, kp) in padded.items()},
                                   "notes": notes})
 
-
-def _repeated_message(repeated: list[str], paths: list[str]) -> str:
-    shown = ", ".join(f"{p} ({paths.count(p)} calls)" for p in repeated[:5]) + (", …" if len(repeated) > 5 else "")
-    return (f"layers called more than once in forward: {shown}; each call is quantized on its own (its weight is "
-            f"stored once per call), and such a compiled model cannot be saved yet")
-
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         saved = ctx.artifact.decisions()
         by_path = {module_path(n): n for n in [*linear_nodes(gm), *float_layer_nodes(gm)]}
@@ -156,3 +150,9 @@ def _nothing_quantized_message(gm: fx.GraphModule, paths: list[str], unsupported
     if unsupported:
         what += "; left float: " + "; ".join(f"{p!r}: {r}" for p, r in list(unsupported.items())[:SHOWN_PATHS])
     return f"{name}: nothing to quantize, the compiled model is the float model: {what}"
+
+
+def _repeated_message(repeated: list[str], paths: list[str]) -> str:
+    shown = ", ".join(f"{p} ({paths.count(p)} calls)" for p in repeated[:5]) + (", …" if len(repeated) > 5 else "")
+    return (f"layers called more than once in forward: {shown}; each call is quantized on its own (its weight is "
+            f"stored once per call), and such a compiled model cannot be saved yet")
