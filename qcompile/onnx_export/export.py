@@ -43,7 +43,8 @@ from qcompile.onnx_export.lowering import (
     shared_copy,
     spec_unsupported_reason,
 )
-from qcompile.onnx_export.ops import OPSET, TRANSLATIONS
+from qcompile.onnx_export.ops import OPSET, TRANSLATIONS, int8_dynamic_matmul
+from qcompile.onnx_export.repack import to_matmul_integer
 from qcompile.recipes import Recipe, get_recipe
 from qcompile.targets import Target, get_target
 
@@ -56,7 +57,15 @@ and cosine ~0.99998 (docs/onnx-export.md), outside those bounds."""
 MAX_REL_ERROR = 1e-3
 MIN_COSINE = 0.99999
 """What ``verify`` requires of ONNX Runtime's output against qcompile's reference (at accuracy levels
-0-1): ``max |ort − ref| / max |ref|`` and the cosine of the flattened outputs, per output."""
+0-1, weight-only models): ``max |ort − ref| / max |ref|`` and the cosine of the flattened outputs, per
+output."""
+ACTIVATION_QUANT_MIN_COSINE = 0.999
+"""With quantized activations (W8A8) only a cosine is required: rounding activations is
+discontinuous, so last-bit differences between torch's and ONNX Runtime's float ops (LayerNorm, GELU,
+softmax) flip a few int8 codes per layer, and the flips compound over layers. Each W8A8 linear is
+bit-exact given the same input (tests/onnx_export/test_repack.py); end to end on MiniLM (6 layers)
+ONNX Runtime vs the compiled model: cosine 0.99955, max rel err 1.6e-2, while qcompile's own float32
+reference vs its own CPU kernel differ more (cosine 0.9983; docs/onnx-export.md)."""
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 """Initializer bytes above which tensors go to ``<file>.data`` (protobuf's 2 GiB limit, less 64 MiB
 for the graph itself)."""
@@ -131,12 +140,18 @@ def _graph_call(cm: CompiledModel, args: tuple, kwargs: dict) -> tuple[fx.GraphM
 
 def _reference_linear(*args: Any) -> torch.Tensor:
     call = QuantizedLinearCall.from_op_args(args)
-    return reference_quantized_linear(call.x, call.quantized_weight(), call.bias, call.act_spec)
+    qt = call.quantized_weight()
+    if call.act_spec is not None and spec_unsupported_reason(qt.spec, call.act_spec) is None:
+        w = to_matmul_integer(qt)  # W8A8: the integer product is exact (what qcompile's CPU kernel computes)
+        return int8_dynamic_matmul(call.x, w.b, w.scale, call.bias, call.act_spec.scale_dtype)
+    return reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
 
 
 def reference_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` (tensors shared) whose quantized linears run qcompile's reference kernel
-    (dequantize, fake-quantize activations, float32 matmul), whatever the device's kernels."""
+    """A copy of ``gm`` (tensors shared) whose quantized linears compute qcompile's reference in float32
+    whatever the device's kernels: weight-only layers dequantize and run a float32 matmul; W8A8 layers
+    quantize activations per token as ``fake_quantize`` does and take the exact integer product
+    (``torch._int_mm``'s result, not a float32 matmul of the fake-quantized values)."""
     ref = shared_copy(gm)
     for node in quantized_linear_nodes(ref):
         node.target = _reference_linear
@@ -350,15 +365,19 @@ def export_onnx(
         if verify:
             got = _run_onnxruntime(file, feeds)
             rel, cos = agreement(got, [r for r in reference if isinstance(r, torch.Tensor)])
-            exact = level <= 1
-            if exact and (rel > MAX_REL_ERROR or cos < MIN_COSINE):
-                raise OnnxExportError(f"ONNX Runtime's output differs from qcompile's reference on the example inputs: "
-                                      f"max rel err {rel:.2e} (allowed {MAX_REL_ERROR:g}), cosine {cos:.7f} "
-                                      f"(required {MIN_COSINE})")
-            if not exact:
+            quantized_acts = any(layer.activation is not None for layer in lowered.layers)
+            if level >= 2:
                 notes.append(f"accuracy_level {level}: ONNX Runtime may quantize activations inside MatMulNBits; "
                              f"max rel err {rel:.2e}, cosine {cos:.7f} against qcompile's reference (not required "
                              f"to be within {MAX_REL_ERROR:g} / {MIN_COSINE})")
+            elif quantized_acts and cos < ACTIVATION_QUANT_MIN_COSINE:
+                raise OnnxExportError(f"ONNX Runtime's output differs from qcompile's reference on the example inputs: "
+                                      f"cosine {cos:.7f} (required {ACTIVATION_QUANT_MIN_COSINE} with quantized "
+                                      f"activations), max rel err {rel:.2e}")
+            elif not quantized_acts and (rel > MAX_REL_ERROR or cos < MIN_COSINE):
+                raise OnnxExportError(f"ONNX Runtime's output differs from qcompile's reference on the example inputs: "
+                                      f"max rel err {rel:.2e} (allowed {MAX_REL_ERROR:g}), cosine {cos:.7f} "
+                                      f"(required {MIN_COSINE})")
         size = file.stat().st_size + ((tmp / data_name).stat().st_size if data_name else 0)
         if data_name:
             os.replace(tmp / data_name, out.parent / data_name)

@@ -176,7 +176,7 @@ def _describe(w: repack.NBitsWeight | repack.IntegerWeight | repack.DequantizeWe
     if isinstance(w, repack.IntegerWeight):
         return "QuantizeLinear(uint8, per token) + MatMulInteger"
     layout = f"block_size={w.block_size}" if w.block_size else "per column"
-    return f"DequantizeLinear({w.data.dtype}, {layout}) + MatMul"
+    return f"DequantizeLinear({str(w.data.dtype).removeprefix('torch.')}, {layout}) + MatMul"
 
 
 def _lower_linear(gm: fx.GraphModule, node: fx.Node, accuracy_level: int) -> LayerExport:

@@ -9,8 +9,9 @@ onnxscript translation (:data:`TRANSLATIONS`, handed to ``torch.onnx.export``).
 - ``qcompile_onnx::int8_dynamic_matmul`` → W8A8 as qcompile computes it: per token ``s =
   cast(clip(max|x| / 127, tiny, max), scale dtype)``, ``QuantizeLinear(x, s, 128)`` (uint8 codes
   ``round(x / s) + 128``, saturated; blocked over all of K, so one scale per token),
-  ``MatMulInteger(q, B, 128)``, then ``Cast · (s · b_scale) + bias`` (ORT fuses the last three into
-  ``MatMulIntegerToFloat``). The ``+128`` offset keeps ORT on its u8×s8 kernel (its s8×s8 path
+  ``MatMulInteger(q, B, 128)``, then ``Cast · (s · b_scale)`` (ORT fuses these into
+  ``MatMulIntegerToFloat``) and ``− (−bias)``: written as a Sub so that the fusion does not take the
+  bias in, which ORT 1.32's kernel then multiplies by the per-token scale. The ``+128`` offset keeps ORT on its u8×s8 kernel (its s8×s8 path
   was 8× slower, docs/onnx-export.md); the integer products are the same.
 
 The MatMulNBits schema is built here and handed to onnxscript as an ``Op``; nothing is registered
@@ -156,7 +157,9 @@ def _translate_int8_dynamic_matmul(x, b, b_scale, bias, scale_dtype):
     q = op.QuantizeLinear(x, s, op.Expand(offset, op.Shape(s)), axis=-1, block_size=int(k))
     acc = op.MatMulInteger(q, b, offset)
     y = op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(s, b_scale))
-    return op.Add(y, bias) if bias is not None else y
+    # y - (-bias) is y + bias exactly, but keeps ORT's MatMulIntegerToFloat fusion from taking the bias
+    # in: its kernel scales a fused bias by a per-token a_scale (bias · s added; ORT 1.32, docs/onnx-export.md)
+    return op.Sub(y, op.Neg(bias)) if bias is not None else y
 
 
 TRANSLATIONS = {
