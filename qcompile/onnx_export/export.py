@@ -62,8 +62,9 @@ output."""
 ACTIVATION_QUANT_MIN_COSINE = 0.999
 """With quantized activations (W8A8) only a cosine is required: rounding activations is
 discontinuous, so last-bit differences between torch's and ONNX Runtime's float ops (LayerNorm, GELU,
-softmax) flip a few int8 codes per layer, and the flips compound over layers. Each W8A8 linear is
-bit-exact given the same input (tests/onnx_export/test_repack.py); end to end on MiniLM (6 layers)
+softmax) flip a few int8 codes per layer, and the flips compound over layers. Each W8A8 linear
+agrees to float32 rounding given the same input (same codes and integer products,
+tests/onnx_export/test_repack.py); end to end on MiniLM (6 layers)
 ONNX Runtime vs the compiled model: cosine 0.99955, max rel err 1.6e-2, while qcompile's own float32
 reference vs its own CPU kernel differ more (cosine 0.9983; docs/onnx-export.md)."""
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -248,7 +249,7 @@ def _run_onnxruntime(file: Path, feeds: dict[str, Any], threads: int | None = No
 
 
 # ----------------------------------------------------------------------------- the public function
-def _check_path(path: str | os.PathLike) -> Path:
+def check_output_path(path: str | os.PathLike) -> Path:
     out = Path(path)
     if out.is_dir():
         raise OnnxExportError(f"output {str(out)!r} is a directory; give a file path such as {str(out / 'model.onnx')!r}")
@@ -257,7 +258,7 @@ def _check_path(path: str | os.PathLike) -> Path:
     return out
 
 
-def _precheck_recipe(rcp: Recipe, overrides: dict | None) -> None:
+def precheck_recipe(rcp: Recipe, overrides: dict | None) -> None:
     """Fail before compiling when the recipe's formats have no ONNX Runtime export."""
     specs = [("the recipe", rcp.weight, rcp.activation)]
     specs += [(f"override {pattern!r}", spec, rcp.activation) for pattern, spec in rcp.overrides if spec is not None]
@@ -305,7 +306,7 @@ def export_onnx(
     level = ACCURACY_LEVELS[tgt.name] if accuracy_level is None else int(accuracy_level)
     if level not in (0, 1, 2, 3, 4):
         raise OnnxExportError(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level!r}")
-    out = _check_path(path)
+    out = check_output_path(path)
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     if isinstance(model_or_compiled, CompiledModel):
         if recipe is not None or compile_kwargs:
@@ -317,7 +318,7 @@ def export_onnx(
         import qcompile
 
         rcp = get_recipe(recipe if recipe is not None else tgt.default_recipe)
-        _precheck_recipe(rcp, compile_kwargs.get("overrides"))
+        precheck_recipe(rcp, compile_kwargs.get("overrides"))
         cm = qcompile.compile(model_or_compiled, args, target=tgt, recipe=rcp, example_kwargs=kwargs, **compile_kwargs)
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a CompiledModel, got {type(model_or_compiled).__name__}")
