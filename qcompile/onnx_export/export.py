@@ -35,7 +35,7 @@ from qcompile.compiled import CompiledModel
 from qcompile.formats import QuantSpec
 from qcompile.frontend.inputs import split_inputs
 from qcompile.frontend.torch_export import _export_with_fallbacks
-from qcompile.ir.interpret import flat_inputs, run_recording
+from qcompile.ir.interpret import flat_inputs
 from qcompile.onnx_export.lowering import (
     LayerExport,
     OnnxExportError,
@@ -207,7 +207,7 @@ def _strip_debug_metadata(model: ir.Model) -> None:
         value.metadata_props.clear()
 
 
-def _output_names(structure: Any) -> list[str] | None:
+def _output_names(structure: Any) -> list[str]:
     """``logits``, ``last_hidden_state``, ``output_0``: the tensor leaves' pytree paths as names."""
     leaves = [(path, v) for path, v in pytree.tree_flatten_with_path(structure)[0] if isinstance(v, torch.Tensor)]
     names = []
@@ -327,10 +327,11 @@ def export_onnx(
 
     gm, call_args, call_kwargs = _graph_call(cm, args, kwargs)
     lowered = lower_for_onnx(gm, level)
+    ref_gm = reference_graph(gm)
     with torch.no_grad():
-        structure = gm(*call_args, **call_kwargs) if verify else None
-    names = _output_names(structure) if structure is not None else None
-    reference, _ = run_recording(reference_graph(gm), call_args, call_kwargs, names=()) if verify else (None, None)
+        structure = ref_gm(*call_args, **call_kwargs)  # the output names, and the reference for verify
+    names = _output_names(structure)
+    reference = [t for t in pytree.tree_leaves(structure) if isinstance(t, torch.Tensor)]
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -344,7 +345,9 @@ def export_onnx(
         raise OnnxExportError(f"the ONNX graph takes {len(model.graph.inputs)} inputs, the compiled graph "
                               f"{len(inputs)} tensors")
     _rename_axes(model, inputs)
-    if names is not None and len(names) == len(model.graph.outputs):
+    taken = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs} \
+        | set(model.graph.initializers)
+    if len(names) == len(model.graph.outputs) and not (set(names) - {v.name for v in model.graph.outputs}) & taken:
         for value, name in zip(model.graph.outputs, names):
             value.name = name
     _strip_debug_metadata(model)
@@ -367,7 +370,7 @@ def export_onnx(
         notes = list(lowered.notes)
         if verify:
             got = _run_onnxruntime(file, feeds)
-            rel, cos = agreement(got, [r for r in reference if isinstance(r, torch.Tensor)])
+            rel, cos = agreement(got, reference)
             quantized_acts = any(layer.activation is not None for layer in lowered.layers)
             if level >= 2:
                 notes.append(f"accuracy_level {level}: ONNX Runtime may quantize activations inside MatMulNBits; "

@@ -247,8 +247,18 @@ def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
             _lower_hadamard(out, node)
     erase_dead_attrs(out)
     out.recompile()
-    int3 = [layer.path for layer in layers if layer.weight.startswith("int3")]
-    if int3:
-        notes.append(f"int3 weights stored in 4-bit MatMulNBits containers (no 3-bit kernel; same values, 4 bits per "
-                     f"weight): {', '.join(int3[:3])}{f', ... ({len(int3)} layers)' if len(int3) > 3 else ''}")
+    def note(text: str, paths: list[str]) -> None:
+        if paths:
+            shown = ", ".join(p or "(root)" for p in paths[:3])
+            notes.append(f"{text}: {shown}{f', ... ({len(paths)} layers)' if len(paths) > 3 else ''}")
+
+    note("int3 weights stored in 4-bit MatMulNBits containers (no 3-bit kernel; same values, 4 bits per weight)",
+         [layer.path for layer in layers if layer.weight.startswith("int3")])
+    if accuracy_level < 4:
+        note(f"8-bit MatMulNBits at accuracy_level {accuracy_level}: ONNX Runtime 1.32's CPU kernel has no float32 "
+             "8-bit path and dequantizes the weight on every call (MiniLM w8a16, 16 tokens: 3x float32's time); "
+             "accuracy_level=4 runs its int8 kernel (max rel err ~1e-2, docs/onnx-export.md)",
+             [layer.path for layer in layers if layer.onnx_op.startswith("MatMulNBits(bits=8")])
+    note("fp8/MXFP8 weights: ONNX Runtime runs DequantizeLinear on every call, then a float32 MatMul (no fused CPU "
+         "kernel)", [layer.path for layer in layers if layer.onnx_op.startswith("DequantizeLinear")])
     return LoweredGraph(out, layers, notes)

@@ -76,6 +76,8 @@ def test_llama_every_weight_format(tmp_path):
     assert ops["up_proj"] == "DequantizeLinear(float8_e4m3fn, block_size=32) + MatMul"
     assert ops["down_proj"] == "MatMulNBits(bits=2, block_size=128)"
     assert any("int3" in note for note in report.notes)
+    assert any(n.startswith("8-bit MatMulNBits at accuracy_level 0") and "q_proj" in n for n in report.notes)
+    assert any(n.startswith("fp8/MXFP8 weights") and "gate_proj" in n for n in report.notes)
     assert report.max_rel_error <= 1e-3 and report.cosine >= 0.99999
     _assert_matches_compiled(path, cm, {"input_ids": _fresh_ids()})
 
