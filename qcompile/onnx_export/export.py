@@ -290,9 +290,10 @@ def export_onnx(
     """Write ``model_or_compiled`` as an ONNX file stock ONNX Runtime runs; see the module docstring.
 
     Args:
-        model_or_compiled: an ``nn.Module`` (compiled first with ``qcompile.compile(model, example_inputs,
-            target=target, recipe=recipe, **compile_kwargs)``) or a ``CompiledModel`` (exported as compiled,
-            for whatever target: its packed tensors are read, never a device's weight cache).
+        model_or_compiled: a ``CompiledModel`` (exported as compiled, for whatever target: its packed
+            tensors are read, never a device's weight cache), or what ``qcompile.compile`` takes (an
+            ``nn.Module``), compiled first with ``qcompile.compile(model, example_inputs, target=target,
+            recipe=recipe, **compile_kwargs)``.
         example_inputs: as for ``qcompile.compile``; traced (batch and sequence stay dynamic) and used to
             check ONNX Runtime's output.
         path: the ``.onnx`` file to write (its directory must exist); external data goes to ``<path>.data``.
@@ -316,14 +317,12 @@ def export_onnx(
             raise TypeError(f"export_onnx: a CompiledModel is exported as compiled; {', '.join(given)} apply only "
                             "when an nn.Module is compiled here")
         cm = model_or_compiled
-    elif isinstance(model_or_compiled, torch.nn.Module):
+    else:  # whatever qcompile.compile takes (an nn.Module; an ONNX file once the importer exists)
         import qcompile
 
         rcp = get_recipe(recipe if recipe is not None else tgt.default_recipe)
         precheck_recipe(rcp, compile_kwargs.get("overrides"))
         cm = qcompile.compile(model_or_compiled, args, target=tgt, recipe=rcp, example_kwargs=kwargs, **compile_kwargs)
-    else:
-        raise TypeError(f"export_onnx takes an nn.Module or a CompiledModel, got {type(model_or_compiled).__name__}")
 
     gm, call_args, call_kwargs = _graph_call(cm, args, kwargs)
     lowered = lower_for_onnx(gm, level)
