@@ -75,7 +75,7 @@ def _nbits_schema() -> OpSchema:
                           ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], ""), ("T4", ["tensor(int32)"], "")],
         attributes=[attr("K", OpSchema.AttrType.INT, ""), attr("N", OpSchema.AttrType.INT, ""),
                     attr("bits", OpSchema.AttrType.INT, ""), attr("block_size", OpSchema.AttrType.INT, ""),
-                    attr("accuracy_level", OpSchema.AttrType.INT, "")],
+                    attr("accuracy_level", OpSchema.AttrType.INT, "", required=False)],
     )
 
 
@@ -83,8 +83,9 @@ _MATMUL_NBITS = osv.Op(osv.Opset("com.microsoft", 1), "MatMulNBits", _nbits_sche
 
 
 def _translate_matmul_nbits(x, b, scales, zero_points, bias, k, n, bits, block_size, accuracy_level):
-    return _MATMUL_NBITS(x, b, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size,
-                         accuracy_level=accuracy_level)
+    # level 0 is the attribute's default: left out, as ORT's own quantizer does (not every EP takes it)
+    level = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    return _MATMUL_NBITS(x, b, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size, **level)
 
 
 # ------------------------------------------------------------------------- DequantizeLinear + MatMul

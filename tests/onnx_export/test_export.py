@@ -201,9 +201,8 @@ def test_external_data_and_accuracy_level(tmp_path):
     assert report.file_bytes == path.stat().st_size + Path(report.external_data).stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
     _assert_matches_compiled(path, cm, {"input": x})
-    attrs = [a for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-             if a.name == "accuracy_level"]
-    assert {a.i for a in attrs} == {0}
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and not [a for n in nodes for a in n.attribute if a.name == "accuracy_level"]  # 0: the default
 
     fast = export_onnx(cm, torch.randn(4, 64), tmp_path / "fast.onnx", accuracy_level=4)
     attrs = [a for n in onnx.load(str(tmp_path / "fast.onnx")).graph.node if n.op_type == "MatMulNBits"
