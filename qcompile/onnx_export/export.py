@@ -275,7 +275,7 @@ def precheck_recipe(rcp: Recipe, overrides: dict | None) -> None:
 
 
 def export_onnx(
-    model_or_compiled: torch.nn.Module | CompiledModel,
+    model_or_compiled: CompiledModel | torch.nn.Module | Any,
     example_inputs: Any,
     path: str | os.PathLike,
     target: str | Target = "ort-cpu",
@@ -299,8 +299,9 @@ def export_onnx(
         path: the ``.onnx`` file to write (its directory must exist); external data goes to ``<path>.data``.
         target: ``ort-cpu`` or ``ort-cuda`` (sets the default recipe and ``accuracy_level``).
         accuracy_level: MatMulNBits' attribute; default :data:`ACCURACY_LEVELS` of the target (exact).
-        verify: run the file in ONNX Runtime (CPU) on the example inputs and require ``MAX_REL_ERROR`` /
-            ``MIN_COSINE`` against qcompile's reference (reported, not required, at accuracy level 2 and up).
+        verify: run the file in ONNX Runtime (CPU) on the example inputs against qcompile's reference
+            (:func:`reference_graph`) and require ``MAX_REL_ERROR`` / ``MIN_COSINE`` (weight-only) or
+            ``ACTIVATION_QUANT_MIN_COSINE`` (W8A8); at accuracy level 2 and up the agreement is a note.
         external_data_threshold: initializer bytes above which tensors are written as external data.
     """
     tgt = get_target(target)
