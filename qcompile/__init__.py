@@ -3,9 +3,10 @@
     cm = qcompile.compile(model, example_inputs, target="cpu", recipe="w4a16")
     out = cm(*example_inputs)
     print(cm.report())
+    qcompile.export_onnx(cm, example_inputs, "model.onnx")   # for ONNX Runtime (the onnx extra)
 """
 
-from qcompile.api import compile
+from qcompile.api import compile, export_onnx
 from qcompile.artifact import ArtifactError, load
 from qcompile.compiled import CompiledModel
 from qcompile.formats import QuantizedTensor, QuantSpec
@@ -29,5 +30,5 @@ __version__ = "0.1.0"
 __all__ = [
     "RECIPES", "TARGETS", "ArtifactError", "CompiledModel", "LayerDecision", "LayerResult", "OnLoad", "Pass",
     "PassContext", "PassManager", "PassResult", "QuantSpec", "QuantizedTensor", "Recipe", "Report", "Target",
-    "WeightQuantizer", "compile", "get_recipe", "get_target", "load", "register_pass", "registered_passes",
+    "WeightQuantizer", "compile", "export_onnx", "get_recipe", "get_target", "load", "register_pass", "registered_passes",
 ]

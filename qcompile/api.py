@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from qcompile.progress import CompileProgress
 from qcompile.recipes import Recipe, get_recipe
 from qcompile.report import LayerReport, Report, layer_reports
 from qcompile.targets import Target, get_target
+
+if TYPE_CHECKING:
+    from qcompile.onnx_export import ExportReport
 
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
 """``verify="auto"`` checks exact passes in float64 up to this many parameters
@@ -88,7 +91,8 @@ def compile(  # noqa: A001 - the public name is the point
             arguments (e.g. a tokenizer's output). Used to trace, to measure errors and to
             verify exact passes. Batch and sequence dimensions stay dynamic whatever their sizes
             here (where the model allows; the report's notes name any static dimension).
-        target: ``cpu``, ``ampere``, ``hopper`` or ``blackwell`` (see ``qcompile.TARGETS``).
+        target: ``cpu``, ``ampere``, ``hopper``, ``blackwell``, or ``ort-cpu`` / ``ort-cuda`` for
+            ``export_onnx`` (see ``qcompile.TARGETS``).
         recipe: a name from ``qcompile.RECIPES``; default: the target's default recipe.
         overrides: ``{glob on module path: spec or None}``, e.g. ``{"*.down_proj": "int8", "*.0.*": None}``.
         passes: replace the recipe's pass list (names from the registry, or Pass instances);
@@ -150,3 +154,22 @@ def compile(  # noqa: A001 - the public name is the point
                        manifest=manifest, model=model)
     report.notes[:0] = _shape_notes(exported, cm)
     return cm
+
+
+def export_onnx(
+    model_or_compiled: torch.nn.Module | CompiledModel,
+    example_inputs: Any,
+    path: str,
+    target: str | Target = "ort-cpu",
+    recipe: str | Recipe | None = None,
+    **kwargs: Any,
+) -> ExportReport:
+    """Write a compiled model (or an ``nn.Module``, compiled here for ``target`` with ``recipe``) as one
+    ONNX file that stock ONNX Runtime runs: quantized linears as ``com.microsoft.MatMulNBits``,
+    ``MatMulInteger`` (W8A8) or ``DequantizeLinear`` (fp8), repacked from the compiled tensors, never
+    re-quantized. Returns an ``ExportReport`` (file and packed bytes, the ONNX op per layer, ONNX
+    Runtime's agreement with qcompile's reference). Needs the ``onnx`` extra; see
+    ``qcompile.onnx_export.export_onnx`` for the options and docs/onnx-export.md for the lowering."""
+    from qcompile.onnx_export import export_onnx as _export_onnx
+
+    return _export_onnx(model_or_compiled, example_inputs, path, target, recipe, **kwargs)

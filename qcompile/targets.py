@@ -73,6 +73,20 @@ TARGETS: dict[str, Target] = {
             matmul_tflops={"bf16": 2250.0, "fp8_e4m3": 4500.0, "nvfp4": 9000.0, "mxfp4": 9000.0},
             kernels="triton",
         ),
+        Target(
+            "ort-cpu", "ONNX Runtime on CPU (qcompile.export_onnx): int8/int4/int2 weight-only as MatMulNBits, W8A8 "
+            "int8 per-token through MatMulInteger; fp8 weights through DequantizeLinear (docs/onnx-export.md).",
+            native_weight_formats=("int8", "int4", "int2"), native_activation_formats=("int8",),
+            default_recipe="w4a16", memory_bandwidth_gbs=50.0, matmul_tflops={"bf16": 1.0, "fp32": 1.0},
+            kernels="cpu",
+        ),
+        Target(
+            "ort-cuda", "ONNX Runtime with the CUDA execution provider: exported like ort-cpu (data only: not "
+            "measured on a GPU yet).",
+            native_weight_formats=("int8", "int4", "int2"), native_activation_formats=("int8",),
+            default_recipe="w4a16", memory_bandwidth_gbs=1935.0, matmul_tflops={"bf16": 312.0, "int8": 624.0},
+            kernels="triton",
+        ),
     )
 }
 

@@ -1,0 +1,264 @@
+"""The compiled graph → a graph ``torch.onnx.export`` turns into ops stock ONNX Runtime runs.
+
+A copy of the compiled ``GraphModule`` (sharing its tensors; the compiled model is not changed) in
+which:
+
+- each ``qcompile::quantized_linear`` (read only through ``op_schema.QuantizedLinearCall``) becomes
+  an export op of ``ops.py`` holding the repacked tensors (``repack.py``): int8/int4/int3/int2
+  weight-only → ``matmul_nbits``; int8 per-token dynamic activations with symmetric per-channel
+  int8 weights (W8A8) → ``int8_dynamic_matmul``; fp8 / MXFP8 weight-only → ``dequantize_matmul``.
+  Anything else raises :class:`OnnxExportError` naming the layer, the format and the supported set;
+- ``qcompile::rms_norm`` → ``x / sqrt(mean(x²) + eps) · w`` in ATen ops (exported as
+  Pow/ReduceMean/Add/Sqrt/Div/Mul, which ONNX Runtime fuses into ``SimplifiedLayerNormalization``);
+- ``qcompile::layer_norm`` → ``aten.layer_norm`` (``LayerNormalization``);
+- ``qcompile::channel_scale`` → a multiplication (``Mul``);
+- ``qcompile::hadamard_transform`` → ``Mul`` by the signs, a chain of ``MatMul``s by small
+  Sylvester matrices (``2^c × 2^c``, ``c ≤ 6``) over reshaped views, the optional ``m × m`` block,
+  and ``Mul`` by the scale: ``O(n log n)`` work, never a dense ``n × n`` matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+from qcompile.formats import QuantizedTensor, QuantSpec
+from qcompile.formats.orthogonal import hadamard_matrix, is_power_of_two
+from qcompile.ir.graph import add_get_attr, erase_dead_attrs, module_path
+from qcompile.ir.ops import CHANNEL_SCALE, HADAMARD_TRANSFORM, LAYER_NORM, RMS_NORM
+from qcompile.onnx_export import repack
+from qcompile.onnx_export.ops import DEQUANTIZE_MATMUL, INT8_DYNAMIC_MATMUL, MATMUL_NBITS
+
+SUPPORTED_WEIGHTS = ("int8", "int4", "int3", "int2", "fp8_e4m3", "fp8_e5m2", "mxfp8")
+"""Weight formats with an ONNX Runtime 1.32 CPU path: MatMulNBits (int8/int4/int2, int3 in 4-bit
+containers) and DequantizeLinear + MatMul (fp8, MXFP8)."""
+UNSUPPORTED_WEIGHTS = {
+    "fp4_e2m1": "ONNX Runtime 1.32's CPU DequantizeLinear has no float4e2m1 kernel",
+    "nvfp4": "ONNX Runtime 1.32's CPU DequantizeLinear has no float4e2m1 kernel and its "
+             "MatMulBlockQuantizedFp4Weight runs on CUDA only",
+    "mxfp4": "ONNX Runtime 1.32's CPU DequantizeLinear has no float4e2m1 kernel",
+}
+SUPPORTED_ACTIVATIONS = "int8 per-token symmetric dynamic (W8A8, with symmetric per-channel int8 weights)"
+SYLVESTER_CHUNK_BITS = 6
+"""The online Hadamard's power-of-two part is applied in factors of up to ``2^6 = 64``."""
+
+
+class OnnxExportError(ValueError):
+    """The compiled model cannot be exported to the target: the message names the layer, op or file."""
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """How one quantized linear is exported."""
+
+    path: str
+    weight: str
+    """The weight spec (``QuantSpec.short()``)."""
+    activation: str | None
+    onnx_op: str
+    """What ONNX Runtime runs, e.g. ``MatMulNBits(bits=4, block_size=128, zero_points)``."""
+    packed_bytes: int
+    """Bytes of the compiled model's packed tensors for the layer."""
+    onnx_bytes: int
+    """Bytes of the repacked tensors the ONNX file holds for it."""
+
+
+@dataclass
+class LoweredGraph:
+    """The export graph, what each quantized linear became, and notes for the report."""
+
+    gm: fx.GraphModule
+    layers: list[LayerExport]
+    notes: list[str] = field(default_factory=list)
+
+
+def spec_unsupported_reason(weight: QuantSpec, activation: QuantSpec | None) -> str | None:
+    """Why a layer of these specs has no ONNX Runtime CPU export (``None``: it has one). Group sizes are
+    checked per layer (:func:`repack.nbits_block_reason`)."""
+    if weight.format in UNSUPPORTED_WEIGHTS:
+        return (f"weight format {weight.format}: {UNSUPPORTED_WEIGHTS[weight.format]}; supported weight formats: "
+                f"{', '.join(SUPPORTED_WEIGHTS)}")
+    if weight.format not in SUPPORTED_WEIGHTS:
+        return f"weight format {weight.format}: no ONNX Runtime export; supported: {', '.join(SUPPORTED_WEIGHTS)}"
+    if activation is None:
+        return None
+    if not (activation.format == "int8" and activation.symmetric and activation.group_size == 0 and activation.dynamic):
+        return (f"activations {activation.encode()}: ONNX Runtime 1.32 has no CPU op computing them (fake-quantizing "
+                f"them in float ops would only simulate the format); supported activation quantization: "
+                f"{SUPPORTED_ACTIVATIONS}")
+    if not (weight.format == "int8" and weight.symmetric and weight.group_size == 0):
+        return f"W8A8 weights {weight.short()}: MatMulInteger takes symmetric per-channel int8 weights (int8-pc)"
+    return None
+
+
+def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm`` (modules, graph, metadata) sharing its parameter and buffer tensors."""
+    memo = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
+    return copy.deepcopy(gm, memo)
+
+
+# ----------------------------------------------------------------------------- norms, scales, rotations
+def rms_norm_onnx(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``qcompile::rms_norm`` for float32 ``x`` in the form ONNX Runtime fuses into SimplifiedLayerNormalization."""
+    y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+def layer_norm_onnx(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``qcompile::layer_norm`` as ``aten.layer_norm`` (ONNX LayerNormalization)."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def channel_scale_onnx(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``qcompile::channel_scale``: a Mul."""
+    return x * scale.to(x.dtype)
+
+
+def hadamard_onnx(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float,
+                  *sylvester: torch.Tensor) -> torch.Tensor:
+    """``qcompile::hadamard_transform`` (``formats.orthogonal.hadamard_transform``): ``sylvester`` are the
+    ±1 factors ``H_{2^c}`` of ``H_p``, applied from the lowest digit up."""
+    n = x.shape[-1]
+    m = block.shape[0] if block is not None else 1
+    y = x.float()
+    if signs is not None:
+        y = y * signs.float()
+    done = 1
+    for h in sylvester:
+        s = h.shape[0]
+        y = torch.matmul(h, y.reshape(-1, s, done * m))
+        done *= s
+    y = y.reshape(-1, n // m, m)
+    if block is not None:
+        y = torch.matmul(y, block.float())
+    return (y * scale).reshape(x.shape).to(x.dtype)
+
+
+def _sylvester_factors(p: int) -> list[int]:
+    bits, sizes = p.bit_length() - 1, []
+    while bits > 0:
+        c = min(SYLVESTER_CHUNK_BITS, bits)
+        sizes.append(1 << c)
+        bits -= c
+    return sizes
+
+
+def _lower_hadamard(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, signs, block, scale = node.args
+    n = x.meta["val"].shape[-1]
+    m = block.meta["val"].shape[0] if isinstance(block, fx.Node) else 1
+    p = n // m
+    if n % m or not is_power_of_two(p):
+        raise OnnxExportError(f"node {node.name}: hadamard_transform over {n} with block {m} (not a power of two times the block)")
+    factors = []
+    for s in _sylvester_factors(p):
+        target = f"onnx_export.sylvester_{s}"
+        if not hasattr(gm, "onnx_export") or not hasattr(gm.onnx_export, f"sylvester_{s}"):
+            factors.append(add_get_attr(gm, target, hadamard_matrix(s).float(), before=node))
+        else:
+            with gm.graph.inserting_before(node):
+                factors.append(gm.graph.get_attr(target))
+    node.target = hadamard_onnx
+    node.args = (x, signs, block, scale, *factors)
+
+
+# ----------------------------------------------------------------------------- quantized linears
+def _describe(w: repack.NBitsWeight | repack.IntegerWeight | repack.DequantizeWeight, qt: QuantizedTensor) -> str:
+    if isinstance(w, repack.NBitsWeight):
+        extra = ", zero_points" if w.zero_points is not None else ""
+        container = ", int3 in 4-bit containers" if qt.spec.bits == 3 else ""
+        return f"MatMulNBits(bits={w.bits}, block_size={w.block_size}{extra}{container})"
+    if isinstance(w, repack.IntegerWeight):
+        return "QuantizeLinear(uint8, per token) + MatMulInteger"
+    layout = f"block_size={w.block_size}" if w.block_size else "per column"
+    return f"DequantizeLinear({str(w.data.dtype).removeprefix('torch.')}, {layout}) + MatMul"
+
+
+def _lower_linear(gm: fx.GraphModule, node: fx.Node, accuracy_level: int) -> LayerExport:
+    path = module_path(node) or node.name
+    call = QuantizedLinearCall.from_node(node)
+    resolved = call.resolve(gm)
+    qt = resolved.quantized_weight()
+    x = call.x
+    dtype = x.meta["val"].dtype if isinstance(x, fx.Node) and "val" in x.meta else torch.float32
+    if dtype != torch.float32:
+        raise OnnxExportError(f"layer {path}: takes {str(dtype).removeprefix('torch.')} inputs; the ONNX export "
+                              "handles float32 graphs (compile the model in float32)")
+    reason = spec_unsupported_reason(qt.spec, call.act_spec)
+    if reason is None and call.act_spec is None and qt.spec.format in repack.NBITS_FORMATS:
+        block_reason = repack.nbits_block_reason(qt)
+        if block_reason is not None:
+            reason = f"weight {qt.spec.short()}: {block_reason}"
+    if reason is not None:
+        raise OnnxExportError(f"layer {path}: {reason}")
+
+    def attr(suffix: str, value: torch.Tensor) -> fx.Node:
+        return add_get_attr(gm, f"{path}.onnx_{suffix}" if path else f"onnx_{suffix}", value, before=node)
+
+    if call.act_spec is not None:
+        w = repack.to_matmul_integer(qt)
+        args = (x, attr("b", w.b), attr("b_scale", w.scale), call.bias, call.act_spec.scale_dtype)
+        target = INT8_DYNAMIC_MATMUL
+    elif qt.spec.format in repack.NBITS_FORMATS:
+        w = repack.to_matmul_nbits(qt)
+        zp = attr("zero_points", w.zero_points) if w.zero_points is not None else None
+        args = (x, attr("b", w.b), attr("scales", w.scales), zp, call.bias, w.k, w.n, w.bits, w.block_size,
+                accuracy_level)
+        target = MATMUL_NBITS
+    else:
+        w = repack.to_dequantize_linear(qt)
+        args = (x, attr("data", w.data), attr("scale", w.scale), call.bias, w.block_size)
+        target = DEQUANTIZE_MATMUL
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    old_inputs = [a for a in (call.qdata, call.scale, call.zero, call.global_scale) if isinstance(a, fx.Node)]
+    gm.graph.erase_node(node)
+    for a in old_inputs:
+        if not a.users:
+            gm.graph.erase_node(a)
+    return LayerExport(path, qt.spec.short(), call.act_spec.encode() if call.act_spec else None, _describe(w, qt),
+                       qt.nbytes(), w.nbytes())
+
+
+def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
+    """The export graph of the compiled ``gm`` (see the module docstring); ``gm`` is not changed.
+    ``accuracy_level`` is MatMulNBits' attribute."""
+    out = shared_copy(gm)
+    layers, notes = [], []
+    for node in list(out.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if is_quantized_linear(node):
+            layers.append(_lower_linear(out, node, accuracy_level))
+        elif node.target == RMS_NORM:
+            node.target = rms_norm_onnx
+        elif node.target == LAYER_NORM:
+            node.target = layer_norm_onnx
+        elif node.target == CHANNEL_SCALE:
+            node.target = channel_scale_onnx
+        elif node.target == HADAMARD_TRANSFORM:
+            _lower_hadamard(out, node)
+    erase_dead_attrs(out)
+    out.recompile()
+    def note(text: str, paths: list[str]) -> None:
+        if paths:
+            shown = ", ".join(p or "(root)" for p in paths[:3])
+            notes.append(f"{text}: {shown}{f', ... ({len(paths)} layers)' if len(paths) > 3 else ''}")
+
+    note("int3 weights stored in 4-bit MatMulNBits containers (no 3-bit kernel; same values, 4 bits per weight)",
+         [layer.path for layer in layers if layer.weight.startswith("int3")])
+    if accuracy_level < 4:
+        note(f"8-bit MatMulNBits at accuracy_level {accuracy_level}: ONNX Runtime 1.32's CPU kernel has no float32 "
+             "8-bit path and dequantizes the weight on every call (MiniLM w8a16, 16 tokens: 3x float32's time); "
+             "accuracy_level=4 runs its int8 kernel (max rel err ~1e-2, docs/onnx-export.md)",
+             [layer.path for layer in layers if layer.onnx_op.startswith("MatMulNBits(bits=8")])
+    note("fp8/MXFP8 weights: ONNX Runtime runs DequantizeLinear on every call, then a float32 MatMul (no fused CPU "
+         "kernel)", [layer.path for layer in layers if layer.onnx_op.startswith("DequantizeLinear")])
+    return LoweredGraph(out, layers, notes)
