@@ -184,6 +184,10 @@ class OnnxModule(nn.Module):
         return None
 
     def _check_inputs(self, inputs: tuple) -> None:
+        """Types, ranks and static sizes as the graph declares them; dimensions sharing a symbolic
+        name (``batch``) are equal (under torch.export, ``torch._check`` tells the tracer so at once,
+        which keeps the shape expressions of later ops simple)."""
+        named: dict[str, tuple[str, int, Any]] = {}
         for spec, t in zip(self.input_specs, inputs):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{self.source}: input {spec.onnx_name!r} must be a tensor, got {type(t).__name__}")
@@ -197,6 +201,19 @@ class OnnxModule(nn.Module):
                 if isinstance(want, int) and isinstance(got, int) and want != got:
                     raise ValueError(f"{self.source}: input {spec.onnx_name!r} dim {i} is fixed at {want} by the ONNX "
                                      f"graph, got {got}")
+                if not isinstance(want, str):
+                    continue
+                if want not in named:
+                    named[want] = (spec.onnx_name, i, got)
+                    continue
+                first, j, size = named[want]
+                message = f"{self.source}: input {spec.onnx_name!r} dim {i} and input {first!r} dim {j} are both " \
+                          f"{want!r} in the ONNX graph, but differ ({got} and {size})"
+                if isinstance(got, int) and isinstance(size, int):
+                    if got != size:
+                        raise ValueError(message)
+                else:
+                    torch._check(got == size, lambda message=message: message)
 
     def example_inputs(self, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ, seed: int = 0) -> dict[str, torch.Tensor]:
         """Inputs built from the graph inputs' names and types, by ``forward`` parameter name: static
@@ -295,6 +312,15 @@ class _Tree:
             owner = None
         return True
 
+    def holds(self, path: str, value: torch.Tensor) -> bool:
+        """Whether ``path`` already names ``value`` itself (a weight a linear or norm shares)."""
+        owner, _, leaf = path.rpartition(".")
+        try:
+            module = self.root.get_submodule(owner) if owner else self.root
+        except AttributeError:
+            return False
+        return getattr(module, leaf, None) is value
+
     def place(self, path: str, value: nn.Module | torch.Tensor, fallback: str) -> str:
         """Put ``value`` (a module, a Parameter, or a buffer tensor) at ``path`` or a free variant."""
         candidates = [path] + [f"{path}_{i}" for i in range(1, 100)] + [fallback] + [f"{fallback}_{i}" for i in range(1, 10_000)]
@@ -348,6 +374,8 @@ class _Builder:
         root._steps, root._outputs, root._weightless = [], (), b""
         self.tree = _Tree(root)
         self.graph = graph
+        self.layers = {id(n): self._linear(n) if n.op_type == LINEAR else self._norm(n)
+                       for n in graph.nodes if n.op_type in (LINEAR, LAYER_NORM, RMS_NORM)}  # before other tensors
         steps = [self._step(node) for node in graph.nodes]
         outputs = tuple(self._ref(name) for name in graph.outputs)
         _mark_free(steps, outputs)
@@ -391,7 +419,7 @@ class _Builder:
         t = self.graph.consts[name]
         value = self._shared(name, t)
         path = name if name in self.graph.initializers and is_module_path(name) else f"onnx_constants.{_flat(name)}"
-        attr = self.tree.place(path, value, f"onnx_constants.{_flat(name)}")
+        attr = path if self.tree.holds(path, value) else self.tree.place(path, value, f"onnx_constants.{_flat(name)}")
         self.attr_of[name] = attr
         self.used_weights.add(name)
         return attr
@@ -422,11 +450,8 @@ class _Builder:
     # ------------------------------------------------------------------ steps
     def _step(self, node: Node) -> _Step:
         label = node.describe(self.loaded.opset)
-        if node.op_type == LINEAR:
-            path = self._linear(node)
-        elif node.op_type in (LAYER_NORM, RMS_NORM):
-            path = self._norm(node)
-        else:
+        path = self.layers.get(id(node))
+        if path is None:
             return _Step(node.op_type, None, tuple(self._ref(i) for i in node.inputs), tuple(node.outputs), node.attrs, label)
         return _Step(node.op_type, path, (self._ref(node.inputs[0]),), tuple(node.outputs), {}, label)
 

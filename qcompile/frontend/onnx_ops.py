@@ -361,7 +361,42 @@ def _reshape(ctx: OpContext, inputs: list, attrs: dict) -> Value:
         if len(shape) > 1 or (shape and shape[0] not in (-1, len(x.values))):
             raise ctx.fail(f"Reshape of a shape value to {shape} is not supported")
         return HostTensor(x.values, x.dtype, scalar=not shape)
-    return x.reshape(shape)
+    return x.reshape(_infer_size(list(x.shape), shape))
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    if is_concrete(a) and is_concrete(b):
+        return a == b
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return False
+
+
+def _infer_size(dims: list, shape: list) -> list:
+    """``shape`` with its -1 replaced by the product of the input dimensions it stands for, found by
+    matching the dimensions before and after it to the input's (torch's own inference divides
+    symbolic sizes, which is slow and can fail to simplify under torch.export); unchanged where no
+    such match is found."""
+    if sum(1 for d in shape if is_concrete(d) and d == -1) != 1:
+        return shape
+    i = next(k for k, d in enumerate(shape) if is_concrete(d) and d == -1)
+    head = 0
+    while head < min(i, len(dims)) and _same_size(dims[head], shape[head]):
+        head += 1
+    tail = 0
+    while tail < min(len(shape) - i - 1, len(dims) - head) and _same_size(dims[-1 - tail], shape[-1 - tail]):
+        tail += 1
+    rest_in = dims[head:len(dims) - tail]
+    rest_out = shape[head:i] + shape[i + 1:len(shape) - tail]
+    if rest_out and not all(is_concrete(d) for d in rest_out + rest_in):
+        return shape
+    size = math.prod(rest_in)
+    if rest_out:
+        den = math.prod(rest_out)
+        if den == 0 or size % den:
+            return shape
+        size //= den
+    return shape[:i] + [size] + shape[i + 1:]
 
 
 @op("Flatten")
