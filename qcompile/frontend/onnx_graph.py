@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from qcompile.frontend.onnx_load import SCOPE_KEY
 from qcompile.frontend.onnx_ops import NOT_FOLDED, OPS, OpContext, UnsupportedOnnxNode
 from qcompile.frontend.onnx_values import HostTensor, to_tensor
 
@@ -91,7 +92,7 @@ def attribute_values(node: Any, where: str, tensor_from_proto: Any) -> dict[str,
 def node_scope(node: Any) -> str | None:
     """The module path an exporter recorded for ``node`` (dynamo metadata, or a TorchScript-style name)."""
     for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
+        if p.key == SCOPE_KEY:
             try:
                 scopes = ast.literal_eval(p.value)
             except (ValueError, SyntaxError):

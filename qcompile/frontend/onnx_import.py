@@ -405,6 +405,8 @@ class _Builder:
             attrs = attribute_values(n, self.where, tensor_from_proto)
             if n.op_type in MULTI_OUTPUT:
                 attrs["_outputs"] = len(n.output)
+            if n.op_type == "ConstantOfShape" and "value" in attrs:  # a Python value: no tensor op at trace time
+                attrs["value"] = host_from_tensor(attrs["value"].reshape(-1)[:1].reshape(()))
             nodes.append(Node(n.op_type, n.name, list(n.input), list(n.output), attrs, node_scope(n)))
         deps: dict[str, set[str]] = {name: {name} for name in initializers}
         runtime = fold_constants(nodes, consts, origins, self.where, self.loaded.opset, deps)

@@ -28,6 +28,8 @@ WEIGHTS_KEY = "qcompile.weights"
 """Metadata of a weight-less graph (an artifact's ``onnx_graph.onnx``): the graph inputs that
 stand for initializers stripped from it (their values live in the artifact's tensors)."""
 _CHECK_DOMAIN = "qcompile.onnx_runtime_contrib"
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+"""Node metadata torch.onnx's dynamo exporter writes: the module scopes a node ran in."""
 
 
 class OnnxImportError(ValueError):
@@ -201,6 +203,12 @@ def weightless_copy(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     g = out.graph
     g.name = model.graph.name
     g.node.extend(model.graph.node)
+    for node in g.node:  # keep the module scopes (layer paths), drop stack traces and the like
+        kept_props = [(p.key, p.value) for p in node.metadata_props if p.key == SCOPE_KEY]
+        del node.metadata_props[:]
+        for key, value in kept_props:
+            node.metadata_props.add(key=key, value=value)
+        node.doc_string = ""
     g.input.extend(model.graph.input)
     g.output.extend(model.graph.output)
     g.value_info.extend(model.graph.value_info)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qcompile.frontend.onnx_values import (
     HOST_BINARY,
@@ -212,8 +213,7 @@ def _mean(ctx: OpContext, inputs: list, attrs: dict) -> Value:
 def _where(ctx: OpContext, inputs: list, attrs: dict) -> Value:
     c, a, b = inputs
     if _all_host([c, a, b]):
-        return host_map(lambda cond, x, y: torch.sym_ite(cond, x, y) if not is_concrete(cond) else (x if cond else y),
-                        a.dtype, c, a, b)
+        return host_map(_pick, a.dtype, c, a, b)
     cond = _tensor(c, ctx)
     rank = max(cond.dim(), _rank(a), _rank(b))
     x = as_operand(a, rank, ctx.device) if isinstance(a, HostTensor) else a
@@ -221,6 +221,18 @@ def _where(ctx: OpContext, inputs: list, attrs: dict) -> Value:
     out = torch.where(cond, x, y)
     dtype = _dtype_of(a)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def _pick(cond: Any, x: Any, y: Any) -> Any:
+    """``x if cond else y`` without a guard where the shape environment already knows ``cond``
+    (``s == -1`` for a size ``s``, as the TorchScript exporter writes around ``Expand``)."""
+    if is_concrete(cond):
+        return x if cond else y
+    if statically_known_true(cond):
+        return x
+    if statically_known_true(torch.sym_not(cond)):
+        return y
+    return x if cond else y
 
 
 def _unary(torch_fn: Callable, py_fn: Callable | None = None) -> Handler:
@@ -518,8 +530,8 @@ def _tile(ctx: OpContext, inputs: list, attrs: dict) -> Value:
 @op("ConstantOfShape")
 def _constant_of_shape(ctx: OpContext, inputs: list, attrs: dict) -> Value:
     shape = ints(inputs[0], "ConstantOfShape shape")
-    value = attrs.get("value")
-    fill = value.reshape(-1)[0].item() if value is not None else 0.0
+    value = attrs.get("value")  # a one-element HostTensor (the importer converts the attribute)
+    fill = value.item if value is not None else 0.0
     dtype = value.dtype if value is not None else torch.float32
     if all(is_concrete(d) for d in shape) and len(shape) <= 1 and math.prod(shape) <= HOST_MAX_ELEMENTS \
             and not dtype.is_floating_point:
