@@ -14,7 +14,7 @@ from qcompile.artifact import ONNX_GRAPH
 from qcompile.compiled import CompiledModel, build_manifest
 from qcompile.formats import QuantSpec
 from qcompile.frontend.inputs import split_inputs
-from qcompile.frontend.onnx_import import OnnxModule
+from qcompile.frontend.onnx_import import OnnxModule, import_onnx
 from qcompile.frontend.torch_export import export_model
 from qcompile.ir.interpret import run_recording
 from qcompile.models import transformers_description
@@ -81,8 +81,6 @@ def _onnx_model(model: Any, example_inputs: Any, example_kwargs: Mapping | None)
     """An ONNX source imported as a module (``frontend/onnx_import.py``), its example inputs (built
     from the graph inputs when none are given) and the import's notes for the report."""
     if _is_onnx_source(model):
-        from qcompile.frontend.onnx_import import import_onnx
-
         model = import_onnx(model)
     if not isinstance(model, OnnxModule):
         if example_inputs is None and not example_kwargs:

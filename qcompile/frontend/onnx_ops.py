@@ -580,7 +580,14 @@ def _pad(ctx: OpContext, inputs: list, attrs: dict) -> Value:
         raise ctx.fail(f"Pad mode {mode!r} is not supported")
     if mode == "constant":
         return F.pad(x, flat, value=value)
-    return F.pad(x, flat, mode=modes[mode])
+    for a, (lo, hi) in per_axis.items():  # torch pads non-constant modes on trailing dims only: one axis at a time
+        if is_concrete(lo) and is_concrete(hi) and lo == hi == 0:
+            continue
+        moved = x.movedim(a, -1)
+        shape = list(moved.shape)
+        padded = F.pad(moved.reshape(-1, 1, shape[-1]), [lo, hi], mode=modes[mode])
+        x = padded.reshape(shape[:-1] + [padded.shape[-1]]).movedim(-1, a)
+    return x
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -604,7 +611,7 @@ def _gather(ctx: OpContext, inputs: list, attrs: dict) -> Value:
         idx = to_tensor(indices, data.device)
         return torch.index_select(data, axis, _normalize_indices(idx, data.shape[axis]))
     if axis == 0 and data.dim() == 2 and data.is_floating_point():
-        return F.embedding(indices, data)  # a table lookup, as torch models write it
+        return F.embedding(_normalize_indices(indices, data.shape[0]), data)  # a table lookup, as torch models write it
     idx = _normalize_indices(indices, data.shape[axis])
     flat = torch.index_select(data, axis, idx.reshape(-1))
     return flat.reshape(list(data.shape[:axis]) + list(indices.shape) + list(data.shape[axis + 1:]))

@@ -341,3 +341,15 @@ def test_a_constant_weight_not_taken_as_a_linear_is_said():
     with pytest.warns(UserWarning, match=r"node 'bmm' \(MatMul, opset 17\): a constant weight of shape \[2, 4, 4\]"):
         module = import_onnx(model)
     assert isinstance(module, OnnxModule) and not any(isinstance(m, torch.nn.Linear) for m in module.modules())
+
+
+def test_a_norm_the_importer_does_not_recognize_is_said():
+    """A mean over axis 0 is no norm op the passes know: it runs as plain ops, and the import says so."""
+    w, eps, two = _const("ln.weight", np.ones(8, np.float32)), _const("eps", np.float32(1e-5)), _const("two", np.float32(2))
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[0]),
+             helper.make_node("Add", ["ms", "eps"], ["v"]), helper.make_node("Sqrt", ["v"], ["r"], name="root"),
+             helper.make_node("Div", ["x", "r"], ["n"]), helper.make_node("Mul", ["n", "ln.weight"], ["y"])]
+    model = _model(nodes, [_vi("x", [3, 8])], [_vi("y", [3, 8])], [w, eps, two])
+    with pytest.warns(UserWarning, match=r"node 'root' \(Sqrt, opset 17\) computes a norm the importer did not recognize"):
+        module = import_onnx(model)
+    assert module.import_notes[0] == "0 linear layer(s) and 0 norm(s) recognized"
