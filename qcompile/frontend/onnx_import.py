@@ -12,6 +12,7 @@ elsewhere, and dynamic batch/sequence dimensions (shape subgraphs run as Python 
 
 from __future__ import annotations
 
+import itertools
 import keyword
 import os
 import re
@@ -323,7 +324,8 @@ class _Tree:
 
     def place(self, path: str, value: nn.Module | torch.Tensor, fallback: str) -> str:
         """Put ``value`` (a module, a Parameter, or a buffer tensor) at ``path`` or a free variant."""
-        candidates = [path] + [f"{path}_{i}" for i in range(1, 100)] + [fallback] + [f"{fallback}_{i}" for i in range(1, 10_000)]
+        candidates = itertools.chain([path], (f"{path}_{i}" for i in range(1, 100)), [fallback],
+                                     (f"{fallback}_{i}" for i in itertools.count(1)))
         for cand in candidates:
             parts = cand.split(".")
             if not self._free(parts):
@@ -340,7 +342,7 @@ class _Tree:
             else:
                 owner.register_buffer(parts[-1], value, persistent=True)
             return cand
-        raise OnnxImportError(f"no free module path for {path!r}")
+        raise AssertionError("unreachable: the fallback candidates are endless")
 
 
 class _Builder:
