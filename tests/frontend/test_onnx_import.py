@@ -366,3 +366,8 @@ def test_a_norm_the_importer_does_not_recognize_is_said():
     with pytest.warns(UserWarning, match=r"node 'root' \(Sqrt, opset 17\) computes a norm the importer did not recognize"):
         module = import_onnx(model)
     assert module.import_notes[0] == "0 linear layer(s) and 0 norm(s) recognized"
+
+
+def test_a_torch_model_still_needs_example_inputs():
+    with pytest.raises(TypeError, match="example_inputs is required for a torch model"):
+        qcompile.compile(torch.nn.Linear(4, 4), progress=False)
