@@ -264,7 +264,8 @@ def _identifier(name: str, taken: set[str]) -> str:
     base, i = ident, 1
     while ident in taken:
         ident, i = f"{base}_{i}", i + 1
-    assert ident.isidentifier() and not keyword.iskeyword(ident)
+    if not ident.isidentifier() or keyword.iskeyword(ident):  # the forward is generated source: identifiers only
+        raise OnnxImportError(f"graph input {name!r} cannot be made a Python parameter name")
     taken.add(ident)
     return ident
 

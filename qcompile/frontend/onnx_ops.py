@@ -490,24 +490,19 @@ def _slice(ctx: OpContext, inputs: list, attrs: dict) -> Value:
         if axes not in ([0], [-1]) or x.scalar:
             raise ctx.fail("Slice of a shape value along an axis other than 0")
         return HostTensor(x.values[slice(starts[0], ends[0], steps[0])], x.dtype)
-    index: list[Any] = [slice(None)] * rank
-    flips = []
-    for s, e, a, st in zip(starts, ends, axes, steps):
+    for st, e, a, step in zip(starts, ends, axes, steps):
         a = _axis(a, rank)
-        if not is_concrete(st) or st == 0:
-            raise ctx.fail(f"Slice step {st} is not supported")
-        if st > 0:
-            index[a] = slice(s, e, st)
+        if not is_concrete(step) or step == 0:
+            raise ctx.fail(f"Slice step {step} is not supported")
+        if step > 0:  # aten.slice clamps like ONNX (and Python) for a positive step
+            x = torch.ops.aten.slice.Tensor(x, a, st, e, step)
             continue
-        if not (is_concrete(s) and is_concrete(e) and is_concrete(x.shape[a])):
+        if not (is_concrete(st) and is_concrete(e) and is_concrete(x.shape[a])):
             raise ctx.fail("Slice with a negative step needs static starts, ends and dimension")
         dim = x.shape[a]
-        lo, hi = _clamp_index(e, dim, st, False) + 1, _clamp_index(s, dim, st, True) + 1
-        flips.append(a)
-        index[a] = slice(dim - hi, dim - lo, -st)
-    if flips:
-        x = torch.flip(x, flips)
-    return x[tuple(index)]
+        lo, hi = _clamp_index(e, dim, step, False) + 1, _clamp_index(st, dim, step, True) + 1
+        x = torch.ops.aten.slice.Tensor(torch.flip(x, [a]), a, dim - hi, dim - lo, -step)
+    return x
 
 
 @op("Expand")

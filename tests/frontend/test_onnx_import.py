@@ -242,6 +242,27 @@ def test_wrong_inputs_are_named(tiny_exports):
         module(batch["input_ids"], batch["attention_mask"][:, :5])
 
 
+def test_constant_subgraphs_are_folded_and_weights_stay_the_initializers():
+    """``Transpose(W)`` feeding a MatMul and a shape computed from an initializer run at import time:
+    the linear's weight is ``W`` itself, and only the linear and the reshape are left to run."""
+    w = _const("proj.weight", np.arange(12, dtype=np.float32).reshape(3, 4))  # [out, in], as torch stores it
+    nodes = [helper.make_node("Transpose", ["proj.weight"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["h"]),
+             helper.make_node("Shape", ["proj.weight"], ["ws"]), helper.make_node("Gather", ["ws", "zero"], ["n"]),
+             helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]), helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    model = _model(nodes, [_vi("x", [2, 4])], [_vi("y", [3, 2])],
+                   [w, _const("zero", np.int64(0)), _const("zero1", np.array([0])), _const("minus1", np.array([-1]))])
+    module = import_onnx(model)
+    assert [s.op_type for s in module._steps] == ["qcompile.Linear", "Reshape"]
+    (weight,) = module.parameters()  # the initializer, once: no transposed copy
+    assert module.get_submodule("proj").weight is weight
+    assert torch.equal(weight, torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    x = torch.randn(2, 4)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(module(x).numpy(), session.run(None, {"x": x.numpy()})[0], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- norms
 def _model(nodes, inputs, outputs, initializers, opset=17, domains=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
