@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -9,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import qcompile.passes  # noqa: F401  (registers the built-in passes)
+from qcompile.artifact import ONNX_GRAPH
 from qcompile.compiled import CompiledModel, build_manifest
 from qcompile.formats import QuantSpec
 from qcompile.frontend.inputs import split_inputs
+from qcompile.frontend.onnx_import import OnnxModule, import_onnx
 from qcompile.frontend.torch_export import export_model
 from qcompile.ir.interpret import run_recording
 from qcompile.models import transformers_description
@@ -23,6 +26,8 @@ from qcompile.report import LayerReport, Report, layer_reports
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
+    import onnx
+
     from qcompile.onnx_export import ExportReport
 
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
@@ -68,9 +73,32 @@ def _notes(tgt: Target, layers: Sequence[LayerReport] = ()) -> list[str]:
     return notes
 
 
+def _is_onnx_source(model: Any) -> bool:
+    """A path (to an ``.onnx`` file) or an ``onnx.ModelProto``, told apart without importing onnx."""
+    return isinstance(model, (str, os.PathLike)) or (
+        type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"))
+
+
+def _onnx_model(model: Any, example_inputs: Any, example_kwargs: Mapping | None) -> tuple[Any, Any, list[str]]:
+    """An ONNX source imported as a module (``frontend/onnx_import.py``), its example inputs (built
+    from the graph inputs when none are given) and the import's notes for the report."""
+    if _is_onnx_source(model):
+        model = import_onnx(model)
+    if not isinstance(model, OnnxModule):
+        if example_inputs is None and not example_kwargs:
+            raise TypeError(f"compile({type(model).__name__}, ...): example_inputs is required for a torch model "
+                            "(only an ONNX model's inputs can be built from its graph)")
+        return model, example_inputs, []
+    notes = list(model.import_notes[1:])
+    if example_inputs is None and not example_kwargs:
+        example_inputs = model.example_inputs()
+        notes.append(model.describe_example_inputs(example_inputs))
+    return model, example_inputs, notes
+
+
 def compile(  # noqa: A001 - the public name is the point
-    model: torch.nn.Module,
-    example_inputs: Any,
+    model: torch.nn.Module | str | os.PathLike | onnx.ModelProto,
+    example_inputs: Any = None,
     target: str | Target = "cpu",
     recipe: str | Recipe | None = None,
     *,
@@ -86,11 +114,15 @@ def compile(  # noqa: A001 - the public name is the point
     """Quantize and lower ``model`` for ``target``.
 
     Args:
-        model: any ``nn.Module`` torch.export can trace (transformers models included).
+        model: any ``nn.Module`` torch.export can trace (transformers models included), or an
+            ONNX model: a path to an ``.onnx`` file or an ``onnx.ModelProto``, imported by
+            ``frontend/onnx_import.py`` (its graph inputs become ``forward``'s parameters, in order).
         example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword
             arguments (e.g. a tokenizer's output). Used to trace, to measure errors and to
             verify exact passes. Batch and sequence dimensions stay dynamic whatever their sizes
-            here (where the model allows; the report's notes name any static dimension).
+            here (where the model allows; the report's notes name any static dimension). May be
+            omitted for an ONNX model: inputs are built from the graph inputs' names and types
+            (``OnnxModule.example_inputs``: batch 2, sequence 16; a report note says so).
         target: ``cpu``, ``ampere``, ``hopper``, ``blackwell``, or ``ort-cpu`` / ``ort-cuda`` for
             ``export_onnx`` (see ``qcompile.TARGETS``).
         recipe: a name from ``qcompile.RECIPES``; default: the target's default recipe.
@@ -112,6 +144,7 @@ def compile(  # noqa: A001 - the public name is the point
     rcp = get_recipe(recipe if recipe is not None else tgt.default_recipe)
     if overrides:
         rcp = rcp.with_overrides(dict(overrides))
+    model, example_inputs, import_notes = _onnx_model(model, example_inputs, example_kwargs)
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     if verify == "auto":
         verify = sum(p.numel() for p in model.parameters()) <= VERIFY_AUTO_MAX_PARAMS
@@ -145,11 +178,13 @@ def compile(  # noqa: A001 - the public name is the point
                  "nodes": [r.nodes_before, r.nodes_after], "verified_rel_error": r.verified_error,
                  "stats": r.stats} for r in pm.records],
         notes=_notes(tgt, layers) + [note for r in pm.records for note in (r.stats or {}).get("notes", [])]
-        + [f"calibration: {calib.source}"] * (calibration is not None),
+        + [f"calibration: {calib.source}"] * (calibration is not None) + import_notes,
     )
     manifest = build_manifest(exported, tgt, rcp, dict(overrides or {}), pm.passes)
     if (hf := transformers_description(model)) is not None:
         manifest["transformers"] = hf  # what a standalone load rebuilds the architecture from
+    if isinstance(model, OnnxModule):
+        manifest["onnx"] = {"graph": ONNX_GRAPH}  # the artifact stores the weight-less graph to rebuild from
     cm = CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=tgt, recipe=rcp, report=report,
                        manifest=manifest, model=model)
     report.notes[:0] = _shape_notes(exported, cm)

@@ -45,7 +45,9 @@ WEIGHTS = "weights.safetensors"
 REPORT = "report.json"
 CONFIG = "config.json"
 COMPRESSED_TENSORS = "model.safetensors"
-ARTIFACT_FILES = (MANIFEST, WEIGHTS, REPORT, CONFIG, COMPRESSED_TENSORS)
+ONNX_GRAPH = "onnx_graph.onnx"
+"""An ONNX-imported model's graph without its weights (they are in ``weights.safetensors``)."""
+ARTIFACT_FILES = (MANIFEST, WEIGHTS, REPORT, CONFIG, COMPRESSED_TENSORS, ONNX_GRAPH)
 
 DTYPES = {name: getattr(torch, name) for name in (
     "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
@@ -98,10 +100,11 @@ SCHEMA = {
     "layers": {str: _LAYER}, "source": (str, None),
     "transformers": {"class": str, "init_kwargs": {str: (bool, int, float, str)}},
     "buffers": [str],
+    "onnx": {"graph": OneOf(ONNX_GRAPH)},
 }
 """The manifest's shape: objects (exact key sets), ``{str: v}`` maps, ``[v]`` lists, tuples of
 alternatives (``None`` = null), types and the leaves above."""
-OPTIONAL = {"source", "transformers", "buffers"}
+OPTIONAL = {"source", "transformers", "buffers", "onnx"}
 
 
 def _check(value: Any, schema: Any, where: str) -> None:
@@ -249,6 +252,7 @@ def save(cm: CompiledModel, path: str | Path, *, compressed_tensors: bool = Fals
         manifest["transformers"] = {"class": hf["class"], "init_kwargs": hf["init_kwargs"]}
     validate_manifest(json.loads(json.dumps(manifest)))  # what load will demand, checked at save
     config = dict(hf["config"]) if hf is not None else None
+    onnx_graph = _onnx_graph(cm) if "onnx" in manifest else None
     layout = None
     if compressed_tensors:
         from qcompile.compressed_tensors_layout import to_compressed_tensors
@@ -268,12 +272,24 @@ def save(cm: CompiledModel, path: str | Path, *, compressed_tensors: bool = Fals
     if layout is not None:
         save_file(layout.tensors, str(out / COMPRESSED_TENSORS), metadata={"format": "pt"})
         written.add(COMPRESSED_TENSORS)
+    if onnx_graph is not None:
+        (out / ONNX_GRAPH).write_bytes(onnx_graph)
+        written.add(ONNX_GRAPH)
     if cm.report() is not None:
         (out / REPORT).write_text(cm.report().to_json())
         written.add(REPORT)
     for stale in set(ARTIFACT_FILES) - written:  # left by an earlier artifact in the same directory
         (out / stale).unlink(missing_ok=True)
     return out
+
+
+def _onnx_graph(cm: CompiledModel) -> bytes:
+    """The weight-less ONNX graph an ONNX-imported model's architecture is rebuilt from."""
+    graph = getattr(cm.architecture, "weightless_graph", None)
+    if graph is None:
+        raise ArtifactError(f"the manifest says {cm.manifest.get('model_class')} was imported from ONNX, but the "
+                            "compiled model holds no ONNX architecture to save")
+    return graph()
 
 
 # ----------------------------------------------------------------------------- load
@@ -421,6 +437,8 @@ def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs:
                 raise ArtifactError(str(e)) from None
         manifest["transformers"] = {**hf, "config": {k: v for k, v in config.items() if k != "quantization_config"}}
 
+    if model is None and "onnx" in manifest:
+        model = _onnx_architecture(root / ONNX_GRAPH)
     args = kwargs = None
     if model is None:
         source = manifest.get("source")
@@ -439,6 +457,19 @@ def load(path: str | Path, model: torch.nn.Module | None = None, example_inputs:
     elif args is None:
         args, kwargs = inputs_from_manifest(manifest["example_inputs"])
     return rebuild(manifest, state, model, args, kwargs, report=read_report(root), root=root)
+
+
+def _onnx_architecture(path: Path) -> torch.nn.Module:
+    """The architecture of an ONNX-imported model from the artifact's weight-less graph (weights on meta)."""
+    from qcompile.frontend.onnx_import import OnnxImportError, import_onnx
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: the manifest names an ONNX-imported model, whose architecture is "
+                            "rebuilt from it")
+    try:
+        return import_onnx(path)
+    except OnnxImportError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: torch.nn.Module, args: tuple,

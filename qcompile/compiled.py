@@ -76,6 +76,12 @@ class CompiledModel:
                 key = self._signature.bind(*traced).key
                 self._primary = (key, inputs)
 
+    @property
+    def architecture(self) -> torch.nn.Module | None:
+        """The model's architecture without weights (parameters on the meta device) that re-traces
+        use; ``None`` when no model was given."""
+        return self._skeleton
+
     def input_dims(self) -> GraphInputs | None:
         """The compiled graph's argument form and input dimensions (static sizes, limits)."""
         return self._primary[1] if self._primary is not None else None

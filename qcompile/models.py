@@ -25,10 +25,15 @@ class ModelSourceError(ValueError):
 
 
 def check_model_dir(source: str) -> Path:
-    """``source`` as a model directory, or a :class:`ModelSourceError` that tells a missing path,
-    a file, an empty directory, a directory without ``config.json`` or without weights apart."""
+    """``source`` as a model directory (or an ``.onnx`` file), or a :class:`ModelSourceError` that
+    tells a missing path, a file, an empty directory, a directory without ``config.json`` or
+    without weights apart."""
     path = Path(source)
     builtins = f"builtin models: {', '.join(BUILTINS)}"
+    if path.suffix.lower() == ".onnx" and not path.is_dir():
+        if not path.is_file():
+            raise ModelSourceError(f"model {source!r}: no such ONNX file")
+        return path
     if not path.exists():
         raise ModelSourceError(f"model {source!r}: no such directory (and not a builtin; {builtins})")
     if not path.is_dir():
@@ -75,16 +80,26 @@ def model_class(name: str, where: str) -> type:
 
 
 def load_source(source: str, seq_len: int = 16, batch: int = 2) -> tuple[torch.nn.Module, tuple, dict]:
-    """(model, example args, example kwargs) for a builtin name or a model directory.
+    """(model, example args, example kwargs) for a builtin name, a model directory or an ONNX file.
 
     A directory needs a ``config.json`` whose first ``architectures`` entry picks the
     transformers class. Examples come from its tokenizer if it has one, else random ids.
-    Raises :class:`ModelSourceError` (before any weight is read) for an unusable source.
+    An ``.onnx`` file is imported (``frontend/onnx_import.py``); its examples are built from the
+    graph inputs (``OnnxModule.example_inputs``). Raises :class:`ModelSourceError` (before any
+    weight is read) for an unusable source.
     """
     if source == DEMO_NAME:
         model, _, enc = load_minilm()
         return model, (), enc
     path = check_model_dir(source)
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        from qcompile.frontend.onnx_import import OnnxImportError, import_onnx
+
+        try:
+            module = import_onnx(path)
+        except OnnxImportError as e:
+            raise ModelSourceError(str(e)) from None
+        return module, (), module.example_inputs(batch=batch, seq=seq_len)
     import transformers
 
     try:
