@@ -3,10 +3,6 @@ match ONNX Runtime, trace into the canonical graph, and compile like the torch m
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -25,40 +21,10 @@ from qcompile.ir.ops import LAYER_NORM, LINEAR, RMS_NORM  # noqa: E402
 from qcompile.passes import PassContext  # noqa: E402
 from qcompile.recipes import get_recipe  # noqa: E402
 from qcompile.targets import get_target  # noqa: E402
+from tests.onnx_files import export_onnx_file, token_inputs  # noqa: E402
 from tests.tiny_models import VOCAB, tiny_model  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "gpt2", "bert")
-
-
-def _token_inputs(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    mask[0, -2:] = 0  # padding exercises the attention-mask subgraph
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _export(model: torch.nn.Module, inputs: dict, path, dynamo: bool = True, opset: int | None = None) -> str:
-    """``model(**inputs)`` exported by torch.onnx with dynamic batch and sequence."""
-    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-    pinned = {"use_cache": False} if causal else {}  # a DynamicCache output cannot be exported
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-            spec = {k: {0: batch, 1: seq} for k in inputs} | {k: None for k in pinned}
-            torch.onnx.export(model, (), str(path), kwargs={**inputs, **pinned}, dynamo=True, dynamic_shapes=spec)
-        else:  # the TorchScript exporter traces positional arguments: bind them by name for transformers
-            names = list(inputs)
-            forward = type(model).forward
-            model.forward = lambda *args: forward(model, **dict(zip(names, args)), **pinned, return_dict=False)[0]
-            try:
-                torch.onnx.export(model, tuple(inputs.values()), str(path), dynamo=False, input_names=names,
-                                  output_names=["out"], dynamic_axes={k: {0: "batch", 1: "seq"} for k in names},
-                                  opset_version=opset or 17)
-            finally:
-                del model.forward
-    return str(path)
 
 
 def assert_matches_ort(got: np.ndarray, want: np.ndarray, deep: bool) -> None:
@@ -90,7 +56,7 @@ def tiny_exports(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         model = tiny_model(family, layers=1)
-        out[family] = (model, _export(model, _token_inputs(2, 8), root / f"{family}.onnx"))
+        out[family] = (model, export_onnx_file(model, token_inputs(2, 8), root / f"{family}.onnx"))
     return out
 
 
@@ -101,21 +67,21 @@ def minilm(tmp_path_factory):
 
     model, _, enc = load_minilm(max_sentences=8)
     root = tmp_path_factory.mktemp("minilm")
-    return model, enc, _export(model, enc, root / "dynamo.onnx"), _export(model, enc, root / "legacy.onnx", dynamo=False)
+    return model, enc, export_onnx_file(model, enc, root / "dynamo.onnx"), export_onnx_file(model, enc, root / "legacy.onnx", dynamo=False)
 
 
 @pytest.fixture(scope="module")
 def legacy_bert(tmp_path_factory):
     """Tiny BERT through the TorchScript exporter at opset 14 (which decomposes LayerNorm)."""
     model = tiny_model("bert", layers=1)
-    return model, _export(model, _token_inputs(2, 8), tmp_path_factory.mktemp("legacy") / "bert14.onnx", dynamo=False,
+    return model, export_onnx_file(model, token_inputs(2, 8), tmp_path_factory.mktemp("legacy") / "bert14.onnx", dynamo=False,
                           opset=14)
 
 
 def _source(name, tiny_exports, minilm):
     if name in FAMILIES:
         model, path = tiny_exports[name]
-        return model, path, _token_inputs(2, 8), _token_inputs(3, 5, seed=1)
+        return model, path, token_inputs(2, 8), token_inputs(3, 5, seed=1)
     model, enc, dynamo, legacy = minilm
     other = {k: v[:3, :11] for k, v in enc.items()}
     return model, dynamo if name == "minilm" else legacy, enc, other
@@ -153,7 +119,7 @@ def test_traced_graph_is_canonical_and_stays_dynamic(tiny_exports, legacy_bert):
     the dynamo exporter's Llama and the TorchScript exporter's BERT (opset 14: shape subgraphs of
     Shape/Gather/Unsqueeze/Concat/ConstantOfShape/Equal/Where/Expand, decomposed LayerNorm)."""
     for (model, path), norm_op, norms in ((tiny_exports["llama"], RMS_NORM, 3), (legacy_bert, LAYER_NORM, 3)):
-        exported = export_model(import_onnx(path), (), _token_inputs(2, 8))
+        exported = export_model(import_onnx(path), (), token_inputs(2, 8))
         assert exported.dynamic and exported.shape_fallback is None
         gm = exported.gm
         Canonicalize().run(gm, PassContext((), {}, get_target("cpu"), get_recipe("w4a16")))
@@ -163,7 +129,7 @@ def test_traced_graph_is_canonical_and_stays_dynamic(tiny_exports, legacy_bert):
         linears = [n for n in gm.graph.nodes if n.target == LINEAR and n.args[1].op == "get_attr"]
         paths = {n.meta["qcompile.module_path"] for n in linears}
         assert paths == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        other = _token_inputs(3, 5, seed=1)
+        other = token_inputs(3, 5, seed=1)
         assert_matches_ort(_first(gm(**other)).detach().numpy(), _ort(path, other), deep=False)
 
 
@@ -193,7 +159,7 @@ def test_compile_takes_inputs_by_name_or_position_and_builds_examples(tiny_expor
     _, path = tiny_exports["bert"]
     cm = qcompile.compile(path, recipe="w8a16", progress=False)  # no example inputs: built from the graph
     assert any("example inputs built from the ONNX graph inputs" in n for n in cm.report().notes)
-    batch = _token_inputs(3, 6)
+    batch = token_inputs(3, 6)
     by_name = cm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert torch.equal(_first(by_name), _first(cm(batch["input_ids"], batch["attention_mask"])))
     examples = import_onnx(path).example_inputs()
@@ -206,7 +172,7 @@ def test_compile_from_a_model_proto_leaves_it_unchanged(tiny_exports):
     _, path = tiny_exports["llama"]
     proto = onnx.load(path)
     before = proto.SerializeToString()
-    cm = qcompile.compile(proto, _token_inputs(2, 8), recipe="w8a16", progress=False, verify=False)
+    cm = qcompile.compile(proto, token_inputs(2, 8), recipe="w8a16", progress=False, verify=False)
     assert proto.SerializeToString() == before
     assert "model.layers.0.mlp.down_proj" in {layer.path for layer in cm.report().layers}
 
@@ -215,14 +181,14 @@ def test_saved_artifact_loads_without_the_onnx_file(tiny_exports, tmp_path):
     _, path = tiny_exports["gpt2"]
     copy = tmp_path / "model.onnx"
     onnx.save(onnx.load(path), str(copy))
-    cm = qcompile.compile(str(copy), _token_inputs(2, 8), recipe="w4a16", progress=False)
+    cm = qcompile.compile(str(copy), token_inputs(2, 8), recipe="w4a16", progress=False)
     cm.save(tmp_path / "art")
     copy.unlink()
     graph = onnx.load(str(tmp_path / "art" / ONNX_GRAPH))
     assert max(len(t.SerializeToString()) for t in graph.graph.initializer) < 1024  # no weights, only shape constants
     assert len(graph.SerializeToString()) < 40_000
     loaded = qcompile.load(tmp_path / "art")
-    batch = _token_inputs(3, 5, seed=2)
+    batch = token_inputs(3, 5, seed=2)
     assert torch.equal(_first(loaded(**batch)), _first(cm(**batch)))
 
 
@@ -235,7 +201,7 @@ def test_cli_compiles_an_onnx_file(tiny_exports, tmp_path):
 
 def test_wrong_inputs_are_named(tiny_exports):
     module = import_onnx(tiny_exports["bert"][1])
-    batch = _token_inputs(2, 8)
+    batch = token_inputs(2, 8)
     with pytest.raises(TypeError, match="input 'attention_mask' must be int64"):
         module(batch["input_ids"], batch["attention_mask"].float())
     with pytest.raises(ValueError, match="'attention_mask' dim 1 and input 'input_ids' dim 1 are both 'seq'"):
@@ -322,7 +288,7 @@ def test_decomposed_layer_norm_of_the_torchscript_exporter(legacy_bert):
     assert "LayerNormalization" not in {n.op_type for n in onnx.load(path).graph.node}
     module = import_onnx(path)
     assert module.import_notes[0] == "6 linear layer(s) and 3 norm(s) recognized"
-    inputs = _token_inputs(2, 8)
+    inputs = token_inputs(2, 8)
     assert_matches_ort(_first(module(**inputs)).numpy(), _ort(path, inputs), deep=False)
 
 
