@@ -90,15 +90,21 @@ class CompiledModel:
         """Run the compiled model: the original model's arguments, positional or keyword, bound to its
         ``forward`` signature (a new call structure is re-traced once, with a warning); under
         ``torch.no_grad``."""
+        gm, call_args, call_kwargs = self.graph_call(args, kwargs)
+        with torch.no_grad():
+            return gm(*call_args, **call_kwargs)
+
+    def graph_call(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, tuple, dict]:
+        """The graph that serves a call of the model with ``(args, kwargs)`` and the call in that
+        graph's argument form, shapes checked: what ``__call__`` runs (a new call structure is
+        re-traced once, with a warning). Exporters (``export_onnx``) trace the same graph."""
         if self._primary is None:  # no signature to bind to: the graph's own calling convention
-            with torch.no_grad():
-                return self.graph_module(*args, **{**self.pinned_kwargs, **kwargs})
+            return self.graph_module, tuple(args), {**self.pinned_kwargs, **kwargs}
         call = self._signature.bind(args, kwargs)
         gm, inputs = self._graph_for(call)
         call_args, call_kwargs = self._signature.arguments(call, inputs.form)
         inputs.check(call_args, call_kwargs)
-        with torch.no_grad():
-            return gm(*call_args, **call_kwargs)
+        return gm, call_args, call_kwargs
 
     forward = __call__
 

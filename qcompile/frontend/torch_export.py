@@ -143,7 +143,7 @@ def export_model(
         if skeleton else (args, kwargs)
     with _eval_mode(model), _bound_forward(model, baked), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal noise
-        ep, used_dynamic, fallback = _export_with_fallbacks(model, trace_args, trace_kwargs, dynamic)
+        ep, used_dynamic, fallback = export_with_fallbacks(model, trace_args, trace_kwargs, dynamic)
     gm = ep.module()
     if skeleton:
         _retarget_meta_devices(gm, _input_device(args, kwargs))
@@ -155,7 +155,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, spec: dict | None
         return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
 
 
-def _export_with_fallbacks(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool
+def export_with_fallbacks(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool
                            ) -> tuple[torch.export.ExportedProgram, bool, str | None]:
     """(program, traced with dynamic dims, why a fallback was taken or None)."""
     name = type(model).__name__

@@ -34,7 +34,7 @@ from qcompile.codegen.quantized_linear import reference_quantized_linear
 from qcompile.compiled import CompiledModel
 from qcompile.formats import QuantSpec
 from qcompile.frontend.inputs import split_inputs
-from qcompile.frontend.torch_export import _export_with_fallbacks
+from qcompile.frontend.torch_export import export_with_fallbacks
 from qcompile.ir.interpret import flat_inputs
 from qcompile.onnx_export.lowering import (
     LayerExport,
@@ -128,19 +128,6 @@ class ExportReport:
 
 
 # ----------------------------------------------------------------------------- inputs and reference
-def _graph_call(cm: CompiledModel, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, tuple, dict]:
-    """The compiled graph for this call structure and the call in its argument form (the binding
-    ``CompiledModel.__call__`` does; a new structure is re-traced once, with its warning)."""
-    signature, primary = getattr(cm, "_signature", None), getattr(cm, "_primary", None)
-    if signature is None or primary is None:
-        return cm.graph_module, args, {**cm.pinned_kwargs, **kwargs}
-    call = signature.bind(args, kwargs)
-    gm, inputs = cm._graph_for(call)
-    call_args, call_kwargs = signature.arguments(call, inputs.form)
-    inputs.check(call_args, call_kwargs)
-    return gm, call_args, call_kwargs
-
-
 def _reference_linear(*args: Any) -> torch.Tensor:
     call = QuantizedLinearCall.from_op_args(args)
     qt = call.quantized_weight()
@@ -325,7 +312,7 @@ def export_onnx(
         precheck_recipe(rcp, compile_kwargs.get("overrides"))
         cm = qcompile.compile(model_or_compiled, args, target=tgt, recipe=rcp, example_kwargs=kwargs, **compile_kwargs)
 
-    gm, call_args, call_kwargs = _graph_call(cm, args, kwargs)
+    gm, call_args, call_kwargs = cm.graph_call(args, kwargs)
     lowered = lower_for_onnx(gm, level)
     ref_gm = reference_graph(gm)
     with torch.no_grad():
@@ -336,7 +323,7 @@ def export_onnx(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*training mode.*", category=UserWarning)
-        ep, _, _ = _export_with_fallbacks(lowered.gm, call_args, call_kwargs, True)
+        ep, _, _ = export_with_fallbacks(lowered.gm, call_args, call_kwargs, True)
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=TRANSLATIONS, opset_version=OPSET,
                                     optimize=True, verbose=False)
     model = program.model
