@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compile)
     e = sub.add_parser("export-onnx", parents=[common],
                        help="compile a model and write it as an ONNX file for ONNX Runtime (docs/onnx-export.md)")
-    e.add_argument("model", help="a Hugging Face model directory, 'minilm' (the embedded all-MiniLM-L6-v2), or what "
-                   "else the model loader reads (an .onnx file, with the ONNX importer)")
+    e.add_argument("model", help="a Hugging Face model directory, 'minilm' (the embedded all-MiniLM-L6-v2), "
+                   "or an .onnx file (imported, then compiled)")
     e.add_argument("--out", required=True, help="the .onnx file to write (its directory must exist; nothing is "
                    "written on failure)")
     e.add_argument("--target", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
