@@ -34,7 +34,8 @@ class ClipSearch(WeightQuantizer):
 
     Options (recorded in the manifest): ``objective`` (``"mse"``, ``"hessian_diag"``,
     ``"hessian"``; default ``"mse"``), ``ratios`` (clipping ratios of the group's range, 1.0 …
-    0.5), ``asym_pairs`` (asymmetric integers: search the low and high ends independently, True).
+    0.5), ``asym_pairs`` (asymmetric integers: search the low and high ends independently,
+    ``len(ratios)²`` candidates, instead of one ratio for both; False).
     """
 
     method = "rtn-clip"
@@ -43,7 +44,7 @@ class ClipSearch(WeightQuantizer):
                   "os_shift", "smooth_quant", "awq", "awq_clip")
     """The exact rewrites and clipping that change the weights it rounds come first."""
 
-    def __init__(self, objective: str = "mse", ratios: Sequence[float] = DEFAULT_RATIOS, asym_pairs: bool = True):
+    def __init__(self, objective: str = "mse", ratios: Sequence[float] = DEFAULT_RATIOS, asym_pairs: bool = False):
         if objective not in OBJECTIVES:
             raise ValueError(f"clip_search: objective must be one of {', '.join(map(repr, OBJECTIVES))}, "
                              f"got {objective!r}")

@@ -9,8 +9,8 @@ error (as in the GPTQ reference code's ``mse`` option, llama.cpp's quantizers an
 search):
 
 - candidates: the group's range scaled by ``r`` for every ``r`` in ``ratios`` (symmetric:
-  ``±r·max|w|``; asymmetric integers: ``[r_lo·min, r_hi·max]`` for every pair of ratios, or the
-  same ratio at both ends with ``asym_pairs=False``). Each candidate grid is the one the formats
+  ``±r·max|w|``; asymmetric integers: ``[r·min, r·max]``, or ``[r_lo·min, r_hi·max]`` for every
+  pair of ratios with ``asym_pairs=True``). Each candidate grid is the one the formats
   library's own ``quantize`` derives from the clipped group (so the scale is rounded to its stored
   dtype and an asymmetric zero point is an integer: every candidate is a grid the format stores);
 - objectives, per row ``n`` and group ``g`` with ``d = w − Q(w)`` on the group's columns:
@@ -108,7 +108,7 @@ def _group_errors(d: torch.Tensor, objective: str, hdiag: torch.Tensor | None,
 
 def search_grid(weight: torch.Tensor, spec: QuantSpec, *, objective: str = "mse",
                 hessian: torch.Tensor | None = None, ratios: Sequence[float] = DEFAULT_RATIOS,
-                asym_pairs: bool = True) -> tuple[QuantizedTensor, GridSearchInfo]:
+                asym_pairs: bool = False) -> tuple[QuantizedTensor, GridSearchInfo]:
     """The grid (per row and group) minimising ``objective`` over the clipping ``ratios``, and
     ``weight`` rounded to it.
 

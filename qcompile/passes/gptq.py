@@ -62,9 +62,14 @@ class GPTQ(WeightQuantizer):
     error-minimising clipped grid searched per row and group by ``clip_search_math.search_grid``
     with that objective: ``"mse"``, ``"hessian_diag"`` or ``"hessian"``, on the layer's Hessian as
     GPTQ sees it; docs/clip-search.md), ``grid_ratios`` (the clipping ratios searched),
+    ``grid_asym_pairs`` (asymmetric formats: search the two ends of the range independently,
+    ``len(grid_ratios)²`` candidates instead of one shared ratio; False),
     ``targets`` (``"quantized"``: GPTQ's own objective, each layer fitted to its outputs on the
     inputs the quantized earlier layers give it; ``"float"``: fitted to the float model's outputs,
-    ``gptq_math.float_target``, with the inputs of both models captured by ``gptq_targets``).
+    ``gptq_math.float_target``, with the inputs of both models captured by ``gptq_targets``),
+    ``bias_correction`` (with float targets: each linear's bias becomes the least-squares bias for
+    its quantized weight, ``b + W·mean(x) − Q·mean(x̃)``, so that its outputs' mean on the
+    calibration rows is the float model's; linears without a bias are left so and counted; False).
     """
 
     method = "gptq"
@@ -72,7 +77,8 @@ class GPTQ(WeightQuantizer):
     needs_hessian = True
 
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True, grid: str = "minmax",
-                 grid_ratios: Sequence[float] = DEFAULT_RATIOS, targets: str = "quantized"):
+                 grid_ratios: Sequence[float] = DEFAULT_RATIOS, grid_asym_pairs: bool = False,
+                 targets: str = "quantized", bias_correction: bool = False):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"gptq: block_size must be an int >= 1, got {block_size!r}")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
@@ -87,14 +93,24 @@ class GPTQ(WeightQuantizer):
         self.block_size, self.damp, self.act_order = block_size, float(damp), act_order
         if targets not in TARGETS:
             raise ValueError(f"gptq: targets must be one of {', '.join(map(repr, TARGETS))}, got {targets!r}")
-        self.grid, self.grid_ratios, self.targets = grid, ratios, targets
+        if not isinstance(grid_asym_pairs, bool):
+            raise ValueError(f"gptq: grid_asym_pairs must be True or False, got {grid_asym_pairs!r}")
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f"gptq: bias_correction must be True or False, got {bias_correction!r}")
+        if bias_correction and targets != "float":
+            raise ValueError("gptq: bias_correction=True needs targets='float' (it matches the float model's mean "
+                             "outputs, which only the paired capture measures)")
+        self.grid, self.grid_ratios, self.grid_asym_pairs, self.targets = grid, ratios, grid_asym_pairs, targets
+        self.bias_correction = bias_correction
 
     def options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
         if self.grid != "minmax":
-            out.update(grid=self.grid, grid_ratios=list(self.grid_ratios))
+            out.update(grid=self.grid, grid_ratios=list(self.grid_ratios), grid_asym_pairs=self.grid_asym_pairs)
         if self.targets != "quantized":
             out["targets"] = self.targets
+        if self.bias_correction:
+            out["bias_correction"] = True
         return out
 
     def static_grid(self, weight: torch.Tensor, decision: LayerDecision,
@@ -105,7 +121,8 @@ class GPTQ(WeightQuantizer):
             return None, None
         w = weight.clone()
         w[:, torch.diagonal(hessian) == 0] = 0.0
-        return search_grid(w, decision.weight, objective=self.grid, hessian=hessian, ratios=self.grid_ratios)
+        return search_grid(w, decision.weight, objective=self.grid, hessian=hessian, ratios=self.grid_ratios,
+                           asym_pairs=self.grid_asym_pairs)
 
     def gptq(self, weight: torch.Tensor, decision: LayerDecision,
              stats: ActivationStats | PairedStats | None) -> tuple[QuantizedTensor, GPTQInfo, GridSearchInfo | None]:
@@ -133,8 +150,13 @@ class GPTQ(WeightQuantizer):
         if ctx.progress is not None:
             ctx.progress.start_layers(f"{self.label} ({self.method.upper()})", len(todo))
         originals: dict[str, torch.Tensor] = {}  # float weights by target, before GPTQ wrote any
+        biases: dict[str, fx.Node] = {}  # linear name → its bias attribute, where bias correction rewrites it
         if self.targets == "float":
             originals = {n.args[1].target: get_attr(gm, n.args[1].target) for n, _ in todo}
+            if self.bias_correction:
+                biases = _writable_biases(gm, [n for n, _ in todo])
+                originals.update({b.target: get_attr(gm, b.target) for b in biases.values()})
+        biasless = 0
         errors, ratios, input_errors, dead, captures = [], [], [], 0, 0
         wrote = False
         for group in groups:
@@ -169,6 +191,12 @@ class GPTQ(WeightQuantizer):
                           "proxy_loss_rtn": info.proxy_loss_rtn, "proxy_loss_gptq": info.proxy_loss_gptq}
                 if isinstance(s, PairedStats):
                     record["input_error"] = s.input_error
+                if self.bias_correction:
+                    if node.name in biases:
+                        record["bias_shift"] = _correct_bias(gm, biases[node.name], originals, w, qt, s)
+                        wrote = True
+                    else:
+                        biasless += 1
                 if grid_info is not None:
                     record["grid"] = {"objective": grid_info.objective, "error_ratio": grid_info.error_ratio,
                                       "mean_ratio_lo": grid_info.mean_ratio_lo,
@@ -196,7 +224,37 @@ class GPTQ(WeightQuantizer):
             out["mean_proxy_loss_ratio"] = float(torch.tensor(ratios).mean())
         if input_errors:
             out["mean_input_error"] = float(torch.tensor(input_errors).mean())
+        if self.bias_correction:
+            out["bias_corrected"] = len(biases)
+            if biasless:
+                out["notes"] = [f"gptq bias_correction: {biasless} quantized linear(s) have no bias of their own "
+                                "(or share it), left uncorrected"]
         return PassResult(bool(todo), out)
+
+
+def _writable_biases(gm: fx.GraphModule, linears: list[fx.Node]) -> dict[str, fx.Node]:
+    """Linear name → its bias ``get_attr`` node, for linears whose bias nothing else reads."""
+    readers: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers[n.target] = readers.get(n.target, 0) + len(n.users)
+    out = {}
+    for lin in linears:
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        if isinstance(bias, fx.Node) and bias.op == "get_attr" and readers.get(bias.target) == 1:
+            out[lin.name] = bias
+    return out
+
+
+def _correct_bias(gm: fx.GraphModule, bias: fx.Node, originals: dict[str, torch.Tensor], weight: torch.Tensor,
+                  qt: QuantizedTensor, stats: PairedStats) -> float:
+    """Write ``b + W·mean(x) − Q·mean(x̃)`` as the bias; returns ``‖Δb‖ / ‖W·mean(x)‖``."""
+    b = originals[bias.target]
+    shift = weight.double() @ stats.mean.double().to(weight.device) - \
+        dequantize(qt).double().to(weight.device) @ stats.mean_quantized.double().to(weight.device)
+    set_attr(gm, bias.target, (b.double() + shift.to(b.device)).to(b.dtype))
+    ref = float((weight.double() @ stats.mean.double().to(weight.device)).norm())
+    return float(shift.norm()) / max(ref, 1e-30)
 
 
 def _groups_by_input(todo: list[tuple[fx.Node, LayerDecision]]) -> list[list[tuple[fx.Node, LayerDecision]]]:

@@ -32,14 +32,16 @@ class PairedStats:
     """One layer input's statistics over the calibration set, both runs.
 
     ``hessian``: ``Σ x̃ᵀx̃`` (the quantized model's inputs); ``cross``: ``Σ (x − x̃)ᵀ x̃``
-    (``x``: the float model's inputs on the same rows); ``sample``: up to ``sample_rows`` evenly
-    spaced rows of ``x̃`` (for the layer's output error in the report); ``input_error``:
-    ``‖X − X̃‖ / ‖X‖`` over every row.
+    (``x``: the float model's inputs on the same rows); ``mean`` / ``mean_quantized``: the mean
+    row of ``x`` / ``x̃``; ``sample``: up to ``sample_rows`` evenly spaced rows of ``x̃`` (for the
+    layer's output error in the report); ``input_error``: ``‖X − X̃‖ / ‖X‖`` over every row.
     """
 
     rows: int
     hessian: torch.Tensor
     cross: torch.Tensor
+    mean: torch.Tensor
+    mean_quantized: torch.Tensor
     sample: torch.Tensor
     input_error: float
 
@@ -92,8 +94,8 @@ def paired_stats(gm: fx.GraphModule, nodes: list[fx.Node], float_weights: Mappin
     ``float_weights`` (attribute target → float tensor) bound in their place."""
     source_of = {n.name: n.args[0].name for n in nodes if isinstance(n.args[0], fx.Node)}
     sources = set(source_of.values())
-    acc: dict[str, dict[str, Any]] = {s: {"rows": 0, "h": None, "c": None, "samples": [], "err": 0.0, "ref": 0.0}
-                                      for s in sources}
+    acc: dict[str, dict[str, Any]] = {s: {"rows": 0, "h": None, "c": None, "sx": 0.0, "sxq": 0.0, "samples": [],
+                                          "err": 0.0, "ref": 0.0} for s in sources}
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(calibration.batches):
             try:
@@ -108,6 +110,8 @@ def paired_stats(gm: fx.GraphModule, nodes: list[fx.Node], float_weights: Mappin
                 c = (x - xq).t().double() @ xq.double()
                 a["h"] = h if a["h"] is None else a["h"] + h
                 a["c"] = c if a["c"] is None else a["c"] + c
+                a["sx"] = a["sx"] + x.double().sum(0)
+                a["sxq"] = a["sxq"] + xq.double().sum(0)
                 a["rows"] += xq.shape[0]
                 a["err"] += float((x - xq).double().pow(2).sum())
                 a["ref"] += float(x.double().pow(2).sum())
@@ -115,6 +119,8 @@ def paired_stats(gm: fx.GraphModule, nodes: list[fx.Node], float_weights: Mappin
     out = {}
     for src, a in acc.items():
         sample = torch.cat(a["samples"])
-        out[src] = PairedStats(a["rows"], a["h"].float(), a["c"].float(), sample[_evenly_spaced(sample.shape[0], sample_rows)],
+        rows = max(a["rows"], 1)
+        out[src] = PairedStats(a["rows"], a["h"].float(), a["c"].float(), (a["sx"] / rows).float(),
+                               (a["sxq"] / rows).float(), sample[_evenly_spaced(sample.shape[0], sample_rows)],
                                (a["err"] / max(a["ref"], 1e-30)) ** 0.5)
     return {name: out[src] for name, src in source_of.items()}

@@ -71,20 +71,22 @@ def test_search_lowers_the_error_it_minimises(name, objective):
     assert torch.equal(again.data, qt.data) and torch.equal(again.scale, qt.scale)
 
 
-def test_each_group_gets_the_best_candidate():
+@pytest.mark.parametrize("asym_pairs", [False, True])
+def test_each_group_gets_the_best_candidate(asym_pairs):
     """Against a brute force over the same candidates: every (row, group) error equals the least one."""
     spec = QuantSpec("int4", 32, symmetric=False)
     w, h = _layer(n=6, k=64)
     ratios = (1.0, 0.9, 0.8, 0.7)
-    qt, _ = search_grid(w, spec, objective="hessian", hessian=h, ratios=ratios)
+    qt, info = search_grid(w, spec, objective="hessian", hessian=h, ratios=ratios, asym_pairs=asym_pairs)
+    assert (info.mean_ratio_lo == info.mean_ratio_hi) != asym_pairs
     got = _objective(w, dequantize(qt), h, "hessian", 32)
     wg = w.reshape(6, 2, 32)
     best = torch.full_like(got, float("inf"))
-    for r_lo in ratios:
-        for r_hi in ratios:
-            lo, hi = wg.amin(-1, keepdim=True).clamp_max(0) * r_lo, wg.amax(-1, keepdim=True).clamp_min(0) * r_hi
-            q = fake_quantize(torch.minimum(torch.maximum(wg, lo), hi).reshape(6, 64), spec)
-            best = torch.minimum(best, _objective(w, q, h, "hessian", 32))
+    pairs = [(a, b) for a in ratios for b in ratios] if asym_pairs else [(r, r) for r in ratios]
+    for r_lo, r_hi in pairs:
+        lo, hi = wg.amin(-1, keepdim=True).clamp_max(0) * r_lo, wg.amax(-1, keepdim=True).clamp_min(0) * r_hi
+        q = fake_quantize(torch.minimum(torch.maximum(wg, lo), hi).reshape(6, 64), spec)
+        best = torch.minimum(best, _objective(w, q, h, "hessian", 32))
     assert torch.allclose(got, best, rtol=1e-4, atol=1e-6)
 
 

@@ -56,6 +56,8 @@ def test_bad_shapes_are_named():
         float_target(w, h, h[:8, :8], 0.1)
     with pytest.raises(ValueError, match="targets"):
         GPTQ(targets="teacher")
+    with pytest.raises(ValueError, match="bias_correction=True needs targets='float'"):
+        GPTQ(bias_correction=True)
 
 
 class MLP(torch.nn.Module):
@@ -111,3 +113,34 @@ def test_pass_fits_later_layers_to_the_float_model(tmp_path, monkeypatch):
     probe = torch.randn(8, 32)
     with torch.no_grad():
         assert torch.equal(loaded(probe), cm(probe))
+
+
+def test_bias_correction_matches_the_float_mean_output():
+    model = MLP().eval()
+    calib = [torch.randn(96, 32) @ torch.randn(32, 32) + 0.5 for _ in range(2)]
+    gptq = GPTQ(block_size=16, damp=0.1, targets="float", bias_correction=True)
+    cm = qcompile.compile(model, torch.randn(4, 32), recipe="w4a16-g32", calibration=calib, progress=False,
+                          passes=["canonicalize", "assign_quant_specs", gptq, "lower"])
+    from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+    from qcompile.ir.graph import get_attr, module_path
+
+    gm = cm.graph_module
+    calls = {module_path(n): QuantizedLinearCall.from_node(n) for n in gm.graph.nodes if is_quantized_linear(n)}
+    bias = {p: get_attr(gm, c.bias.target) for p, c in calls.items()}
+    calls = {p: c.resolve(gm) for p, c in calls.items()}
+    x = torch.cat(calib)
+    qa = dequantize(calls["a"].quantized_weight())
+    ba = bias["a"]
+    a_w, a_b, b_w, b_b = (t.detach().double() for t in (model.a.weight, model.a.bias, model.b.weight, model.b.bias))
+    assert torch.allclose(ba.double(), a_b + (a_w - qa.double()) @ x.double().mean(0), atol=1e-5)
+    xq, xf = torch.relu(x @ qa.t() + ba), torch.relu(x @ model.a.weight.detach().t() + model.a.bias.detach())
+    qb = dequantize(calls["b"].quantized_weight()).double()
+    expected = b_b + b_w @ xf.double().mean(0) - qb @ xq.double().mean(0)
+    assert torch.allclose(bias["b"].double(), expected, atol=1e-4)
+    out = cm(x)  # the compiled model's mean output on the calibration rows is the float model's
+    with torch.no_grad():
+        assert torch.allclose(out.double().mean(0), model(x).double().mean(0), atol=1e-4)
+    stats = next(p for p in cm.report().to_dict()["passes"] if p["name"] == "gptq")["stats"]
+    assert stats["bias_corrected"] == 2
+    assert all(la.passes["gptq"]["bias_shift"] > 0 for la in cm.report().layers)
+    assert torch.equal(model.b.bias, MLP().b.bias)  # the user's model is untouched
