@@ -23,7 +23,7 @@ is. At load the results are restored from the artifact (inherited), GPTQ does no
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,8 +40,15 @@ from qcompile.ir.annotations import (
 from qcompile.ir.graph import get_attr, linear_nodes, module_path, set_attr
 from qcompile.passes.base import PassContext, PassResult, register_pass
 from qcompile.passes.calibration import ActivationStats
-from qcompile.passes.gptq_math import GPTQInfo, gptq_quantize
+from qcompile.passes.clip_search_math import DEFAULT_RATIOS, GridSearchInfo, search_grid
+from qcompile.passes.gptq_math import GPTQInfo, float_target, gptq_quantize
+from qcompile.passes.gptq_targets import PairedStats, paired_stats
 from qcompile.passes.weight_quantization import OUTPUT_ERROR_ROWS, WeightQuantizer, output_error
+
+TARGETS = ("quantized", "float")
+"""``GPTQ(targets=...)``: what each layer's output is fitted to (the class docstring)."""
+GRIDS = ("minmax", "mse", "hessian_diag", "hessian")
+"""``GPTQ(grid=...)``: the min/max grid, or a searched one with that objective (``clip_search_math``)."""
 
 
 @register_pass("gptq")
@@ -50,32 +57,84 @@ class GPTQ(WeightQuantizer):
 
     Options (recorded in the artifact's manifest): ``block_size`` (columns per lazy-update
     block, 128), ``damp`` (relative damping: ``damp · mean(diag H)`` is added to the diagonal,
-    0.01), ``act_order`` (process columns by decreasing ``diag H``, True).
+    0.01), ``act_order`` (process columns by decreasing ``diag H``, True), ``grid`` (the static
+    groups' scales: ``"minmax"``, each group's extremes as round-to-nearest takes them, or an
+    error-minimising clipped grid searched per row and group by ``clip_search_math.search_grid``
+    with that objective: ``"mse"``, ``"hessian_diag"`` or ``"hessian"``, on the layer's Hessian as
+    GPTQ sees it; docs/clip-search.md), ``grid_ratios`` (the clipping ratios searched),
+    ``grid_asym_pairs`` (asymmetric formats: search the two ends of the range independently,
+    ``len(grid_ratios)²`` candidates instead of one shared ratio; False),
+    ``targets`` (``"quantized"``: GPTQ's own objective, each layer fitted to its outputs on the
+    inputs the quantized earlier layers give it; ``"float"``: fitted to the float model's outputs,
+    ``gptq_math.float_target``, with the inputs of both models captured by ``gptq_targets``),
+    ``bias_correction`` (with float targets: each linear's bias becomes the least-squares bias for
+    its quantized weight, ``b + W·mean(x) − Q·mean(x̃)``, so that its outputs' mean on the
+    calibration rows is the float model's; linears without a bias are left so and counted; False).
     """
 
     method = "gptq"
     uses_calibration = True
     needs_hessian = True
 
-    def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True):
+    def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True, grid: str = "minmax",
+                 grid_ratios: Sequence[float] = DEFAULT_RATIOS, grid_asym_pairs: bool = False,
+                 targets: str = "quantized", bias_correction: bool = False):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"gptq: block_size must be an int >= 1, got {block_size!r}")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
             raise ValueError(f"gptq: damp must be a number >= 0, got {damp!r}")
         if not isinstance(act_order, bool):
             raise ValueError(f"gptq: act_order must be True or False, got {act_order!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"gptq: grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}")
+        ratios = tuple(float(r) for r in grid_ratios)
+        if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
+            raise ValueError(f"gptq: grid_ratios must be numbers in (0, 1], got {tuple(grid_ratios)!r}")
         self.block_size, self.damp, self.act_order = block_size, float(damp), act_order
+        if targets not in TARGETS:
+            raise ValueError(f"gptq: targets must be one of {', '.join(map(repr, TARGETS))}, got {targets!r}")
+        if not isinstance(grid_asym_pairs, bool):
+            raise ValueError(f"gptq: grid_asym_pairs must be True or False, got {grid_asym_pairs!r}")
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f"gptq: bias_correction must be True or False, got {bias_correction!r}")
+        if bias_correction and targets != "float":
+            raise ValueError("gptq: bias_correction=True needs targets='float' (it matches the float model's mean "
+                             "outputs, which only the paired capture measures)")
+        self.grid, self.grid_ratios, self.grid_asym_pairs, self.targets = grid, ratios, grid_asym_pairs, targets
+        self.bias_correction = bias_correction
 
     def options(self) -> dict[str, Any]:
-        return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
+        out: dict[str, Any] = {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
+        if self.grid != "minmax":
+            out.update(grid=self.grid, grid_ratios=list(self.grid_ratios), grid_asym_pairs=self.grid_asym_pairs)
+        if self.targets != "quantized":
+            out["targets"] = self.targets
+        if self.bias_correction:
+            out["bias_correction"] = True
+        return out
+
+    def static_grid(self, weight: torch.Tensor, decision: LayerDecision,
+                    hessian: torch.Tensor) -> tuple[QuantizedTensor | None, GridSearchInfo | None]:
+        """The searched grid of one layer (``None, None`` for ``grid="minmax"``): searched on the
+        weight with its dead input channels zeroed, as GPTQ zeroes them."""
+        if self.grid == "minmax":
+            return None, None
+        w = weight.clone()
+        w[:, torch.diagonal(hessian) == 0] = 0.0
+        return search_grid(w, decision.weight, objective=self.grid, hessian=hessian, ratios=self.grid_ratios,
+                           asym_pairs=self.grid_asym_pairs)
 
     def gptq(self, weight: torch.Tensor, decision: LayerDecision,
-             stats: ActivationStats | None) -> tuple[QuantizedTensor, GPTQInfo]:
-        """One layer: ``gptq_quantize`` with this pass's options."""
+             stats: ActivationStats | PairedStats | None) -> tuple[QuantizedTensor, GPTQInfo, GridSearchInfo | None]:
+        """One layer: the static grid (:meth:`static_grid`), then ``gptq_quantize`` with this
+        pass's options."""
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the input Hessian of the layer (no calibration statistics)")
-        return gptq_quantize(weight, stats.hessian.to(weight.device), decision.weight, block_size=self.block_size,
-                             damp=self.damp, act_order=self.act_order)
+        hessian = stats.hessian.to(weight.device)
+        grid, grid_info = self.static_grid(weight, decision, hessian)
+        qt, info = gptq_quantize(weight, hessian, decision.weight, block_size=self.block_size, damp=self.damp,
+                                 act_order=self.act_order, grid=grid)
+        return qt, info, grid_info
 
     def quantize_weight(self, weight: torch.Tensor, decision: LayerDecision,
                         stats: ActivationStats | None) -> QuantizedTensor:
@@ -91,14 +150,26 @@ class GPTQ(WeightQuantizer):
         if ctx.progress is not None:
             ctx.progress.start_layers(f"{self.label} ({self.method.upper()})", len(todo))
         originals: dict[str, torch.Tensor] = {}  # float weights by target, before GPTQ wrote any
-        errors, ratios, dead, captures = [], [], 0, 0
+        biases: dict[str, fx.Node] = {}  # linear name → its bias attribute, where bias correction rewrites it
+        if self.targets == "float":
+            originals = {n.args[1].target: get_attr(gm, n.args[1].target) for n, _ in todo}
+            if self.bias_correction:
+                biases = _writable_biases(gm, [n for n, _ in todo])
+                originals.update({b.target: get_attr(gm, b.target) for b in biases.values()})
+        biasless = 0
+        errors, ratios, input_errors, dead, captures = [], [], [], 0, 0
         wrote = False
         for group in groups:
             if wrote:
                 ctx.graph_version += 1  # earlier weights changed: the statistics cache is stale
                 wrote = False
-            with _quiet(ctx):  # the calibration bar would take over the layer bar
-                stats = ctx.activation_stats(gm, [n for n, _ in group], hessian=True, sample_rows=OUTPUT_ERROR_ROWS)
+            nodes = [n for n, _ in group]
+            if self.targets == "float":
+                stats: dict[str, ActivationStats | PairedStats] = dict(
+                    paired_stats(gm, nodes, originals, ctx.calibration, OUTPUT_ERROR_ROWS))
+            else:
+                with _quiet(ctx):  # the calibration bar would take over the layer bar
+                    stats = dict(ctx.activation_stats(gm, nodes, hessian=True, sample_rows=OUTPUT_ERROR_ROWS))
             captures += 1
             for node, decision in group:
                 path, target = module_path(node), node.args[1].target
@@ -107,14 +178,31 @@ class GPTQ(WeightQuantizer):
                     raise ValueError(f"linear {path}: expected a 2-D weight, got shape {tuple(weight.shape)}")
                 w = weight.detach().float()
                 s = stats[node.name]
+                fit = w
+                if isinstance(s, PairedStats):
+                    fit = float_target(w, s.hessian, s.cross, self.damp)
+                    input_errors.append(s.input_error)
                 try:
-                    qt, info = self.gptq(w, decision, s)
+                    qt, info, grid_info = self.gptq(fit, decision, s)
                 except ValueError as e:
                     raise ValueError(f"cannot quantize weight {target!r} ({path}) as {decision.weight.short()} "
                                      f"with GPTQ: {e}") from e
-                decision = decision.replace(extras={**decision.extras, self.name: {
-                    "damp": info.damp, "dead_channels": info.dead_channels,
-                    "proxy_loss_rtn": info.proxy_loss_rtn, "proxy_loss_gptq": info.proxy_loss_gptq}})
+                record = {"damp": info.damp, "dead_channels": info.dead_channels,
+                          "proxy_loss_rtn": info.proxy_loss_rtn, "proxy_loss_gptq": info.proxy_loss_gptq}
+                if isinstance(s, PairedStats):
+                    record["input_error"] = s.input_error
+                if self.bias_correction:
+                    if node.name in biases:
+                        record["bias_shift"] = _correct_bias(gm, biases[node.name], originals, w, qt, s)
+                        wrote = True
+                    else:
+                        biasless += 1
+                if grid_info is not None:
+                    record["grid"] = {"objective": grid_info.objective, "error_ratio": grid_info.error_ratio,
+                                      "mean_ratio_lo": grid_info.mean_ratio_lo,
+                                      "mean_ratio_hi": grid_info.mean_ratio_hi,
+                                      "clipped_fraction": grid_info.clipped_fraction}
+                decision = decision.replace(extras={**decision.extras, self.name: record})
                 set_decision(node, decision)
                 err = quantization_error(w, qt)
                 set_result(node, LayerResult(qt, decision.activation, self.method, float_dtype=str(weight.dtype),
@@ -134,7 +222,39 @@ class GPTQ(WeightQuantizer):
         if errors:
             out["mean_weight_rel_error"] = float(torch.tensor(errors).mean())
             out["mean_proxy_loss_ratio"] = float(torch.tensor(ratios).mean())
+        if input_errors:
+            out["mean_input_error"] = float(torch.tensor(input_errors).mean())
+        if self.bias_correction:
+            out["bias_corrected"] = len(biases)
+            if biasless:
+                out["notes"] = [f"gptq bias_correction: {biasless} quantized linear(s) have no bias of their own "
+                                "(or share it), left uncorrected"]
         return PassResult(bool(todo), out)
+
+
+def _writable_biases(gm: fx.GraphModule, linears: list[fx.Node]) -> dict[str, fx.Node]:
+    """Linear name → its bias ``get_attr`` node, for linears whose bias nothing else reads."""
+    readers: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers[n.target] = readers.get(n.target, 0) + len(n.users)
+    out = {}
+    for lin in linears:
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        if isinstance(bias, fx.Node) and bias.op == "get_attr" and readers.get(bias.target) == 1:
+            out[lin.name] = bias
+    return out
+
+
+def _correct_bias(gm: fx.GraphModule, bias: fx.Node, originals: dict[str, torch.Tensor], weight: torch.Tensor,
+                  qt: QuantizedTensor, stats: PairedStats) -> float:
+    """Write ``b + W·mean(x) − Q·mean(x̃)`` as the bias; returns ``‖Δb‖ / ‖W·mean(x)‖``."""
+    b = originals[bias.target]
+    shift = weight.double() @ stats.mean.double().to(weight.device) - \
+        dequantize(qt).double().to(weight.device) @ stats.mean_quantized.double().to(weight.device)
+    set_attr(gm, bias.target, (b.double() + shift.to(b.device)).to(b.dtype))
+    ref = float((weight.double() @ stats.mean.double().to(weight.device)).norm())
+    return float(shift.norm()) / max(ref, 1e-30)
 
 
 def _groups_by_input(todo: list[tuple[fx.Node, LayerDecision]]) -> list[list[tuple[fx.Node, LayerDecision]]]:

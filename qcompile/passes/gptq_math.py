@@ -97,12 +97,16 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = True) -> tuple[QuantizedTensor, GPTQInfo]:
+                  damp: float = 0.01, act_order: bool = True,
+                  grid: QuantizedTensor | None = None) -> tuple[QuantizedTensor, GPTQInfo]:
     """Quantize ``weight [N, K]`` to ``spec`` with GPTQ, given the input Hessian ``hessian [K, K]``.
 
-    Returns the quantized tensor (canonical layout, parameters from the original weight's groups,
-    ``dequantize`` gives GPTQ's weights exactly) and a :class:`GPTQInfo`. Raises ``ValueError``
-    for shapes that do not fit, non-finite inputs, or bad options.
+    ``grid``: the static groups' parameters (scales, zero points) to round to, e.g. an
+    error-minimising grid from ``clip_search_math.search_grid`` (its spec and shape must be
+    ``spec`` and ``weight``'s; its codes are not used); default: ``quantize``'s min/max parameters
+    of the original weight's groups. Returns the quantized tensor (canonical layout, ``dequantize``
+    gives GPTQ's weights exactly) and a :class:`GPTQInfo`. Raises ``ValueError`` for shapes that do
+    not fit, non-finite inputs, or bad options.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
@@ -128,9 +132,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
 
-    # Static groups: the parameters of the (dead-zeroed) original weight, before any update.
+    # Static groups: the given grid, or the parameters of the (dead-zeroed) original weight.
+    if grid is not None and (grid.spec != spec or tuple(grid.shape) != (n, k)):
+        raise ValueError(f"the grid is {grid.spec.short()} {tuple(grid.shape)}, the weight needs "
+                         f"{spec.short()} {(n, k)}")
     params_qt = quantize(w, spec)
-    grid = FixedGrid(params_qt)
+    grid = FixedGrid(grid.to(w.device) if grid is not None else params_qt)
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
@@ -167,3 +174,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                     proxy_loss_gptq=proxy_loss(w_orig, dequantize(qt), h_orig),
                     act_order=act_order, block_size=block_size)
     return qt, info
+
+
+def float_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight GPTQ should approach so that the layer matches the *float* model's outputs:
+    ``W̃ = W + W·Δ·(H̃ + λI)⁻¹`` with ``H̃ = Σ x̃ᵀx̃`` (the quantized model's inputs), ``Δ = Σ (x − x̃)ᵀx̃``
+    (``x``: the float model's inputs on the same rows) and ``λ = damp · mean(diag H̃)``, GPTQ's own
+    damping. Undamped, ``min_Q ‖XWᵀ − X̃Qᵀ‖² = tr((Q − W̃) H̃ (Q − W̃)ᵀ) + const``; ``Δ = 0`` (no
+    earlier error) gives ``W̃ = W`` exactly. Float64 inside, returned in ``weight``'s dtype."""
+    n, k = weight.shape
+    if tuple(hessian.shape) != (k, k) or tuple(cross.shape) != (k, k):
+        raise ValueError(f"the Hessian {tuple(hessian.shape)} and the cross term {tuple(cross.shape)} must both be "
+                         f"({k}, {k}) for a weight with K={k}")
+    h = hessian.double().to(weight.device)
+    lam = max(damp * float(torch.diagonal(h).mean()), 1e-12 * max(float(torch.diagonal(h).max()), 1e-30))
+    a = h + lam * torch.eye(k, dtype=h.dtype, device=h.device)
+    m = weight.double() @ cross.double().to(weight.device)
+    return (weight.double() + torch.linalg.solve(a, m.t()).t()).to(weight.dtype)
