@@ -29,7 +29,7 @@ from torch import fx
 from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
 from qcompile.formats import QuantizedTensor, QuantSpec
 from qcompile.formats.orthogonal import hadamard_matrix, is_power_of_two
-from qcompile.ir.graph import add_get_attr, erase_dead_attrs, module_path
+from qcompile.ir.graph import add_get_attr, erase_dead_attrs, get_attr, module_path
 from qcompile.ir.ops import CHANNEL_SCALE, HADAMARD_TRANSFORM, LAYER_NORM, RMS_NORM
 from qcompile.onnx_export import repack
 from qcompile.onnx_export.ops import DEQUANTIZE_MATMUL, INT8_DYNAMIC_MATMUL, MATMUL_NBITS
@@ -148,10 +148,22 @@ def _sylvester_factors(p: int) -> list[int]:
     return sizes
 
 
+def _last_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The last dimension of what ``node`` computes: from its traced value, or, for a constant
+    (passes add get_attr nodes such as a rotation's block without tracing them), the tensor."""
+    val = node.meta.get("val")
+    if val is None and node.op == "get_attr":
+        val = get_attr(gm, node.target)
+    return int(val.shape[-1]) if val is not None else None
+
+
 def _lower_hadamard(gm: fx.GraphModule, node: fx.Node) -> None:
     x, signs, block, scale = node.args
-    n = x.meta["val"].shape[-1]
-    m = block.meta["val"].shape[0] if isinstance(block, fx.Node) else 1
+    n = _last_dim(gm, node) or _last_dim(gm, x)
+    m = _last_dim(gm, block) if isinstance(block, fx.Node) else 1
+    if not n or not m:
+        raise OnnxExportError(f"node {node.name}: hadamard_transform whose input or block size is unknown (no shape "
+                              f"recorded on the node)")
     p = n // m
     if n % m or not is_power_of_two(p):
         raise OnnxExportError(f"node {node.name}: hadamard_transform over {n} with block {m} (not a power of two times the block)")

@@ -250,3 +250,21 @@ def test_cli_export_onnx(tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
     assert main(["export-onnx", str(src), "--recipe", "nvfp4-w4a16", "--out", str(bad)]) == 2
     assert "weight format nvfp4" in capsys.readouterr().err and not bad.exists()
+
+
+def test_rotation_with_a_non_power_of_two_block_exports(tmp_path):
+    """Hidden 96 = 32 · 3 and intermediate 176 = 16 · 11: the rotation passes add Hadamard blocks as
+    untraced constants (no recorded shape); the export reads their size from the tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=176, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB)
+    model = LlamaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))}
+    cm = qcompile.compile(model, x, target="ort-cpu", recipe="w4a16-rotate-gptq", calibration=[x], progress=False,
+                          verify=False)
+    blocks = [n for n in cm.graph_module.graph.nodes if n.target == HADAMARD_TRANSFORM and n.args[2] is not None]
+    assert blocks, "the recipe inserted no blocked Hadamard"
+    path = tmp_path / "rotated.onnx"
+    export_onnx(cm, x, path)
+    _assert_matches_compiled(path, cm, {"input_ids": _fresh_ids()})
