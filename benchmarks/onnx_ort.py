@@ -18,13 +18,16 @@ Models:
 
 Every model is exported to float32 ONNX with ``torch.onnx.export(dynamo=True)`` (batch and
 sequence dynamic). ONNX Runtime's quantizers then run on that file: ``MatMulNBitsQuantizer`` with
-its default algorithm (block 128, symmetric and asymmetric) and its HQQ option (block 128), and
-``quantize_dynamic`` int8 per channel (W8A8, dynamic activations). qcompile's rows compile the torch
+its default algorithm (block 128, symmetric and asymmetric; and 8 bits, symmetric, the peer of
+int8 weight-only) and its HQQ option (block 128), and ``quantize_dynamic`` int8 per channel (W8A8,
+dynamic activations). qcompile's rows compile the torch
 model with a recipe and write it with ``qcompile.export_onnx(cm, example_inputs, path,
 target="ort-cpu")``; a checkout without that function says so and runs the rest.
 
 Per row: file size (the ``.onnx`` and its external data), bits per weight of the quantized matrix
-products (codes, scales and zero points over their weights; ``MatMulInteger`` weights count one
+products as stored in the file (codes, scales and zero points over their weights; ``MatMulNBits``
+takes scales in the activations' dtype, float32 here, so int4 g128 is 4.25 bits symmetric and
+4.28 asymmetric in the file where ``benchmarks/accuracy.py`` counts fp16 scales, 4.13 and 4.19; ``MatMulInteger`` weights count one
 float32 scale per output channel; the float file counts its ``MatMul``/``Gemm`` weights at 32),
 ONNX Runtime latency (CPU execution provider, ``SessionOptions.intra_op_num_threads = 2``,
 ``inter_op_num_threads = 1``; warm-up runs, then the median of ``--repeats`` runs, every file's
@@ -211,13 +214,16 @@ def ort_quantized(fp32: Path, out: Path) -> list[tuple[str, str, Path, float]]:
                 DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True)),
                ("MatMulNBits default, block 128, asymmetric", "nbits_asym.onnx",
                 DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)),
-               ("MatMulNBits HQQ, block 128", "nbits_hqq.onnx", HQQWeightOnlyQuantConfig(block_size=128))]
+               ("MatMulNBits HQQ, block 128", "nbits_hqq.onnx", HQQWeightOnlyQuantConfig(block_size=128)),
+               ("MatMulNBits default, 8 bits, block 128, symmetric", "nbits8_sym.onnx",
+                DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=8))]
     for label, name, config in configs:
         start = time.perf_counter()
-        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=config)
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=config.bits, algo_config=config)
         q.process()
         q.model.save_model_to_file(str(out / name), True)
-        files.append((label, "int4", out / name, time.perf_counter() - start))
+        kind = "int4" if config.bits == 4 else "int8 weight-only"
+        files.append((label, kind, out / name, time.perf_counter() - start))
     start = time.perf_counter()
     quantize_dynamic(str(fp32), str(out / "dynamic_int8.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                      use_external_data_format=True)
