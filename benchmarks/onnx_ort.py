@@ -72,8 +72,8 @@ DATA = ROOT / "benchmarks" / "data"
 # written by ``qcompile.export_onnx`` (see ``qcompile_rows``). A recipe that does not export gets a
 # row with the exporter's error, the rest still run.
 QCOMPILE_RECIPES = {
-    "minilm": ("w4a16-gptq-mse", "w4a16-rotate-gptq-mse", "w8a16", "w8a8-smooth"),
-    "decoder": ("w4a16-gptq-mse", "w8a16", "w8a8-smooth"),
+    "minilm": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth"),
+    "decoder": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth"),
 }
 QCOMPILE_SAME_KIND = {"w4a16": "int4", "w8a16": "int8 weight-only", "w8a8": "int8 W8A8"}
 """What each recipe family is compared with (the rows' ``kind``)."""
