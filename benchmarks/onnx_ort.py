@@ -65,7 +65,6 @@ import qcompile  # noqa: E402
 
 THREADS = 2
 WARMUPS = 3
-DATA = ROOT / "benchmarks" / "data"
 
 # ------------------------------------------------------------------ qcompile's exports (plug-in point)
 # The recipes whose ONNX exports are measured next to ONNX Runtime's own files; each row is
@@ -122,9 +121,11 @@ def minilm() -> Model:
 
     model, tok, _ = load_minilm()
     held_out = readme_sentences()
-    calib = [s for f in ("calibration_en.txt", "calibration_more_en.txt") if (DATA / f).exists()
-             for s in (DATA / f).read_text().splitlines() if s.strip()]
-    assert not set(held_out) & set(calib)
+    from benchmarks.accuracy import CALIBRATION_FILES, calibration_sentences, calibration_texts
+
+    sentences = calibration_sentences(CALIBRATION_FILES)
+    assert not set(held_out) & set(sentences)
+    calib = calibration_texts(sentences)  # the calibration of benchmarks/accuracy.py
 
     def enc(texts: list[str]) -> dict[str, torch.Tensor]:
         e = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -147,8 +148,9 @@ def minilm() -> Model:
                  {f"1 sentence ({one['input_ids'].shape[1]} tokens)": one,
                   f"batch of {len(held_out)} ({batch['input_ids'].shape[1]} tokens padded)": batch},
                  batch, score, calib, tok,
-                 [f"accuracy: {len(held_out)} held-out README sentences, calibration: {len(calib)} sentences of "
-                  "benchmarks/data (disjoint)"])
+                 [f"accuracy: {len(held_out)} held-out README sentences; calibration (qcompile's rows): the "
+                  f"{len(sentences)} sentences of benchmarks/data and their 3-sentence paragraphs, {len(calib)} "
+                  "texts (as benchmarks/accuracy.py)"])
 
 
 DECODER_CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
