@@ -68,6 +68,12 @@ def _gptq(**options):
     return lambda: ["canonicalize", "assign_quant_specs", GPTQ(**options), "lower"]
 
 
+def _awq_gptq(**options):
+    from qcompile.passes.gptq import GPTQ
+
+    return lambda: ["canonicalize", "assign_quant_specs", "awq", GPTQ(**options), "lower"]
+
+
 def _clip(**options):
     from qcompile.passes.clip_search import ClipSearch
 
@@ -84,6 +90,7 @@ def _ablations() -> list[tuple[str, str | qcompile.Recipe, object, str]]:
     w4 = qcompile.get_recipe("w4a16")
     fit = GPTQ_FIT_OPTIONS["gptq"]
     sym64 = replace(w4, name="w4a16-g64-sym", weight=QuantSpec("int4", group_size=64))
+    sym128 = replace(w4, name="w4a16-g128-sym", weight=QuantSpec("int4", group_size=128))
     bf16 = replace(w4, name="w4a16-bf16-scales", weight=QuantSpec("int4", group_size=128, symmetric=False,
                                                                    scale_dtype="bfloat16"))
     rows = [("w4a16, RTN on MSE-searched grids (clip_search)", w4, _clip(), "full"),
@@ -93,6 +100,8 @@ def _ablations() -> list[tuple[str, str | qcompile.Recipe, object, str]]:
             ("w4a16-gptq + targets='float' only", w4, _gptq(damp=0.1, targets="float"), "full"),
             ("w4a16-gptq-fit + bias_correction", w4, _gptq(**fit, bias_correction=True), "full"),
             ("w4a16-gptq-fit options, int4 g64 symmetric", sym64, _gptq(**fit), "full"),
+            ("w4a16-gptq-fit options, int4 g128 symmetric", sym128, _gptq(**fit), "full"),
+            ("awq, then w4a16-gptq-fit's GPTQ (18 channel_scale ops at run time)", w4, _awq_gptq(**fit), "full"),
             ("w4a16-gptq-fit options, bf16 scales", bf16, _gptq(**fit), "full")]
     rows += [(f"{name}, 32 calibration sentences (first protocol)", name, None, "first")
              for name in ("w4a16-gptq", "w4a16-rotate-gptq", "w4a16-gptq-fit", "w4a16-rotate-gptq-fit",

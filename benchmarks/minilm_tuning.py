@@ -76,6 +76,7 @@ def _smoothed(quantizer):
 W4 = get_recipe("w4a16")
 W8A8 = get_recipe("w8a8")
 W4_G64_SYM = replace(W4, name="w4a16-g64-sym", weight=QuantSpec("int4", group_size=64))
+W4_G128_SYM = replace(W4, name="w4a16-g128-sym", weight=QuantSpec("int4", group_size=128))
 CONFIGS = {
     "gptq": (W4, _plain(damp=0.1)),
     "gptq-mse-pairs": (W4, _plain(damp=0.1, grid="mse", grid_asym_pairs=True)),
@@ -87,6 +88,7 @@ CONFIGS = {
     "gptq-mse-float-d0.03": (W4, _plain(damp=0.03, grid="mse", targets="float")),
     "gptq-mse-float-d0.3": (W4, _plain(damp=0.3, grid="mse", targets="float")),
     "g64sym-gptq-mse-float-d0.3": (W4_G64_SYM, _plain(damp=0.3, grid="mse", targets="float")),
+    "g128sym-gptq-mse-float-d0.3": (W4_G128_SYM, _plain(damp=0.3, grid="mse", targets="float")),
     "gptq-mse-float-d1": (W4, _plain(damp=1.0, grid="mse", targets="float")),
     "gptq-float": (W4, _plain(damp=0.1, targets="float")),
     "gptq-mse-float-noact": (W4, _plain(damp=0.1, grid="mse", targets="float", act_order=False)),

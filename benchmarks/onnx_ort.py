@@ -18,13 +18,16 @@ Models:
 
 Every model is exported to float32 ONNX with ``torch.onnx.export(dynamo=True)`` (batch and
 sequence dynamic). ONNX Runtime's quantizers then run on that file: ``MatMulNBitsQuantizer`` with
-its default algorithm (block 128, symmetric and asymmetric) and its HQQ option (block 128), and
-``quantize_dynamic`` int8 per channel (W8A8, dynamic activations). qcompile's rows compile the torch
+its default algorithm (block 128, symmetric and asymmetric; and 8 bits, symmetric, the peer of
+int8 weight-only) and its HQQ option (block 128), and ``quantize_dynamic`` int8 per channel (W8A8,
+dynamic activations). qcompile's rows compile the torch
 model with a recipe and write it with ``qcompile.export_onnx(cm, example_inputs, path,
 target="ort-cpu")``; a checkout without that function says so and runs the rest.
 
 Per row: file size (the ``.onnx`` and its external data), bits per weight of the quantized matrix
-products (codes, scales and zero points over their weights; ``MatMulInteger`` weights count one
+products as stored in the file (codes, scales and zero points over their weights; ``MatMulNBits``
+takes scales in the activations' dtype, float32 here, so int4 g128 is 4.25 bits symmetric and
+4.28 asymmetric in the file where ``benchmarks/accuracy.py`` counts fp16 scales, 4.13 and 4.19; ``MatMulInteger`` weights count one
 float32 scale per output channel; the float file counts its ``MatMul``/``Gemm`` weights at 32),
 ONNX Runtime latency (CPU execution provider, ``SessionOptions.intra_op_num_threads = 2``,
 ``inter_op_num_threads = 1``; warm-up runs, then the median of ``--repeats`` runs, every file's
@@ -62,15 +65,14 @@ import qcompile  # noqa: E402
 
 THREADS = 2
 WARMUPS = 3
-DATA = ROOT / "benchmarks" / "data"
 
 # ------------------------------------------------------------------ qcompile's exports (plug-in point)
 # The recipes whose ONNX exports are measured next to ONNX Runtime's own files; each row is
 # written by ``qcompile.export_onnx`` (see ``qcompile_rows``). A recipe that does not export gets a
 # row with the exporter's error, the rest still run.
 QCOMPILE_RECIPES = {
-    "minilm": ("w4a16-gptq-mse", "w4a16-rotate-gptq-mse", "w8a16", "w8a8-smooth"),
-    "decoder": ("w4a16-gptq-mse", "w8a16", "w8a8-smooth"),
+    "minilm": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth"),
+    "decoder": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth"),
 }
 QCOMPILE_SAME_KIND = {"w4a16": "int4", "w8a16": "int8 weight-only", "w8a8": "int8 W8A8"}
 """What each recipe family is compared with (the rows' ``kind``)."""
@@ -119,9 +121,11 @@ def minilm() -> Model:
 
     model, tok, _ = load_minilm()
     held_out = readme_sentences()
-    calib = [s for f in ("calibration_en.txt", "calibration_more_en.txt") if (DATA / f).exists()
-             for s in (DATA / f).read_text().splitlines() if s.strip()]
-    assert not set(held_out) & set(calib)
+    from benchmarks.accuracy import CALIBRATION_FILES, calibration_sentences, calibration_texts
+
+    sentences = calibration_sentences(CALIBRATION_FILES)
+    assert not set(held_out) & set(sentences)
+    calib = calibration_texts(sentences)  # the calibration of benchmarks/accuracy.py
 
     def enc(texts: list[str]) -> dict[str, torch.Tensor]:
         e = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -144,8 +148,9 @@ def minilm() -> Model:
                  {f"1 sentence ({one['input_ids'].shape[1]} tokens)": one,
                   f"batch of {len(held_out)} ({batch['input_ids'].shape[1]} tokens padded)": batch},
                  batch, score, calib, tok,
-                 [f"accuracy: {len(held_out)} held-out README sentences, calibration: {len(calib)} sentences of "
-                  "benchmarks/data (disjoint)"])
+                 [f"accuracy: {len(held_out)} held-out README sentences; calibration (qcompile's rows): the "
+                  f"{len(sentences)} sentences of benchmarks/data and their 3-sentence paragraphs, {len(calib)} "
+                  "texts (as benchmarks/accuracy.py)"])
 
 
 DECODER_CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
@@ -211,13 +216,16 @@ def ort_quantized(fp32: Path, out: Path) -> list[tuple[str, str, Path, float]]:
                 DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True)),
                ("MatMulNBits default, block 128, asymmetric", "nbits_asym.onnx",
                 DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)),
-               ("MatMulNBits HQQ, block 128", "nbits_hqq.onnx", HQQWeightOnlyQuantConfig(block_size=128))]
+               ("MatMulNBits HQQ, block 128", "nbits_hqq.onnx", HQQWeightOnlyQuantConfig(block_size=128)),
+               ("MatMulNBits default, 8 bits, block 128, symmetric", "nbits8_sym.onnx",
+                DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=8))]
     for label, name, config in configs:
         start = time.perf_counter()
-        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=config)
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=config.bits, algo_config=config)
         q.process()
         q.model.save_model_to_file(str(out / name), True)
-        files.append((label, "int4", out / name, time.perf_counter() - start))
+        kind = "int4" if config.bits == 4 else "int8 weight-only"
+        files.append((label, kind, out / name, time.perf_counter() - start))
     start = time.perf_counter()
     quantize_dynamic(str(fp32), str(out / "dynamic_int8.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                      use_external_data_format=True)

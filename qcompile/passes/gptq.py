@@ -18,6 +18,11 @@ the groups run in graph order:
 Nothing is restored afterwards: lowering replaces those weights with the packed results. A
 weight that something other than a quantized linear also reads (a tied embedding) is left as it
 is. At load the results are restored from the artifact (inherited), GPTQ does not rerun.
+
+Two options change what is fitted (docs/gptq.md): ``grid`` searches each group's scales for the
+least error before GPTQ rounds to them (``clip_search_math``), and ``targets="float"`` fits each
+layer to the float model's outputs instead of its own: step 1 then captures the inputs of both
+models (``gptq_targets.paired_stats``), and GPTQ runs on ``gptq_math.float_target``.
 """
 
 from __future__ import annotations
