@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qcompile.formats.spec import PER_CHANNEL, QuantSpec
+from qcompile.formats.spec import PER_CHANNEL, PER_TENSOR, QuantSpec
 from qcompile.ir.annotations import LayerDecision
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*", "*classifier*", "*score")
@@ -37,6 +37,9 @@ class Recipe:
     overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Constructor options of the recipe's passes, by pass name."""
+    activation_overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
+    """Glob patterns on module paths → the activation spec of matching quantized layers (``None``:
+    16-bit activations); first match wins, else ``activation``."""
 
     def make_passes(self) -> list:
         """Fresh instances of the recipe's passes, with the recipe's options."""
@@ -51,11 +54,17 @@ class Recipe:
             if fnmatch.fnmatchcase(path, pattern):
                 if spec is None:
                     return LayerDecision(None, source=f"override {pattern}", reason=f"override {pattern!r} keeps it float")
-                return LayerDecision(spec, self.activation, source=f"override {pattern}")
+                return LayerDecision(spec, self.activation_for(path), source=f"override {pattern}")
         for pattern in self.exclude:
             if fnmatch.fnmatchcase(path, pattern):
                 return LayerDecision(None, source=f"exclude {pattern}", reason=f"the recipe keeps {pattern!r} float")
-        return LayerDecision(self.weight, self.activation, source=f"recipe {self.name}")
+        return LayerDecision(self.weight, self.activation_for(path), source=f"recipe {self.name}")
+
+    def activation_for(self, path: str) -> QuantSpec | None:
+        """The activation spec of a quantized layer at ``path``: the first matching
+        ``activation_overrides`` pattern's, else ``activation``."""
+        return next((spec for pattern, spec in self.activation_overrides if fnmatch.fnmatchcase(path, pattern)),
+                    self.activation)
 
     def with_overrides(self, overrides: dict[str, str | QuantSpec | None]) -> Recipe:
         """A copy whose ``overrides`` (``{glob: spec text, QuantSpec or None}``) take precedence over
@@ -69,7 +78,8 @@ class Recipe:
         return {"name": self.name, "description": self.description, "weight": enc(self.weight),
                 "activation": enc(self.activation), "passes": list(self.passes), "exclude": list(self.exclude),
                 "overrides": [[pattern, enc(spec)] for pattern, spec in self.overrides],
-                "pass_options": self.pass_options}
+                "pass_options": self.pass_options,
+                "activation_overrides": [[pattern, enc(spec)] for pattern, spec in self.activation_overrides]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
@@ -77,12 +87,23 @@ class Recipe:
         dec = lambda s: QuantSpec.parse(s) if s is not None else None  # noqa: E731
         return cls(d["name"], d["description"], dec(d["weight"]), dec(d["activation"]), tuple(d["passes"]),
                    tuple(d["exclude"]), tuple((pattern, dec(spec)) for pattern, spec in d["overrides"]),
-                   dict(d["pass_options"]))
+                   dict(d["pass_options"]),
+                   tuple((pattern, dec(spec)) for pattern, spec in d.get("activation_overrides", ())))
 
 
 def _dyn(fmt: str, group: int = PER_CHANNEL) -> QuantSpec:
     return QuantSpec(fmt, group_size=group, dynamic=True)
 
+
+PER_TOKEN_INT8 = QuantSpec("int8", dynamic=True, scale_dtype="float32")
+"""W8A8's activations. float32 scales: computed at run time and never stored, rounding them to float16
+buys nothing, and ONNX Runtime's per-token chain then needs no casts (docs/onnx-export.md)."""
+PER_TENSOR_UINT8 = QuantSpec("int8", group_size=PER_TENSOR, symmetric=False, dynamic=True, scale_dtype="float32")
+"""ONNX's ``DynamicQuantizeLinear``: one float32 scale and uint8 zero point for the whole activation tensor."""
+FFN_DOWN_PROJECTIONS = ("*.down_proj", "*.mlp.c_proj", "*.fc2", "*.dense_4h_to_h", "*[0-9].output.dense")
+"""The second linear of each feed-forward block (Llama/Qwen/Mistral/Phi-3/Gemma, GPT-2, OPT, GPT-NeoX,
+BERT; ``*[0-9].output.dense`` is BERT's, not its ``attention.output.dense``): it reads the activation
+function's output, whose outliers per-tensor scales cannot carry (docs/onnx-export.md)."""
 
 GPTQ_PASSES = ("canonicalize", "assign_quant_specs", "gptq", "lower")
 GPTQ_OPTIONS = {"gptq": {"damp": 0.1}}
@@ -105,8 +126,8 @@ _RTN = (
                QuantSpec("int4", group_size=32, symmetric=False)),
         Recipe("nvfp4-w4a16", "NVFP4 weights (e2m1, e4m3 block-16 scales), 16-bit activations", QuantSpec("nvfp4")),
         Recipe("mxfp4-w4a16", "MXFP4 weights (e2m1, e8m0 block-32 scales), 16-bit activations", QuantSpec("mxfp4")),
-        Recipe("w8a8", "int8 per-channel weights, int8 per-token dynamic activations",
-               QuantSpec("int8"), _dyn("int8")),
+        Recipe("w8a8", "int8 per-channel weights, int8 per-token dynamic activations", QuantSpec("int8"),
+               PER_TOKEN_INT8),
         Recipe("w4a8", "int4 group-128 weights, fp8 e4m3 per-token dynamic activations",
                QuantSpec("int4", group_size=128, symmetric=False), _dyn("fp8_e4m3")),
         Recipe("w4a4", "int4 group-128 weights, int4 per-token dynamic activations",
@@ -126,6 +147,12 @@ _MIGRATED = (
              ("canonicalize", "assign_quant_specs", "awq", "awq_clip", "quantize_weights", "lower")),
     _derived(_BY_NAME["w8a8"], "smooth", "SmoothQuant scales, then RTN",
              ("canonicalize", "assign_quant_specs", "smooth_quant", "quantize_weights", "lower")),
+    replace(_derived(_BY_NAME["w8a8"], "pt-smooth", "", ("canonicalize", "assign_quant_specs", "smooth_quant",
+                                                          "quantize_weights", "lower")),
+            description="int8 per-channel weights, per-tensor uint8 dynamic activations (ONNX Runtime's "
+                        "DynamicQuantizeLinear), per-token int8 on the feed-forward down projections; SmoothQuant "
+                        "scales, then RTN", activation=PER_TENSOR_UINT8,
+            activation_overrides=tuple((p, PER_TOKEN_INT8) for p in FFN_DOWN_PROJECTIONS)),
     *(_derived(_BY_NAME[n], "smooth-gptq", "SmoothQuant scales, then GPTQ", SMOOTH_GPTQ_PASSES, GPTQ_OPTIONS)
       for n in ("w8a8", "w4a8", "w4a4", "nvfp4")),
 )

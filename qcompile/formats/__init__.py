@@ -36,6 +36,7 @@ from .spec import (
     FORMATS,
     INT_FORMATS,
     PER_CHANNEL,
+    PER_TENSOR,
     QuantizedTensor,
     QuantSpec,
 )
@@ -43,7 +44,7 @@ from .spec import (
 __all__ = [
     "BITS", "BLOCK_FORMATS", "CODECS", "E2M1_BOUNDS", "E2M1_MAX", "E2M1_TABLE", "E2M1_VALUES",
     "FIXED_BLOCK", "FLOAT_FORMATS", "FORMATS", "FP8_DTYPES", "FP8_MAX", "INT_FORMATS",
-    "PER_CHANNEL", "Codec", "Parts", "QuantSpec", "QuantizedTensor", "bits_per_weight",
+    "PER_CHANNEL", "PER_TENSOR", "Codec", "Parts", "QuantSpec", "QuantizedTensor", "bits_per_weight",
     "dequantize", "e8m0_decode", "fake_quantize", "fp4_e2m1_decode", "fp4_e2m1_encode",
     "fp4_e2m1_round", "fp8_cast", "get_codec", "mx_scale_exponent", "nvfp4_global_scale",
     "pack_bits", "packed_nbytes", "quantization_error", "quantize", "scale_nbytes", "unpack_bits",

@@ -15,7 +15,7 @@ from .codec import Parts
 from .packing import pack_bits, packed_nbytes, padded_codes, unpack_bits
 from .registry import get_codec
 from .scales import SCALE_DTYPES, scale_torch_dtype, to_groups
-from .spec import FIXED_BLOCK, INT_FORMATS, QuantizedTensor, QuantSpec
+from .spec import FIXED_BLOCK, INT_FORMATS, PER_TENSOR, QuantizedTensor, QuantSpec
 
 _POLISH_ROUNDS = 4
 
@@ -24,8 +24,8 @@ def _check_spec(spec: QuantSpec) -> None:
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"expected a QuantSpec, got {type(spec).__name__}")
     gs = spec.group_size
-    if isinstance(gs, bool) or not isinstance(gs, int) or gs < 0:
-        raise ValueError(f"group_size must be an int >= 0 (0 = per channel), got {gs!r}")
+    if isinstance(gs, bool) or not isinstance(gs, int) or (gs < 0 and gs != PER_TENSOR):
+        raise ValueError(f"group_size must be an int >= 0 (0 = per channel) or {PER_TENSOR} (per tensor), got {gs!r}")
     if spec.format not in FIXED_BLOCK:
         scale_torch_dtype(spec.scale_dtype)
 
@@ -85,6 +85,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     Raises ``ValueError`` for non-2-D, empty or non-finite input.
     """
     _check_spec(spec)
+    if spec.group_size == PER_TENSOR:
+        raise ValueError(f"spec {spec.encode()}: per-tensor scales are for dynamic activations (fake_quantize); "
+                         "weights take per-channel (pc) or group (gN) scales")
     w32 = _as_matrix(w)
     rows, k = w32.shape
     codec = get_codec(spec.format)
@@ -123,7 +126,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize ``x`` along its last dim (rows = all leading dims, e.g. tokens).
+    """Quantize-dequantize ``x`` along its last dim (rows = all leading dims, e.g. tokens; a
+    ``PER_TENSOR`` spec takes the whole tensor as one group).
 
     Same shape and dtype as ``x``; scales are always computed from ``x``
     itself (dynamic). Not differentiable; no NaN/Inf check (they propagate
@@ -134,10 +138,10 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         raise ValueError(f"fake_quantize expects a floating-point tensor, got {x.dtype}")
     if x.numel() == 0:
         return x.clone()
-    k = x.shape[-1] if x.dim() else 1
+    k = (x.numel() if spec.group_size == PER_TENSOR else x.shape[-1]) if x.dim() else 1
     w = x.detach().reshape(-1, k).float()
     codec = get_codec(spec.format)
-    wg = to_groups(w, spec.group_size or k)
+    wg = to_groups(w, spec.group_size if spec.group_size > 0 else k)
     out = codec.decode(codec.encode(wg, spec), spec).reshape(w.shape[0], -1)[:, :k]
     return out.reshape(x.shape).to(x.dtype)
 

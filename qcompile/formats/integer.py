@@ -8,7 +8,9 @@ Asymmetric: the range is widened to include 0 (``min <= 0 <= max``, the GPTQ
 convention, so that 0.0 and zero padding are exact), ``scale = (max - min) / (2**b - 1)``,
 ``zero = round(-min / scale)`` and ``code = clamp(round(w / scale) + zero, 0, 2**b - 1)``,
 all stored ``uint8`` (int8 asymmetric codes are therefore ``uint8``, like ONNX's
-``DequantizeLinear`` with a ``uint8`` zero point).
+``DequantizeLinear`` with a ``uint8`` zero point). Dynamic asymmetric activations with float32
+scales compute ``scale = (max - min) / (2**b - 1)`` in float32, as ONNX's ``DynamicQuantizeLinear``
+does (per tensor, that is its exact definition).
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ def encode(wg: torch.Tensor, spec: QuantSpec) -> Parts:
     top = 2**spec.bits - 1
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)
-    # Rounded down so that (hi - lo) / scale >= top: with zero = -round(lo / scale)
-    # the min lands on code 0 and the max on code `top` (barring exact ties),
-    # so re-quantizing the dequantized tensor reproduces scale and zero.
-    scale = cast_scale((hi.double() - lo.double()) / top, sdtype, round_down=True)
+    if spec.dynamic and spec.scale_dtype == "float32":
+        # Activations, never re-quantized: ONNX's DynamicQuantizeLinear convention, float32 arithmetic
+        # (an all-zero group gets scale 1), so that ONNX Runtime computes the same codes.
+        scale = torch.where(hi > lo, (hi - lo) / top, torch.ones_like(hi))
+    else:
+        # Rounded down so that (hi - lo) / scale >= top: with zero = -round(lo / scale)
+        # the min lands on code 0 and the max on code `top` (barring exact ties),
+        # so re-quantizing the dequantized tensor reproduces scale and zero.
+        scale = cast_scale((hi.double() - lo.double()) / top, sdtype, round_down=True)
     s = scale.float()
     zero = torch.round(-lo / s).clamp_(0, top)
     codes = (torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, top)

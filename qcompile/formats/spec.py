@@ -29,6 +29,9 @@ FIXED_BLOCK = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}
 
 PER_CHANNEL = 0
 """``group_size`` meaning one scale for a whole row (per output channel or per token)."""
+PER_TENSOR = -1
+"""``group_size`` meaning one scale (and zero point) for the whole tensor: dynamic activations only,
+the granularity of ONNX Runtime's ``DynamicQuantizeLinear`` (``docs/formats.md``)."""
 
 DEFAULT_SCALE_DTYPE = "float16"
 """Of int and plain-fp scales (``scales.SCALE_DTYPES``); block formats fix theirs (e4m3, e8m0)."""
@@ -39,9 +42,10 @@ class QuantSpec:
     """How to quantize one tensor.
 
     ``group_size`` is the number of consecutive elements along K that share a
-    scale; ``PER_CHANNEL`` (0) means the whole row. Block formats fix it
-    (NVFP4 16, MX 32). ``dynamic`` is for activations: scales are computed at
-    run time from the live tensor (per token), never calibrated.
+    scale; ``PER_CHANNEL`` (0) means the whole row, ``PER_TENSOR`` (-1, dynamic
+    integer activations only) the whole tensor. Block formats fix it (NVFP4 16,
+    MX 32). ``dynamic`` is for activations: scales are computed at run time from
+    the live tensor (per token, or per tensor), never calibrated.
     """
 
     format: str
@@ -60,8 +64,14 @@ class QuantSpec:
             if self.group_size not in (PER_CHANNEL, block):
                 raise ValueError(f"{self.format} uses blocks of {block}, not group_size={self.group_size}")
             object.__setattr__(self, "group_size", block)
-        if self.group_size < 0:
-            raise ValueError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if self.group_size == PER_TENSOR:
+            if not (self.dynamic and self.format in INT_FORMATS):
+                raise ValueError(f"per-tensor scales (group_size={PER_TENSOR}) are for dynamic integer activations; "
+                                 f"{self.format} {'activations' if self.dynamic else 'weights'} take per-channel "
+                                 "(0) or group scales")
+        elif self.group_size < 0:
+            raise ValueError(f"group_size must be >= 0 (0 = per channel) or {PER_TENSOR} (per tensor), "
+                             f"got {self.group_size}")
         if not self.symmetric and self.format not in INT_FORMATS:
             raise ValueError(f"asymmetric quantization is only defined for integer formats, not {self.format}")
 
@@ -74,7 +84,7 @@ class QuantSpec:
         """A compact human name, e.g. ``int4-g128-asym`` or ``nvfp4``."""
         if self.format in FIXED_BLOCK:
             return self.format
-        group = "pc" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        group = {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(self.group_size, f"g{self.group_size}")
         sym = "" if self.symmetric else "-asym"
         return f"{self.format}-{group}{sym}"
 
@@ -104,6 +114,8 @@ class QuantSpec:
                 fields["symmetric"] = True
             elif token == "pc":
                 fields["group_size"] = PER_CHANNEL
+            elif token == "pt":
+                fields["group_size"] = PER_TENSOR
             elif token == "dynamic":
                 fields["dynamic"] = True
             elif token.startswith("g") and token[1:].isdigit():
@@ -111,7 +123,7 @@ class QuantSpec:
             elif token.startswith("scale:") and token[6:] in SCALE_DTYPES:
                 fields["scale_dtype"] = token[6:]
             else:
-                raise ValueError(f"cannot parse {token!r} in spec {text!r} (expected gN, pc, asym, sym, "
+                raise ValueError(f"cannot parse {token!r} in spec {text!r} (expected gN, pc, pt, asym, sym, "
                                  f"dynamic or scale:<{'|'.join(SCALE_DTYPES)}>)")
         return cls(fmt, **fields)
 

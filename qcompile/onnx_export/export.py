@@ -32,7 +32,7 @@ from torch import fx
 from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_nodes
 from qcompile.codegen.quantized_linear import reference_quantized_linear
 from qcompile.compiled import CompiledModel
-from qcompile.formats import QuantSpec
+from qcompile.formats import PER_TENSOR, QuantSpec
 from qcompile.frontend.inputs import split_inputs
 from qcompile.frontend.torch_export import export_with_fallbacks
 from qcompile.ir.interpret import flat_inputs
@@ -43,7 +43,12 @@ from qcompile.onnx_export.lowering import (
     shared_copy,
     spec_unsupported_reason,
 )
-from qcompile.onnx_export.ops import OPSET, TRANSLATIONS, int8_dynamic_matmul
+from qcompile.onnx_export.ops import (
+    OPSET,
+    TRANSLATIONS,
+    int8_dynamic_matmul,
+    uint8_per_tensor_matmul,
+)
 from qcompile.onnx_export.repack import to_matmul_integer
 from qcompile.recipes import Recipe, get_recipe
 from qcompile.targets import Target, get_target
@@ -133,6 +138,8 @@ def _reference_linear(*args: Any) -> torch.Tensor:
     qt = call.quantized_weight()
     if call.act_spec is not None and spec_unsupported_reason(qt.spec, call.act_spec) is None:
         w = to_matmul_integer(qt)  # W8A8: the integer product is exact (what qcompile's CPU kernel computes)
+        if call.act_spec.group_size == PER_TENSOR:
+            return uint8_per_tensor_matmul(call.x, w.b, w.scale, call.bias)
         return int8_dynamic_matmul(call.x, w.b, w.scale, call.bias, call.act_spec.scale_dtype)
     return reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
 
@@ -140,7 +147,7 @@ def _reference_linear(*args: Any) -> torch.Tensor:
 def reference_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` (tensors shared) whose quantized linears compute qcompile's reference in float32
     whatever the device's kernels: weight-only layers dequantize and run a float32 matmul; W8A8 layers
-    quantize activations per token as ``fake_quantize`` does and take the exact integer product
+    quantize activations (per token or per tensor) as ``fake_quantize`` does and take the exact integer product
     (``torch._int_mm``'s result, not a float32 matmul of the fake-quantized values)."""
     ref = shared_copy(gm)
     for node in quantized_linear_nodes(ref):

@@ -27,12 +27,17 @@ import torch
 from torch import fx
 
 from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
-from qcompile.formats import QuantizedTensor, QuantSpec
+from qcompile.formats import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantSpec
 from qcompile.formats.orthogonal import hadamard_matrix, is_power_of_two
 from qcompile.ir.graph import add_get_attr, erase_dead_attrs, get_attr, module_path
 from qcompile.ir.ops import CHANNEL_SCALE, HADAMARD_TRANSFORM, LAYER_NORM, RMS_NORM
 from qcompile.onnx_export import repack
-from qcompile.onnx_export.ops import DEQUANTIZE_MATMUL, INT8_DYNAMIC_MATMUL, MATMUL_NBITS
+from qcompile.onnx_export.ops import (
+    DEQUANTIZE_MATMUL,
+    INT8_DYNAMIC_MATMUL,
+    MATMUL_NBITS,
+    UINT8_PER_TENSOR_MATMUL,
+)
 
 SUPPORTED_WEIGHTS = ("int8", "int4", "int3", "int2", "fp8_e4m3", "fp8_e5m2", "mxfp8")
 """Weight formats with an ONNX Runtime 1.32 CPU path: MatMulNBits (int8/int4/int2, int3 in 4-bit
@@ -43,7 +48,9 @@ UNSUPPORTED_WEIGHTS = {
              "MatMulBlockQuantizedFp4Weight runs on CUDA only",
     "mxfp4": "ONNX Runtime 1.32's CPU DequantizeLinear has no float4e2m1 kernel",
 }
-SUPPORTED_ACTIVATIONS = "int8 per-token symmetric dynamic (W8A8, with symmetric per-channel int8 weights)"
+SUPPORTED_ACTIVATIONS = ("int8 per-token symmetric dynamic (int8-pc-dynamic) and per-tensor asymmetric dynamic with "
+                         "float32 scales (int8-pt-asym-scale:float32-dynamic, ONNX's DynamicQuantizeLinear); W8A8 "
+                         "with symmetric per-channel int8 weights")
 SYLVESTER_CHUNK_BITS = 6
 """The online Hadamard's power-of-two part is applied in factors of up to ``2^6 = 64``."""
 
@@ -77,6 +84,16 @@ class LoweredGraph:
     notes: list[str] = field(default_factory=list)
 
 
+def _per_token_int8(a: QuantSpec) -> bool:
+    return a.format == "int8" and a.symmetric and a.group_size == PER_CHANNEL and a.dynamic
+
+
+def _per_tensor_uint8(a: QuantSpec) -> bool:
+    """ONNX's ``DynamicQuantizeLinear`` exactly: asymmetric, one float32 scale and zero point per tensor."""
+    return (a.format == "int8" and not a.symmetric and a.group_size == PER_TENSOR and a.dynamic
+            and a.scale_dtype == "float32")
+
+
 def spec_unsupported_reason(weight: QuantSpec, activation: QuantSpec | None) -> str | None:
     """Why a layer of these specs has no ONNX Runtime CPU export (``None``: it has one). Group sizes are
     checked per layer (:func:`repack.nbits_block_reason`)."""
@@ -87,7 +104,7 @@ def spec_unsupported_reason(weight: QuantSpec, activation: QuantSpec | None) -> 
         return f"weight format {weight.format}: no ONNX Runtime export; supported: {', '.join(SUPPORTED_WEIGHTS)}"
     if activation is None:
         return None
-    if not (activation.format == "int8" and activation.symmetric and activation.group_size == 0 and activation.dynamic):
+    if not (_per_token_int8(activation) or _per_tensor_uint8(activation)):
         return (f"activations {activation.encode()}: ONNX Runtime 1.32 has no CPU op computing them (fake-quantizing "
                 f"them in float ops would only simulate the format); supported activation quantization: "
                 f"{SUPPORTED_ACTIVATIONS}")
@@ -180,12 +197,15 @@ def _lower_hadamard(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 # ----------------------------------------------------------------------------- quantized linears
-def _describe(w: repack.NBitsWeight | repack.IntegerWeight | repack.DequantizeWeight, qt: QuantizedTensor) -> str:
+def _describe(w: repack.NBitsWeight | repack.IntegerWeight | repack.DequantizeWeight, qt: QuantizedTensor,
+              per_tensor: bool = False) -> str:
     if isinstance(w, repack.NBitsWeight):
         extra = ", zero_points" if w.zero_points is not None else ""
         container = ", int3 in 4-bit containers" if qt.spec.bits == 3 else ""
         return f"MatMulNBits(bits={w.bits}, block_size={w.block_size}{extra}{container})"
     if isinstance(w, repack.IntegerWeight):
+        if per_tensor:
+            return "DynamicQuantizeLinear(uint8, per tensor) + MatMulInteger"
         return "QuantizeLinear(uint8, per token) + MatMulInteger"
     layout = f"block_size={w.block_size}" if w.block_size else "per column"
     return f"DequantizeLinear({str(w.data.dtype).removeprefix('torch.')}, {layout}) + MatMul"
@@ -214,8 +234,11 @@ def _lower_linear(gm: fx.GraphModule, node: fx.Node, accuracy_level: int) -> Lay
 
     if call.act_spec is not None:
         w = repack.to_matmul_integer(qt)
-        args = (x, attr("b", w.b), attr("b_scale", w.scale), call.bias, call.act_spec.scale_dtype)
-        target = INT8_DYNAMIC_MATMUL
+        if _per_tensor_uint8(call.act_spec):
+            args, target = (x, attr("b", w.b), attr("b_scale", w.scale), call.bias), UINT8_PER_TENSOR_MATMUL
+        else:
+            args = (x, attr("b", w.b), attr("b_scale", w.scale), call.bias, call.act_spec.scale_dtype)
+            target = INT8_DYNAMIC_MATMUL
     elif qt.spec.format in repack.NBITS_FORMATS:
         w = repack.to_matmul_nbits(qt)
         zp = attr("zero_points", w.zero_points) if w.zero_points is not None else None
@@ -235,8 +258,52 @@ def _lower_linear(gm: fx.GraphModule, node: fx.Node, accuracy_level: int) -> Lay
     for a in old_inputs:
         if not a.users:
             gm.graph.erase_node(a)
-    return LayerExport(path, qt.spec.short(), call.act_spec.encode() if call.act_spec else None, _describe(w, qt),
+    per_tensor = call.act_spec is not None and _per_tensor_uint8(call.act_spec)
+    return LayerExport(path, qt.spec.short(), call.act_spec.encode() if call.act_spec else None,
+                       _describe(w, qt, per_tensor),
                        qt.nbytes(), w.nbytes())
+
+
+_ADD = torch.ops.aten.add.Tensor
+
+
+def _is_identity(node: fx.Node) -> bool:
+    """Eval-mode dropout or a clone: the value passes through unchanged."""
+    if node.target == torch.ops.aten.dropout.default:
+        return node.args[2] is False or node.kwargs.get("train") is False
+    return node.target == torch.ops.aten.clone.default
+
+
+def _move_biases_past_residual_adds(gm: fx.GraphModule) -> list[str]:
+    """``add(int8_dynamic_matmul(x, .., bias), r)`` → ``add(add(r, bias), int8_dynamic_matmul(x, .., None))``.
+
+    ONNX Runtime's ``MatMulIntegerToFloat`` fusion cannot take a W8A8 bias (its kernel scales a fused
+    bias by the per-token scale, so the translation keeps the bias out of the fusion with a separate
+    ``Sub``); added to the residual instead, it becomes the bias input of the
+    ``SkipLayerNormalization`` that ONNX Runtime fuses there (its pattern ``LayerNorm((r + bias) + y)``;
+    ``(y + r) + bias`` is not fused): one elementwise op less per such layer.
+    Returns the paths of the layers changed."""
+    moved = []
+    for node in list(gm.graph.nodes):
+        if node.target != INT8_DYNAMIC_MATMUL or node.args[3] is None or len(node.users) != 1:
+            continue
+        src, user = node, next(iter(node.users))
+        while _is_identity(user) and len(user.users) == 1:  # eval-mode dropout between linear and add
+            src, user = user, next(iter(user.users))
+        if user.target != _ADD or user.kwargs or len(user.args) != 2:
+            continue
+        other = user.args[1] if user.args[0] is src else user.args[0]
+        val, other_val = src.meta.get("val"), getattr(other, "meta", {}).get("val")
+        if not isinstance(other, fx.Node) or val is None or other_val is None or other_val.shape != val.shape:
+            continue
+        bias = node.args[3]
+        node.args = (*node.args[:3], None, *node.args[4:])
+        with gm.graph.inserting_before(user):
+            biased = gm.graph.call_function(_ADD, (other, bias))
+        biased.meta.update(other.meta)
+        user.args = (biased, src)
+        moved.append(module_path(node) or node.name)
+    return moved
 
 
 def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
@@ -257,8 +324,10 @@ def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
             node.target = channel_scale_onnx
         elif node.target == HADAMARD_TRANSFORM:
             _lower_hadamard(out, node)
+    moved = _move_biases_past_residual_adds(out)
     erase_dead_attrs(out)
     out.recompile()
+
     def note(text: str, paths: list[str]) -> None:
         if paths:
             shown = ", ".join(p or "(root)" for p in paths[:3])
@@ -273,4 +342,6 @@ def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
              [layer.path for layer in layers if layer.onnx_op.startswith("MatMulNBits(bits=8")])
     note("fp8/MXFP8 weights: ONNX Runtime runs DequantizeLinear on every call, then a float32 MatMul (no fused CPU "
          "kernel)", [layer.path for layer in layers if layer.onnx_op.startswith("DequantizeLinear")])
+    note("W8A8 bias added to the residual (ONNX Runtime fuses it into SkipLayerNormalization; "
+         "(r + b) + y instead of (y + b) + r, equal up to float32 rounding)", moved)
     return LoweredGraph(out, layers, notes)

@@ -7,12 +7,18 @@ onnxscript translation (:data:`TRANSLATIONS`, handed to ``torch.onnx.export``).
 - ``qcompile_onnx::dequantize_matmul`` → ``DequantizeLinear`` (opset 21, blocked along K or per
   column) + ``MatMul`` (+ ``Add``): fp8 weights.
 - ``qcompile_onnx::int8_dynamic_matmul`` → W8A8 as qcompile computes it: per token ``s =
-  cast(clip(max|x| / 127, tiny, max), scale dtype)``, ``QuantizeLinear(x, s, 128)`` (uint8 codes
-  ``round(x / s) + 128``, saturated; blocked over all of K, so one scale per token),
+  cast(clip(max|x| / 127, tiny, max), scale dtype)``, ``QuantizeLinear(x / s, 1, 128)`` (uint8 codes
+  ``round(x / s) + 128``: the division is the reference's, the unit-scale QuantizeLinear rounds half
+  to even like ``torch.round`` and adds the offset),
   ``MatMulInteger(q, B, 128)``, then ``Cast · (s · b_scale)`` (ORT fuses these into
   ``MatMulIntegerToFloat``) and ``− (−bias)``: written as a Sub so that the fusion does not take the
-  bias in, which ORT 1.32's kernel then multiplies by the per-token scale. The ``+128`` offset keeps ORT on its u8×s8 kernel (its s8×s8 path
-  was 8× slower, docs/onnx-export.md); the integer products are the same.
+  bias in, which ORT 1.32's kernel then multiplies by the per-token scale. The ``+128`` offset keeps
+  ORT on its u8×s8 kernel (its s8×s8 path was 8× slower, docs/onnx-export.md); the integer products
+  are the same.
+- ``qcompile_onnx::uint8_per_tensor_matmul`` → W8A8 with per-tensor asymmetric uint8 activations
+  (``int8-pt-asym`` specs): ``DynamicQuantizeLinear``, ``MatMulInteger(q, B, z)``, ``Cast · (s · b_scale)
+  + bias``: the form ``quantize_dynamic`` writes, which ONNX Runtime fuses into
+  ``DynamicQuantizeMatMul`` (or one shared ``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat``s).
 
 The MatMulNBits schema is built here and handed to onnxscript as an ``Op``; nothing is registered
 globally. ``accuracy_level`` is passed through: the eager kernel computes in float32, which is what
@@ -149,13 +155,15 @@ _ONNX_SCALE_TYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFL
 
 def _translate_int8_dynamic_matmul(x, b, b_scale, bias, scale_dtype):
     tiny, top = _scale_limits(scale_dtype)
-    k = b.shape[0]
     amax = op.ReduceMax(op.Abs(x), _const([-1], np.int64), keepdims=1)
     s = op.Clip(op.Div(amax, _const(127.0, np.float32)), _const(tiny, np.float32), _const(top, np.float32))
     if scale_dtype != "float32":
         s = op.Cast(op.Cast(s, to=_ONNX_SCALE_TYPES[scale_dtype]), to=ir.DataType.FLOAT)
     offset = _const(128, np.uint8)
-    q = op.QuantizeLinear(x, s, op.Expand(offset, op.Shape(s)), axis=-1, block_size=int(k))
+    # x / s rounds exactly as the reference does; a unit-scale per-tensor QuantizeLinear then rounds and
+    # adds the offset (ONNX Runtime's vectorised path; one op fewer than a blocked QuantizeLinear
+    # whose zero points must be expanded to the scales' run-time shape)
+    q = op.QuantizeLinear(op.Div(x, s), _const(1.0, np.float32), offset)
     acc = op.MatMulInteger(q, b, offset)
     y = op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(s, b_scale))
     # y - (-bias) is y + bias exactly, but keeps ORT's MatMulIntegerToFloat fusion from taking the bias
@@ -163,13 +171,44 @@ def _translate_int8_dynamic_matmul(x, b, b_scale, bias, scale_dtype):
     return op.Sub(y, op.Neg(bias)) if bias is not None else y
 
 
+@torch.library.custom_op("qcompile_onnx::uint8_per_tensor_matmul", mutates_args=())
+def uint8_per_tensor_matmul(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 with per-tensor asymmetric uint8 activations: ONNX's ``DynamicQuantizeLinear`` (``s = (max(x, 0)
+    − min(x, 0)) / 255`` in float32, 1 for an all-zero ``x``; ``z = round(−min / s)``; codes ``round(x / s) +
+    z``, saturated), then ``(codes − z) · B · (s · b_scale) + bias``; ``b`` int8 ``[K, N]``."""
+    xf = x.float()
+    lo, hi = xf.min().clamp(max=0.0), xf.max().clamp(min=0.0)
+    s = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    z = torch.round(-lo / s).clamp(0, 255)
+    q = (torch.round(xf / s) + z).clamp(0, 255)
+    acc = ((q - z).double() @ b.double()).float()  # exact: the int32 product
+    y = acc * (s * b_scale.float())
+    return (y + bias.float() if bias is not None else y).to(x.dtype)
+
+
+@uint8_per_tensor_matmul.register_fake
+def _(x, b, b_scale, bias):
+    return x.new_empty((*x.shape[:-1], b.shape[1]))
+
+
+def _translate_uint8_per_tensor_matmul(x, b, b_scale, bias):
+    q, s, z = op.DynamicQuantizeLinear(x)
+    y = op.Mul(op.Cast(op.MatMulInteger(q, b, z), to=ir.DataType.FLOAT), op.Mul(s, b_scale))
+    # the form ONNX Runtime's quantize_dynamic writes, which it fuses into DynamicQuantizeMatMul (bias
+    # included: with a scalar a_scale its fused bias is right)
+    return op.Add(y, bias) if bias is not None else y
+
+
 TRANSLATIONS = {
     torch.ops.qcompile_onnx.matmul_nbits.default: _translate_matmul_nbits,
     torch.ops.qcompile_onnx.dequantize_matmul.default: _translate_dequantize_matmul,
     torch.ops.qcompile_onnx.int8_dynamic_matmul.default: _translate_int8_dynamic_matmul,
+    torch.ops.qcompile_onnx.uint8_per_tensor_matmul.default: _translate_uint8_per_tensor_matmul,
 }
 """``custom_translation_table`` for ``torch.onnx.export``."""
 
 MATMUL_NBITS = torch.ops.qcompile_onnx.matmul_nbits.default
 DEQUANTIZE_MATMUL = torch.ops.qcompile_onnx.dequantize_matmul.default
 INT8_DYNAMIC_MATMUL = torch.ops.qcompile_onnx.int8_dynamic_matmul.default
+UINT8_PER_TENSOR_MATMUL = torch.ops.qcompile_onnx.uint8_per_tensor_matmul.default

@@ -133,6 +133,21 @@ def test_w8a8_int_mm_is_the_simulated_reference(x_dtype):
     assert _rel(y, _ref64(x, qt, bias, act)) < tol
 
 
+def test_w8a8_per_tensor_int_mm_is_the_simulated_reference():
+    """Per-tensor uint8 activations (ONNX's DynamicQuantizeLinear) on torch._int_mm: codes offset to int8
+    and the zero point's column-sum term subtracted give the same integer products as the reference."""
+    g = torch.Generator().manual_seed(4)
+    qt = quantize(torch.randn(24, 70, generator=g), QuantSpec("int8"))
+    act = QuantSpec.parse("int8-pt-asym-scale:float32-dynamic")
+    bias = torch.randn(24, generator=g)
+    for m, shift in ((1, 0.0), (7, 2.5), (40, -4.0)):  # positive and negative skew: zero points far from 128
+        x = torch.randn(m, 70, generator=g) * 3 + shift
+        assert dispatch.choose(qt.spec, act, torch.float32, 70, m).kernel == dispatch.INT_MM
+        assert _rel(_op(x, qt, bias, act), _ref64(x, qt, bias, act)) < 1e-6
+    x3 = torch.randn(2, 3, 70, generator=g)  # one scale for the whole tensor, whatever its rank
+    assert _rel(_op(x3, qt, None, act), _ref64(x3, qt, None, act)) < 1e-6
+
+
 FALLBACK = [  # no packed kernel: float32 GEMM on the cached dequantized weight, bitwise the reference
     (QuantSpec("nvfp4"), None, torch.float32),
     (QuantSpec("int4", 16, symmetric=False), None, torch.float32),

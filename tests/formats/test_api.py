@@ -6,6 +6,7 @@ import torch
 from qcompile.formats import (
     FORMATS,
     PER_CHANNEL,
+    PER_TENSOR,
     QuantizedTensor,
     QuantSpec,
     bits_per_weight,
@@ -114,6 +115,36 @@ def test_fake_quantize_matches_quantize_dequantize(spec: QuantSpec, dtype: torch
     assert fq.shape == x.shape and fq.dtype == dtype
     ref = dequantize(quantize(x.reshape(6, 70), spec), dtype).reshape(2, 3, 70)
     assert torch.equal(fq, ref)
+
+
+PER_TENSOR_UINT8 = QuantSpec("int8", PER_TENSOR, symmetric=False, scale_dtype="float32", dynamic=True)
+
+
+def _dynamic_quantize_linear(x: torch.Tensor) -> torch.Tensor:
+    """ONNX's DynamicQuantizeLinear as its specification writes it, then dequantized (float32 arithmetic)."""
+    lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+    scale = (hi - lo) / 255 if hi > lo else torch.tensor(1.0)
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return ((torch.round(x / scale) + zero).clamp(0, 255) - zero) * scale
+
+
+def test_per_tensor_activation_spec() -> None:
+    """One scale and zero point for a whole activation tensor, bit-exact with ONNX's DynamicQuantizeLinear;
+    weights and non-integer formats cannot take it."""
+    assert PER_TENSOR_UINT8.short() == "int8-pt-asym"
+    assert QuantSpec.parse(PER_TENSOR_UINT8.encode()) == PER_TENSOR_UINT8
+    for shift in (0.0, 3.0, -3.0):
+        x = gaussian(6, 70, seed=12).reshape(2, 3, 70) * 2 + shift
+        fq = fake_quantize(x, PER_TENSOR_UINT8)
+        assert torch.equal(fq, _dynamic_quantize_linear(x))
+        assert len(torch.unique(fq)) <= 256
+    assert torch.equal(fake_quantize(torch.zeros(2, 8), PER_TENSOR_UINT8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="per-tensor scales .* dynamic integer activations"):
+        QuantSpec("int8", PER_TENSOR)
+    with pytest.raises(ValueError, match="per-tensor scales .* dynamic integer activations"):
+        QuantSpec("fp8_e4m3", PER_TENSOR, dynamic=True)
+    with pytest.raises(ValueError, match="per-tensor scales are for dynamic activations"):
+        quantize(torch.ones(2, 8), PER_TENSOR_UINT8)
 
 
 def test_fake_quantize_1d_and_empty() -> None:

@@ -114,6 +114,54 @@ def test_gpt2_w8a8_smooth(tmp_path):
     assert all(len(n.input) < 7 or not n.input[6] for n in fused)  # no bias input
 
 
+def _with_random_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers initialises biases to zero, which would hide a bias applied at the wrong scale."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name.lower():
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+def test_bert_w8a8_biases(tmp_path):
+    """W8A8 with non-zero biases on post-norm BERT: the bias of a linear feeding a residual add goes into
+    ONNX Runtime's SkipLayerNormalization (as its bias input), the others stay out of the
+    MatMulIntegerToFloat fusion, and the output matches the compiled model."""
+    model = _with_random_biases(tiny_model("bert", layers=2))
+    inputs = {"input_ids": tiny_inputs()[0]}
+    cm = qcompile.compile(model, inputs, target="ort-cpu", recipe="w8a8", progress=False)
+    path = tmp_path / "bert.onnx"
+    report = export_onnx(cm, inputs, path)
+    assert any("bias added to the residual" in note and "(4 layers)" in note for note in report.notes)
+    _assert_matches_compiled(path, cm, {"input_ids": _fresh_ids()}, cosine=0.9995, max_rel=2e-2)
+    _session(path, optimized=tmp_path / "opt.onnx")
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    skip = [n for n in nodes if n.op_type == "SkipLayerNormalization"]
+    assert len(skip) == 4 and all(len(n.input) == 5 and n.input[4].endswith("dense.bias") for n in skip)
+    fused = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 12 and all(len(n.input) < 7 or not n.input[6] for n in fused)
+
+
+def test_bert_w8a8_per_tensor(tmp_path):
+    """w8a8-pt-smooth: per-tensor uint8 activations export as DynamicQuantizeLinear + MatMulInteger, which
+    ONNX Runtime fuses into DynamicQuantizeMatMul (bias inside) or, where Q/K/V share the input, one
+    DynamicQuantizeLinear feeding MatMulIntegerToFloats; the FFN down projections stay per token. The codes
+    are ONNX's own definition, so ONNX Runtime matches the compiled model to float32 rounding."""
+    model = _with_random_biases(tiny_model("bert", layers=2))
+    inputs = {"input_ids": tiny_inputs()[0]}
+    cm = qcompile.compile(model, inputs, target="ort-cpu", recipe="w8a8-pt-smooth", progress=False)
+    path = tmp_path / "bert.onnx"
+    report = export_onnx(cm, inputs, path)
+    ops = {layer.path: layer.onnx_op for layer in report.layers}
+    assert ops["encoder.layer.0.output.dense"].startswith("QuantizeLinear(uint8, per token)")
+    assert ops["encoder.layer.0.attention.self.query"].startswith("DynamicQuantizeLinear(uint8, per tensor)")
+    _assert_matches_compiled(path, cm, {"input_ids": _fresh_ids()}, cosine=0.99999, max_rel=1e-3)
+    _session(path, optimized=tmp_path / "opt.onnx")
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert fused.count("DynamicQuantizeMatMul") == 4 and fused.count("DynamicQuantizeLinear") == 2
+    assert fused.count("MatMulIntegerToFloat") == 6 + 2  # Q/K/V per layer, and the per-token down projections
+
+
 def test_qwen2_from_module(tmp_path, monkeypatch):
     """An nn.Module is compiled for the target first (the target's default recipe, w4a16)."""
     compiled = []

@@ -29,7 +29,7 @@ import torch
 
 from qcompile.codegen.cpu import kernels, weight_cache
 from qcompile.formats import QuantizedTensor, QuantSpec
-from qcompile.formats.spec import PER_CHANNEL
+from qcompile.formats.spec import PER_CHANNEL, PER_TENSOR
 
 INT8PACK_MAX_M = 4
 """Up to this many tokens per call int8 weight-only layers run ``_weight_int8pack_mm`` (bf16; 2.1-3× the
@@ -96,8 +96,11 @@ def packed_kernel(w_spec: QuantSpec, x_dtype: torch.dtype, in_features: int,
 
 def int_mm_reason(w_spec: QuantSpec, a_spec: QuantSpec, in_features: int) -> str | None:
     """None if ``torch._int_mm`` computes this W8A8 pair exactly, else why not."""
-    if a_spec.format != "int8" or not a_spec.symmetric or a_spec.group_size != PER_CHANNEL:
-        return f"no CPU kernel for {a_spec.short()} activations (torch._int_mm takes symmetric per-token int8)"
+    per_token = a_spec.symmetric and a_spec.group_size == PER_CHANNEL
+    per_tensor = not a_spec.symmetric and a_spec.group_size == PER_TENSOR
+    if a_spec.format != "int8" or not (per_token or per_tensor):
+        return (f"no CPU kernel for {a_spec.short()} activations (torch._int_mm takes symmetric per-token or "
+                "asymmetric per-tensor int8)")
     if w_spec.format != "int8" or not w_spec.symmetric or not _per_channel(w_spec, in_features):
         return f"torch._int_mm W8A8 needs symmetric per-channel int8 weights, not {w_spec.short()}"
     if not hasattr(torch, "_int_mm"):

@@ -29,7 +29,7 @@ from qcompile.formats import QuantizedTensor, QuantSpec, dequantize, fake_quanti
 from qcompile.formats.packing import unpack_bits
 from qcompile.formats.registry import get_codec
 from qcompile.formats.scales import to_groups
-from qcompile.formats.spec import PER_CHANNEL
+from qcompile.formats.spec import PER_CHANNEL, PER_TENSOR
 
 INT4PACK_GROUPS = (256, 128, 64, 32)
 """``_weight_int4pack_mm_for_cpu``'s group sizes, largest first."""
@@ -129,10 +129,19 @@ def int8pack_linear(x2: torch.Tensor, codes: torch.Tensor, packed: Int8Packed) -
 
 
 def int_mm_linear(x2: torch.Tensor, qt: QuantizedTensor, act_spec: QuantSpec) -> torch.Tensor:
-    """W8A8: x quantized per token exactly as ``fake_quantize`` does, int32 GEMM, scales applied after."""
+    """W8A8: x quantized exactly as ``fake_quantize`` does (per token, or per tensor with a zero point),
+    int32 GEMM, scales applied after. Per-tensor uint8 codes ``c`` with zero point ``z`` enter the GEMM
+    as ``c - 128`` (int8), and ``(z - 128) · Σ_k w`` is subtracted: the same integer products."""
     k = qt.shape[1]
+    w = qt.data[:, :k]
+    if act_spec.group_size == PER_TENSOR:
+        parts = get_codec(act_spec.format).encode(x2.float().reshape(1, 1, -1), act_spec)
+        codes = (parts.codes.reshape(-1, k).to(torch.int16) - 128).to(torch.int8)
+        offset = parts.zero.to(torch.int32).reshape(()) - 128
+        acc = torch._int_mm(codes, w.t()) - offset * w.sum(dim=1, dtype=torch.int32)
+        return acc.float() * (parts.scale.float().reshape(()) * qt.scale.float().reshape(1, -1))
     parts = get_codec(act_spec.format).encode(to_groups(x2.float(), k), act_spec)
-    acc = torch._int_mm(parts.codes.reshape(-1, k), qt.data[:, :k].t())
+    acc = torch._int_mm(parts.codes.reshape(-1, k), w.t())
     return acc.float() * (parts.scale.float().reshape(-1, 1) * qt.scale.float().reshape(1, -1))
 
 
