@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compiled_cache import compile_cached  # noqa: E402  (benchmarks/, on sys.path as the script's directory)
+
 import qcompile  # noqa: E402
 from qcompile.demo import embedding_agreement, load_minilm, mean_pool, plain_rtn, readme_sentences  # noqa: E402
 from qcompile.formats import QuantSpec  # noqa: E402
@@ -125,7 +127,7 @@ class _Embed(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def minilm(recipes: list[str], peers: bool, ablations: bool = True) -> tuple[list[dict], dict]:
+def minilm(recipes: list[str], peers: bool, ablations: bool = True, cache: Path | None = None) -> tuple[list[dict], dict]:
     model, tok, _ = load_minilm()
     test_text = readme_sentences()
     calib_sentences = calibration_sentences(CALIBRATION_FILES)
@@ -149,11 +151,15 @@ def minilm(recipes: list[str], peers: bool, ablations: bool = True) -> tuple[lis
         todo += _ablations()
     for label, recipe, passes, calibration in todo:
         start = time.perf_counter()
+        texts = calib_text if calibration == "full" else first_text
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cm = qcompile.compile(model, trace, recipe=recipe, passes=passes() if passes else None,
-                                  calibration=calib_text if calibration == "full" else first_text, tokenizer=tok,
-                                  progress=False, verify=False)
+            if passes is None:
+                cm = compile_cached(cache, model, trace, recipe=recipe, calibration=texts, tokenizer=tok,
+                                    progress=False, verify=False)
+            else:
+                cm = qcompile.compile(model, trace, recipe=recipe, passes=passes(), calibration=texts, tokenizer=tok,
+                                      progress=False, verify=False)
         with torch.no_grad():
             emb = mean_pool(cm(**test).last_hidden_state, test["attention_mask"])
         rows.append({"who": "qcompile" if passes is None and calibration == "full" else "qcompile (ablation)",
@@ -344,13 +350,15 @@ def main() -> None:
     ap.add_argument("--no-ablations", dest="ablations", action="store_false", help="MiniLM: skip the ablation rows")
     ap.add_argument("--no-write", dest="write", action="store_false", help="print only, do not write docs/")
     ap.add_argument("--json", default=None, help="also write the raw rows here")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="MiniLM: reuse compiled models saved here (benchmarks/compiled_cache.py; onnx_ort.py shares it)")
     args = ap.parse_args()
     torch.manual_seed(0)
     recipes = [r for r in args.recipes.split(",") if r]
     raw = {}
     if args.model in ("minilm", "all"):
         print("all-MiniLM-L6-v2", flush=True)
-        rows, info = minilm(recipes, args.peers, args.ablations)
+        rows, info = minilm(recipes, args.peers, args.ablations, args.cache)
         raw["minilm"] = {"rows": rows, "info": info}
         text = minilm_markdown(rows, info)
         print(text)

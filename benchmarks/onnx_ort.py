@@ -61,6 +61,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compiled_cache import compile_cached  # noqa: E402  (benchmarks/, on sys.path as the script's directory)
+
 import qcompile  # noqa: E402
 
 THREADS = 2
@@ -71,8 +73,9 @@ WARMUPS = 3
 # written by ``qcompile.export_onnx`` (see ``qcompile_rows``). A recipe that does not export gets a
 # row with the exporter's error, the rest still run.
 QCOMPILE_RECIPES = {
-    "minilm": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth"),
-    "decoder": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth"),
+    "minilm": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16-sym-rotate-gptq-fit", "w4a16", "w8a16",
+               "w8a8-smooth", "w8a8-pt-smooth"),
+    "decoder": ("w4a16-gptq-fit", "w4a16-sym-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth", "w8a8-pt-smooth"),
 }
 QCOMPILE_SAME_KIND = {"w4a16": "int4", "w8a16": "int8 weight-only", "w8a8": "int8 W8A8"}
 """What each recipe family is compared with (the rows' ``kind``)."""
@@ -320,7 +323,7 @@ def latencies(sessions: dict[str, Any], cases: dict[str, dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- qcompile (plug-in point)
-def qcompile_rows(m: Model, out: Path, recipes: tuple[str, ...]) -> list[dict]:
+def qcompile_rows(m: Model, out: Path, recipes: tuple[str, ...], cache: Path | None = None) -> list[dict]:
     """qcompile's ONNX files: compile with each recipe, export with ``qcompile.export_onnx``.
 
     This is where qcompile's exporter plugs in; until the checkout has ``qcompile.export_onnx``
@@ -339,8 +342,8 @@ def qcompile_rows(m: Model, out: Path, recipes: tuple[str, ...]) -> list[dict]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cm = qcompile.compile(m.torch_model, dict(m.example), recipe=recipe, calibration=m.calibration,
-                                      tokenizer=m.tokenizer, progress=False, verify=False)
+                cm = compile_cached(cache, m.torch_model, dict(m.example), recipe=recipe, calibration=m.calibration,
+                                    tokenizer=m.tokenizer, progress=False, verify=False)
                 report = export(cm, dict(m.example), str(path), target="ort-cpu")
         except Exception as e:  # a recipe the exporter refuses: recorded, the others still run
             row["label"] = f"{recipe}: not exported ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -353,24 +356,25 @@ def qcompile_rows(m: Model, out: Path, recipes: tuple[str, ...]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- one model
-def bench(m: Model, repeats: int, qcompile_recipes: tuple[str, ...], keep: Path | None) -> dict:
+def bench(m: Model, repeats: int, qcompile_recipes: tuple[str, ...], keep: Path | None,
+          cache: Path | None = None) -> dict:
     print(m.name, flush=True)
     if keep is not None:
         tmp = keep / m.name.replace(" ", "_")
         tmp.mkdir(parents=True, exist_ok=True)
-        return _bench_in(m, repeats, qcompile_recipes, tmp)
+        return _bench_in(m, repeats, qcompile_recipes, tmp, cache)
     with tempfile.TemporaryDirectory(prefix="onnx_ort_") as d:
-        return _bench_in(m, repeats, qcompile_recipes, Path(d))
+        return _bench_in(m, repeats, qcompile_recipes, Path(d), cache)
 
 
-def _bench_in(m: Model, repeats: int, qcompile_recipes: tuple[str, ...], tmp: Path) -> dict:
+def _bench_in(m: Model, repeats: int, qcompile_recipes: tuple[str, ...], tmp: Path, cache: Path | None) -> dict:
     fp32 = tmp / "float32.onnx"
     seconds = export_float(m, fp32)
     rows = [{"who": "torch.onnx", "label": "float32 (torch.onnx.export, dynamo=True)", "kind": "float",
              "path": fp32, "seconds": seconds}]
     rows += [{"who": "ONNX Runtime", "label": label, "kind": kind, "path": path, "seconds": s}
              for label, kind, path, s in ort_quantized(fp32, tmp)]
-    rows += qcompile_rows(m, tmp, qcompile_recipes)
+    rows += qcompile_rows(m, tmp, qcompile_recipes, cache)
     measured = [r for r in rows if "path" in r]
     sessions = {r["label"]: session(r["path"]) for r in measured}
     for r in measured:
@@ -380,6 +384,7 @@ def _bench_in(m: Model, repeats: int, qcompile_recipes: tuple[str, ...], tmp: Pa
         r.update(m.score(first_output(s, feeds_for(s, m.accuracy_feeds))))
         print(f"  {r['label']:60s} {r['file_bytes'] / 2**20:8.1f} MiB  {r['bits']:5.2f} b/w  "
               f"cos {r['mean_cosine']:.5f}", flush=True)
+    print(f"  timing {len(sessions)} files ({', '.join(m.latency_feeds)}; {repeats} runs each)", flush=True)
     times = latencies(sessions, m.latency_feeds, repeats)
     for r in measured:
         r["ms"] = times[r["label"]]
@@ -430,6 +435,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks/onnx-ort-cpu.md")
     ap.add_argument("--json", default=None, help="also write the raw rows here")
     ap.add_argument("--keep", type=Path, default=None, help="keep the ONNX files in this directory")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="reuse compiled models saved here (benchmarks/compiled_cache.py; accuracy.py shares it)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     builders = {"minilm": minilm, "decoder": decoder}
@@ -440,7 +447,7 @@ def main() -> None:
     results = []
     for key in wanted:
         recipes = tuple(args.qcompile_recipes.split(",")) if args.qcompile_recipes else QCOMPILE_RECIPES[key]
-        results.append(bench(builders[key](), args.repeats, recipes, args.keep))
+        results.append(bench(builders[key](), args.repeats, recipes, args.keep, args.cache))
     text = markdown(results, args.repeats)
     print(text)
     if args.write:

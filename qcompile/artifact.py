@@ -93,7 +93,7 @@ _LAYER = {
 SCHEMA = {
     "format_version": int, "qcompile_version": str, "torch_version": str, "model_class": str, "target": str,
     "recipe": {"name": str, "description": str, "weight": SPEC, "activation": SPEC, "passes": [str],
-               "exclude": [str], "overrides": [list], "pass_options": {str: dict}},
+               "exclude": [str], "overrides": [list], "pass_options": {str: dict}, "activation_overrides": [list]},
     "overrides": dict,
     "passes": [{"name": str, "on_load": OneOf("rerun", "restore", "skip"), "ensures": [str], "options": dict}],
     "pinned_kwargs": dict, "dynamic": bool, "example_inputs": {"args": list, "kwargs": dict},
@@ -104,7 +104,9 @@ SCHEMA = {
 }
 """The manifest's shape: objects (exact key sets), ``{str: v}`` maps, ``[v]`` lists, tuples of
 alternatives (``None`` = null), types and the leaves above."""
-OPTIONAL = {"source", "transformers", "buffers", "onnx"}
+OPTIONAL = {"source", "transformers", "buffers", "onnx", "recipe.activation_overrides"}
+"""Fields (paths below the manifest) an artifact may omit: written only by some models, or added
+after format 3 was fixed (older artifacts lack them and still load)."""
 
 
 def _check(value: Any, schema: Any, where: str) -> None:
@@ -155,7 +157,7 @@ def _check(value: Any, schema: Any, where: str) -> None:
             raise ArtifactError(f"manifest field {where}: unknown key(s) {', '.join(map(repr, unknown))}")
         for k, sub in schema.items():
             if k not in value:
-                if where == "manifest" and k in OPTIONAL:
+                if f"{where}.{k}".removeprefix("manifest.") in OPTIONAL:
                     continue
                 raise ArtifactError(f"manifest field {where}.{k} is missing")
             _check(value[k], sub, f"{where}.{k}")

@@ -122,6 +122,7 @@ _RTN = (
         Recipe("w8a16", "int8 per-channel weights, 16-bit activations", QuantSpec("int8")),
         Recipe("w4a16", "int4 group-128 asymmetric weights, 16-bit activations",
                QuantSpec("int4", group_size=128, symmetric=False)),
+        Recipe("w4a16-sym", "int4 group-128 symmetric weights, 16-bit activations", QuantSpec("int4", group_size=128)),
         Recipe("w4a16-g32", "int4 group-32 asymmetric weights, 16-bit activations",
                QuantSpec("int4", group_size=32, symmetric=False)),
         Recipe("nvfp4-w4a16", "NVFP4 weights (e2m1, e4m3 block-16 scales), 16-bit activations", QuantSpec("nvfp4")),
@@ -178,14 +179,17 @@ _FIT = (
     _derived(_BY_NAME["w4a16"], "gptq-fit",
              "GPTQ on error-minimising grids, fitted to the float model's outputs (passes/gptq.py)",
              GPTQ_PASSES, GPTQ_FIT_OPTIONS),
-    _derived(_BY_NAME["w4a16"], "rotate-gptq-fit",
-             "rotation folding with online Hadamards (passes/rotation.py), then GPTQ on error-minimising grids, "
-             "fitted to the float model's outputs", ROTATE_GPTQ_PASSES,
-             {**GPTQ_FIT_OPTIONS, "fold_norm_scales": {"when": "always"}}),
+    *(_derived(_BY_NAME[base], "rotate-gptq-fit",
+               "rotation folding with online Hadamards (passes/rotation.py), then GPTQ on error-minimising grids, "
+               "fitted to the float model's outputs", ROTATE_GPTQ_PASSES,
+               {**GPTQ_FIT_OPTIONS, "fold_norm_scales": {"when": "always"}}) for base in ("w4a16", "w4a16-sym", "w4a8")),
 )
 """The W4A16 recipes that fit the float model (``GPTQ_FIT_OPTIONS``): without online rotation
 (no run-time cost beyond the int4 GEMM) and with it (post-norm encoders: an online Hadamard before
-every quantized linear, pre-norm decoders: residual rotation plus one before down_proj)."""
+every quantized linear, pre-norm decoders: residual rotation plus one before down_proj). The
+symmetric one is for ONNX Runtime: ``MatMulNBits`` stores float32 scales, so group-128 symmetric is
+4.25 bits per weight there and asymmetric 4.28 (docs/onnx-export.md). ``w4a8-rotate-gptq-fit`` fits
+the same way with fp8 activations (the fit sees the quantized activations)."""
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (*_RTN, *_GPTQ, *_MIGRATED, *_ROTATED, *_FIT)}
 

@@ -178,3 +178,20 @@ def test_a_layer_called_twice_is_a_named_save_error_and_a_report_note(tmp_path):
     with pytest.raises(ArtifactError, match="layer 'a' is called more than once"):
         cm.save(tmp_path / "twice")
     assert not (tmp_path / "twice").exists()
+
+
+def test_per_layer_activation_specs_round_trip(tmp_path):
+    """A recipe with activation overrides (w8a8-pt-smooth: per-tensor activations, per-token on the FFN down
+    projections) is saved and restored with them; an artifact written before the field existed still loads."""
+    model, inputs = tiny_model("llama", layers=1), tiny_inputs()
+    cm = qcompile.compile(model, inputs, recipe="w8a8-pt-smooth", progress=False)
+    cm.save(tmp_path / "a")
+    layers = json.loads((tmp_path / "a" / "manifest.json").read_text())["layers"]
+    assert layers["model.layers.0.mlp.down_proj"]["decision"]["activation"] == "int8-pc-scale:float32-dynamic"
+    assert layers["model.layers.0.mlp.up_proj"]["decision"]["activation"] == "int8-pt-asym-scale:float32-dynamic"
+    loaded = qcompile.load(tmp_path / "a", tiny_model("llama", layers=1), inputs)
+    assert loaded.recipe == cm.recipe
+    ids = torch.randint(0, 256, (2, 5))
+    torch.testing.assert_close(loaded(ids).logits, cm(ids).logits, rtol=0, atol=0)
+    _edit_manifest(tmp_path / "a", lambda m: m["recipe"].pop("activation_overrides"))
+    assert qcompile.load(tmp_path / "a", tiny_model("llama", layers=1), inputs).recipe.activation_overrides == ()
