@@ -24,6 +24,7 @@ from qcompile.passes.calibration import ActivationStats, Calibration
 from qcompile.passes.clip_search import ClipSearch
 from qcompile.passes.gptq import GPTQ
 from qcompile.passes.norm_folding import FoldNormScales
+from qcompile.passes.outlier_splitting import OutlierSplit, ResidualChannels
 from qcompile.passes.rotation import RotateOnline, RotateResidual
 from qcompile.passes.rotation_heads import RotateHeads
 from qcompile.passes.scale_migration import AWQ, AWQClip, OSShift, SmoothQuant
@@ -32,6 +33,6 @@ from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
 
 __all__ = [
     "AWQ", "GPTQ", "AWQClip", "ClipSearch", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual", "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
-    "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
-    "QuantizeWeights", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
+    "OutlierSplit", "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
+    "QuantizeWeights", "ResidualChannels", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
 ]
