@@ -163,7 +163,7 @@ def _lower_zero_columns(gm: fx.GraphModule, node: fx.Node) -> None:
     node.target = channel_scale_onnx
 
 
-_NO_ONNX_SPLIT = {
+NO_ONNX_SPLIT = {  # run-time ops of outlier splits without an ONNX Runtime export, and why
     SPARSE_RESIDUAL: "its dense-and-sparse residual (outlier split 'sparse') has no ONNX Runtime export (no "
                      "sparse MatMul on the CPU execution provider); compile it without the split",
     ACTIVATION_RESIDUAL: "its residual channels carry the activation's quantization residual (outlier split "
@@ -293,8 +293,8 @@ def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
             _lower_zero_columns(out, node)
         elif node.target == OUTLIER_COLUMNS:
             node.target = outlier_columns_onnx
-        elif node.target in _NO_ONNX_SPLIT:
-            raise OnnxExportError(f"layer {module_path(node) or '(root)'}: {_NO_ONNX_SPLIT[node.target]}")
+        elif node.target in NO_ONNX_SPLIT:
+            raise OnnxExportError(f"layer {module_path(node) or '(root)'}: {NO_ONNX_SPLIT[node.target]}")
     erase_dead_attrs(out)
     out.recompile()
     def note(text: str, paths: list[str]) -> None:

@@ -1,34 +1,37 @@
 """Outlier splitting: the few channels or weights that quantize badly are computed another way.
 
-Two passes, because two of the methods split the weight *before* it is quantized and the third
-corrects the quantized weight *after* (the math and formulas: ``outlier_splitting_math.py``,
-``docs/outlier-splitting.md``):
+Three methods (the math and formulas: ``outlier_splitting_math.py``, ``docs/outlier-splitting.md``)
+in two passes, because everything is decided and selected *before* the weight is quantized and one
+method also needs the quantized weight:
 
-- ``split_outliers`` (:class:`OutlierSplit`): ``llm_int8`` and ``sparse``. Runs after
-  ``assign_quant_specs`` and anything that rewrites activations or weights (norm folding,
-  rotations, smoothing, AWQ scales, mixed precision), before every weight quantizer. It rewrites
-  the layer ``y = x Wᵀ + b`` into ``y = x_d W_dᵀ + b + r`` where ``r`` is
-  ``qcompile::outlier_columns(x, I, W[:, I])`` (``x_d = qcompile::zero_columns(x, I)``) or
-  ``qcompile::sparse_residual(x, rows, cols, values)`` (``x_d = x``); the quantizer then quantizes
-  ``W_d`` on the statistics of ``x_d`` (GPTQ too). The rewrite is exact up to the float16 rounding
-  of the kept weights.
-- ``residual_channels`` (:class:`ResidualChannels`): after the weight quantizer, before ``lower``.
-  It picks channels from the quantized weight's error, widens the activation
-  (``cat([x, x[..., I']])``, an ``index_select`` and a ``cat``) and replaces the result's weight by
-  the ``[N, K + c']`` one whose extra columns are the quantized residual. Needs the float weight
-  the quantizer saw: a quantizer that wrote its dequantized weight back into the graph (GPTQ)
-  leaves no residual, which is an error.
+- ``split_outliers`` (:class:`OutlierSplit`), after ``assign_quant_specs`` and everything that
+  rewrites activations or weights (norm folding, rotations, smoothing, AWQ scales, mixed
+  precision), before every weight quantizer. It rewrites the layer ``y = x Wᵀ + b``:
+
+  - ``llm_int8``: ``y = lin(zero_columns(x, I), W_d) + outlier_columns(x, I, W[:, I])`` (``W_d``:
+    the columns ``I`` zeroed; ``W[:, I]`` in float16);
+  - ``sparse``: ``y = lin(x, W − S) + sparse_residual(x, S)`` (``S`` in float16 COO);
+  - ``residual_channels``: ``y = lin(x[..., P], W[:, P])``, ``P`` moving the outlier channels last;
+
+  so the quantizer (RTN, GPTQ, clip search) quantizes the dense part on the statistics of what it
+  really reads. Exact up to the float16 rounding of the kept weights.
+- ``residual_channels`` (:class:`ResidualChannels`), after the quantizer, before ``lower``: the
+  last ``c'`` channels get ``c'`` extra K channels (``cat([x_p, tail])``; the tail is
+  ``qcompile::activation_residual`` for activation-quantized layers, a slice of ``x_p`` for
+  weight-only ones) and the result's weight becomes the ``[N, K + c']`` one, so one
+  ``qcompile::quantized_linear`` computes the correction. Weight-only layers need the float weight
+  the quantizer rounded: a quantizer that wrote its dequantized weight back (GPTQ) is an error.
 
 Rules, per linear with a quantized decision: the split is the decision's
 ``extras["outlier_split"]`` if it has one (the mixed-precision solver's choice, a user pass),
-else the first ``layers`` glob of the pass options matching the module path (``None``: no split),
-else the pass's ``method`` option (``None``: only decided layers split). Each pass applies its own
-methods and leaves the other's. Bad values (channels ≤ 0 or > K, a fraction outside (0, 1), a
-method the layer's format cannot take) raise an :class:`OutlierSplitError` naming the layer and the
-value; a ``layers`` glob that matches no layer warns; ``lower`` refuses a decision whose split no
-pass applied. What each pass selected (channel indices, nnz, padded channels, attribute names,
-extra bytes) goes into the split's extras; at load both passes re-create their structure from it,
-binding the artifact's tensors (``restore``), never reselecting on the rebuilt model's weights.
+else the first ``layers`` glob of ``split_outliers``' options matching the module path (``None``:
+no split), else its ``method`` option (``None``: only decided layers split). Bad values (channels ≤
+0 or > K, a fraction outside (0, 1), residual channels on a format without groups dividing K)
+raise an :class:`OutlierSplitError` naming the layer and the value; a ``layers`` glob that matches
+no layer warns; ``lower`` refuses a decision whose split no pass applied. What the passes selected
+(channel indices, nnz, padded channels, attribute names, the form, extra bytes) goes into the
+split's extras; at load both re-create their structure from it, binding the artifact's tensors
+(``restore``), never reselecting on the rebuilt model's weights.
 """
 
 from __future__ import annotations
@@ -174,11 +177,13 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 @register_pass("split_outliers")
 class OutlierSplit(_SplitPass):
-    """LLM.int8 decomposition and dense-and-sparse weights, before the quantizer (module docstring).
+    """Every split's selection and rewrite before the quantizer (module docstring).
 
-    ``method``: ``"llm_int8"``, ``"sparse"`` or ``None`` (only layers whose decision or ``layers``
-    glob says so); ``channels``: LLM.int8's kept channels per layer (8); ``fraction``: the sparse
-    share of the weights (0.5 %); ``layers``: ``{glob: split dict or None}``, first match wins.
+    ``method``: ``"llm_int8"``, ``"sparse"``, ``"residual_channels"`` or ``None`` (only layers whose
+    decision or ``layers`` glob says so); ``channels``: kept (LLM.int8) or residual channels per
+    layer (8); ``fraction``: the sparse share of the weights (0.5 %); ``layers``: ``{glob: split
+    dict or None}``, first match wins. Residual channels also need ``residual_channels`` after the
+    quantizer.
     """
 
     runs_after = ("assign_quant_specs", "fold_norm_scales", "rotate_residual", "rotate_heads", "rotate_online",
