@@ -47,10 +47,10 @@ def layer_reports(gm: fx.GraphModule, target: Target | None = None) -> list[Laye
     pass measured. With ``target``, each row says which kernel runs it there."""
     from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
     from qcompile.codegen.outlier_ops import kernel_note
-    from qcompile.passes.outlier_splitting_math import SPLIT_KEY
     from qcompile.codegen.quantized_linear import describe_kernel
     from qcompile.ir.annotations import decided_nodes, result_of
     from qcompile.ir.graph import get_attr, module_path
+    from qcompile.passes.outlier_splitting_math import SPLIT_KEY
 
     rows = []
     for node, decision in decided_nodes(gm):

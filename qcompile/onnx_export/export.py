@@ -30,13 +30,13 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_nodes
+from qcompile.codegen.outlier_ops import SPARSE_RESIDUAL
 from qcompile.codegen.quantized_linear import reference_quantized_linear
 from qcompile.compiled import CompiledModel
 from qcompile.formats import QuantSpec
 from qcompile.frontend.inputs import split_inputs
 from qcompile.frontend.torch_export import export_with_fallbacks
 from qcompile.ir.interpret import flat_inputs
-from qcompile.codegen.outlier_ops import SPARSE_RESIDUAL
 from qcompile.onnx_export.lowering import (
     NO_ONNX_SPLIT,
     LayerExport,

@@ -32,7 +32,12 @@ import torch
 from torch import fx
 
 from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
-from qcompile.codegen.outlier_ops import ACTIVATION_RESIDUAL, OUTLIER_COLUMNS, SPARSE_RESIDUAL, ZERO_COLUMNS
+from qcompile.codegen.outlier_ops import (
+    ACTIVATION_RESIDUAL,
+    OUTLIER_COLUMNS,
+    SPARSE_RESIDUAL,
+    ZERO_COLUMNS,
+)
 from qcompile.formats import QuantizedTensor, QuantSpec
 from qcompile.formats.orthogonal import hadamard_matrix, is_power_of_two
 from qcompile.ir.graph import add_get_attr, erase_dead_attrs, get_attr, module_path

@@ -9,7 +9,7 @@ import torch
 
 import qcompile
 from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_nodes
-from qcompile.formats import QuantSpec, dequantize, fake_quantize, quantize
+from qcompile.formats import dequantize, fake_quantize, quantize
 from qcompile.ir.annotations import decision_of, set_decision
 from qcompile.ir.graph import linear_nodes, module_path
 from qcompile.onnx_export.lowering import OnnxExportError, lower_for_onnx
