@@ -1,7 +1,8 @@
 """Passes, imported explicitly so that every built-in pass is registered by name.
 
 One pass family a file: ``spec_assignment`` (recipe → decisions), ``norm_folding``,
-``weight_quantization`` (decisions → results), plus ``canonicalize`` (frontend) and ``lower``
+``weight_quantization`` (decisions → results), ``outlier_splitting`` (LLM.int8, dense-and-sparse,
+residual channels), plus ``canonicalize`` (frontend) and ``lower``
 (codegen). ``base`` is the framework, ``calibration`` the statistics service.
 """
 

@@ -193,6 +193,8 @@ class OutlierSplit(_SplitPass):
     methods = ("llm_int8", "sparse", "residual_channels")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Select each planned layer's channels or weights from one calibration capture, rewrite the
+        graph around it and record the selection in its decision."""
         todo = self.plan(gm)
         stats = ctx.activation_stats(gm, [n for n, _ in todo]) if todo else {}
         counts = {"llm_int8": 0, "sparse": 0, "residual_channels": 0}
@@ -268,6 +270,7 @@ class OutlierSplit(_SplitPass):
                     split, n, k, weight_spec=decision_of(lin).weight)}
 
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """At load: the same rewrite from the recorded selection, bound to the artifact's tensors."""
         state = ctx.artifact.state
         restored = 0
         for lin in linear_nodes(gm):
@@ -316,6 +319,8 @@ class ResidualChannels(Pass):
     requires = ("quant_results",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Widen every reordered residual-channels layer: extra activation channels in the graph, the
+        ``[N, K + c']`` weight in its result, the layer's output error re-measured with them."""
         from qcompile.codegen.quantized_linear import reference_quantized_linear
 
         todo = []
@@ -374,6 +379,7 @@ class ResidualChannels(Pass):
         return _call(gm, lin, ACTIVATION_RESIDUAL, (x, start, act.encode()))
 
     def restore(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """At load: the extra activation channels again (the widened weight is the restored result)."""
         restored = 0
         for lin in linear_nodes(gm):
             d = decision_of(lin)

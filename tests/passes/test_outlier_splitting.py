@@ -9,6 +9,7 @@ import torch
 
 import qcompile
 from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_nodes
+from qcompile.compressed_tensors_layout import UnmappableError
 from qcompile.formats import dequantize, fake_quantize, quantize
 from qcompile.ir.annotations import decision_of, set_decision
 from qcompile.ir.graph import linear_nodes, module_path
@@ -296,3 +297,11 @@ def test_onnx_export_of_a_sparse_split_names_the_layer(compiled_layers):
     with pytest.raises(OnnxExportError, match="recipe 'w4a16-sparse'.*dense-and-sparse"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qcompile.export_onnx(Layer().eval(), _loud(2), "unused.onnx", recipe="w4a16-sparse")
+
+
+def test_compressed_tensors_layout_refuses_a_split_naming_the_layer(tmp_path):
+    cm = qcompile.compile(tiny_model("llama", layers=1), tiny_inputs(), recipe="w8a8-llmint8",
+                          calibration=[tiny_inputs(seq=16)], verify=False, progress=False)
+    with pytest.raises(UnmappableError, match=r"layer model\.layers\.0\..*zero_columns"):
+        cm.save(tmp_path / "ct", compressed_tensors=True)
+    assert not (tmp_path / "ct").exists()
