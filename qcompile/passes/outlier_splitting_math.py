@@ -118,7 +118,7 @@ def sparse_split(weight: torch.Tensor, spec: QuantSpec, channel_scale: torch.Ten
     err = (w - dequantize(quantize(w, spec))).abs()
     if channel_scale is not None:
         err = err * channel_scale.float().to(err.device).unsqueeze(0)
-    flat = torch.sort(err.flatten().double(), descending=True, stable=True).indices[:nnz]
+    flat = torch.sort(err.flatten(), descending=True, stable=True).indices[:nnz]
     flat = torch.sort(flat).values
     k = weight.shape[1]
     rows, cols = flat // k, flat % k
@@ -208,6 +208,32 @@ def outlier_split_extra_bytes(extras: dict, out_features: int, in_features: int,
             + in_features * _INDEX_BYTES)
 
 
+def outlier_split_extra_work(extras: dict, out_features: int, in_features: int, tokens: int, *,
+                             weight_spec: QuantSpec | str = "nvfp4") -> tuple[int, int, str]:
+    """``(flops, bytes moved, operand format)`` a split adds to one call of ``tokens`` rows, for
+    ``Target.matmul_seconds`` (the solver's time cost; no split: ``(0, 0, "bf16")``).
+
+    The ideal, fused work: ``llm_int8`` a 16-bit GEMM of ``2·M·N·c`` FLOPs reading its columns and
+    gathered activations and adding ``M × N`` 16-bit outputs; ``sparse`` ``2·M·nnz`` FLOPs over
+    the COO arrays plus the ``M × N`` add; ``residual_channels`` ``2·M·N·c'`` more FLOPs in the
+    weight's own format and its extra weight bytes. The reference ops that run today cost more
+    (separate gathers; the sparse product materializes ``M × nnz``)."""
+    split = split_of(extras)
+    if split is None:
+        return 0, 0, "bf16"
+    extra = outlier_split_extra_bytes(split, out_features, in_features, weight_spec=weight_spec)
+    method, m, n = split["method"], tokens, out_features
+    if method == "llm_int8":
+        c = split["channels"]
+        return 2 * m * n * c, extra + _VALUE_BYTES * m * (c + 2 * n), "bf16"
+    if method == "sparse":
+        nnz = sparse_count(split.get("fraction", DEFAULT_SPARSE_FRACTION), n, in_features)
+        return 2 * m * nnz, extra + _VALUE_BYTES * 2 * m * n, "bf16"
+    spec = QuantSpec.parse(weight_spec) if isinstance(weight_spec, str) else weight_spec
+    padded = padded_channels(split["channels"], spec, in_features)
+    return 2 * m * n * padded, extra + _VALUE_BYTES * m * padded, spec.format
+
+
 def stored_weight_shape(extras: Mapping[str, Any], shape: tuple[int, int]) -> tuple[int, int]:
     """The shape of the quantized weight a layer of float ``shape`` stores: K grows by the padded
     residual channels where ``residual_channels`` selected them, else ``shape``."""
@@ -256,6 +282,6 @@ def _check_fp16(t: torch.Tensor, what: str) -> None:
 __all__ = [
     "DEFAULT_SPARSE_FRACTION", "INDEX_DTYPE", "METHODS", "PASS_OF", "SPLIT_KEY", "VALUE_DTYPE", "OutlierSplitError",
     "PASSES_OF", "activation_residual_columns", "augment_weight", "channel_order", "llm_int8_split",
-    "outlier_split_extra_bytes", "padded_channels", "sparse_count", "sparse_split", "split_of", "stored_weight_shape", "top_channels",
+    "outlier_split_extra_bytes", "outlier_split_extra_work", "padded_channels", "sparse_count", "sparse_split", "split_of", "stored_weight_shape", "top_channels",
     "unapplied_split", "validate_split", "weight_residual_columns",
 ]

@@ -192,6 +192,19 @@ def test_bytes_function_formulas():
     assert outlier_split_extra_bytes({"method": "residual_channels", "channels": 20}, n, k) == n * 32 // 2 + n * 2 + 4 * k
 
 
+def test_extra_work_for_the_solvers_time_cost():
+    from qcompile.passes.outlier_splitting_math import outlier_split_extra_work
+    from qcompile.targets import get_target
+
+    n, k, m = 4096, 4096, 16
+    assert outlier_split_extra_work({}, n, k, m) == (0, 0, "bf16")
+    flops, moved, fmt = outlier_split_extra_work({"method": "llm_int8", "channels": 32}, n, k, m)
+    assert (flops, fmt) == (2 * m * n * 32, "bf16") and moved == 32 * (2 * n + 4) + 2 * m * (32 + 2 * n)
+    flops, _, fmt = outlier_split_extra_work({"method": "residual_channels", "channels": 20}, n, k, m)
+    assert (flops, fmt) == (2 * m * n * 32, "nvfp4")
+    assert get_target("blackwell").matmul_seconds(flops, 0, fmt) < get_target("blackwell").matmul_seconds(flops, 0)
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("split,match", [
     ({"method": "llm_int8", "channels": 0}, "channels=0"),
