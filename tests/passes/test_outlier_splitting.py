@@ -41,6 +41,7 @@ def _one_thread():
 
 def _compile(model, x, recipe, split=None, tail=QUANTIZE, **kwargs):
     passes = [*HEAD, *([split] if split is not None else []), *tail]
+    kwargs.setdefault("calibration", [x])
     return qcompile.compile(model, x, recipe=recipe, passes=passes, verify=False, progress=False, **kwargs)
 
 
@@ -203,6 +204,23 @@ def test_extra_work_for_the_solvers_time_cost():
     flops, _, fmt = outlier_split_extra_work({"method": "residual_channels", "channels": 20}, n, k, m)
     assert (flops, fmt) == (2 * m * n * 32, "nvfp4")
     assert get_target("blackwell").matmul_seconds(flops, 0, fmt) < get_target("blackwell").matmul_seconds(flops, 0)
+
+
+def test_declared_order_around_smoothing_quantizers_and_lowering():
+    from qcompile.passes import (
+        GPTQ,
+        AssignQuantSpecs,
+        Lower,
+        QuantizeWeights,
+        ResidualChannels,
+        SmoothQuant,
+    )
+    from qcompile.passes.base import order_passes
+
+    given = [Lower(), ResidualChannels(), QuantizeWeights(), OutlierSplit(), SmoothQuant(), AssignQuantSpecs()]
+    assert [p.name for p in order_passes(given)] == ["assign_quant_specs", "smooth_quant", "split_outliers",
+                                                      "quantize_weights", "residual_channels", "lower"]
+    assert [p.name for p in order_passes([GPTQ(), OutlierSplit()])] == ["split_outliers", "gptq"]
 
 
 # ------------------------------------------------------------------------------ bad input
