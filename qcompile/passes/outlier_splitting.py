@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import fx
@@ -85,14 +85,61 @@ QUANTIZERS = ("quantize_weights", "gptq", "clip_search")
 """The weight quantizers ``split_outliers`` precedes and ``residual_channels`` follows."""
 
 
-class _SplitPass(Pass):
-    """Shared option handling: which layers split how (the module docstring's rules)."""
+def _record(node: fx.Node, split: dict[str, Any]) -> None:
+    d = decision_of(node)
+    set_decision(node, d.replace(extras={**d.extras, SPLIT_KEY: split}))
+
+
+def _call(gm: fx.GraphModule, like: fx.Node, target: Any, args: tuple) -> fx.Node:
+    """A call inserted before ``like`` that reports as ``like``'s layer (its module path)."""
+    with gm.graph.inserting_before(like):
+        node = gm.graph.call_function(target, args)
+    node.meta[MODULE_PATH] = module_path(like)
+    if "nn_module_stack" in like.meta:
+        node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+    return node
+
+
+def _bind(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """A get_attr of ``value`` under exactly ``name`` (at load: the name the artifact recorded)."""
+    set_attr(gm, name, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def _add_after(gm: fx.GraphModule, lin: fx.Node, residual: fx.Node) -> None:
+    """``lin``'s users read ``lin + residual`` instead."""
+    with gm.graph.inserting_after(lin):
+        total = gm.graph.call_function(_ADD, (lin, residual))
+    total.meta[MODULE_PATH] = module_path(lin)
+    lin.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@register_pass("split_outliers")
+class OutlierSplit(Pass):
+    """Every split's selection and rewrite before the quantizer (module docstring).
+
+    ``method``: ``"llm_int8"``, ``"sparse"``, ``"residual_channels"`` or ``None`` (only layers whose
+    decision or ``layers`` glob says so); ``channels``: kept (LLM.int8) or residual channels per
+    layer (8); ``fraction``: the sparse share of the weights (0.5 %); ``layers``: ``{glob: split
+    dict or None}``, first match wins. Residual channels also need ``residual_channels`` after the
+    quantizer.
+    """
+
+    runs_after = ("assign_quant_specs", "fold_norm_scales", "rotate_residual", "rotate_heads", "rotate_online",
+                  "smooth_quant", "awq", "os_shift", "mixed_precision")
+    runs_before = ("awq_clip", *QUANTIZERS, "residual_channels", "lower")
+    requires = ("quant_decisions",)
+    methods = ("llm_int8", "sparse", "residual_channels")
+    """The ``method`` values it selects (all three; residual channels are finished after the quantizer)."""
 
     exact = False
     uses_calibration = True
     on_load = OnLoad.RESTORE
-    methods: ClassVar[tuple[str, ...]] = ()
-
     def __init__(self, method: str | None = None, channels: int = 8, fraction: float = DEFAULT_SPARSE_FRACTION,
                  layers: dict[str, dict[str, Any] | None] | None = None):
         if method is not None and method not in self.methods:
@@ -139,59 +186,6 @@ class _SplitPass(Pass):
                 warnings.warn(f"{self.name}: layers pattern {pattern!r} matches no quantized layer", stacklevel=3)
         return todo
 
-
-def _record(node: fx.Node, split: dict[str, Any]) -> None:
-    d = decision_of(node)
-    set_decision(node, d.replace(extras={**d.extras, SPLIT_KEY: split}))
-
-
-def _call(gm: fx.GraphModule, like: fx.Node, target: Any, args: tuple) -> fx.Node:
-    """A call inserted before ``like`` that reports as ``like``'s layer (its module path)."""
-    with gm.graph.inserting_before(like):
-        node = gm.graph.call_function(target, args)
-    node.meta[MODULE_PATH] = module_path(like)
-    if "nn_module_stack" in like.meta:
-        node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
-    return node
-
-
-def _attr(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node, *, fresh: bool) -> fx.Node:
-    if fresh:
-        return add_get_attr(gm, name, value, before=before)
-    set_attr(gm, name, value)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(name)
-
-
-def _add_after(gm: fx.GraphModule, lin: fx.Node, residual: fx.Node) -> None:
-    """``lin``'s users read ``lin + residual`` instead."""
-    with gm.graph.inserting_after(lin):
-        total = gm.graph.call_function(_ADD, (lin, residual))
-    total.meta[MODULE_PATH] = module_path(lin)
-    lin.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@register_pass("split_outliers")
-class OutlierSplit(_SplitPass):
-    """Every split's selection and rewrite before the quantizer (module docstring).
-
-    ``method``: ``"llm_int8"``, ``"sparse"``, ``"residual_channels"`` or ``None`` (only layers whose
-    decision or ``layers`` glob says so); ``channels``: kept (LLM.int8) or residual channels per
-    layer (8); ``fraction``: the sparse share of the weights (0.5 %); ``layers``: ``{glob: split
-    dict or None}``, first match wins. Residual channels also need ``residual_channels`` after the
-    quantizer.
-    """
-
-    runs_after = ("assign_quant_specs", "fold_norm_scales", "rotate_residual", "rotate_heads", "rotate_online",
-                  "smooth_quant", "awq", "os_shift", "mixed_precision")
-    runs_before = ("awq_clip", *QUANTIZERS, "residual_channels", "lower")
-    requires = ("quant_decisions",)
-    methods = ("llm_int8", "sparse", "residual_channels")
-
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Select each planned layer's channels or weights from one calibration capture, rewrite the
         graph around it and record the selection in its decision."""
@@ -210,6 +204,8 @@ class OutlierSplit(_SplitPass):
                 else:
                     split = self._reorder(gm, node, split, weight, stats[node.name].max_abs, path)
             except OutlierSplitError as e:
+                if f"layer {path!r}" in str(e):
+                    raise
                 raise OutlierSplitError(f"layer {path!r}: {e}") from e
             _record(node, split)
             counts[split["method"]] += 1
@@ -284,7 +280,7 @@ class OutlierSplit(_SplitPass):
                 if name not in state:
                     raise OutlierSplitError(f"layer {path!r}: the artifact has no tensor {name!r} "
                                             f"({split['method']} {role})")
-                tensors[role] = _attr(gm, name, state[name].clone(), before=lin, fresh=False)
+                tensors[role] = _bind(gm, name, state[name].clone(), before=lin)
             restored += 1
             if split["method"] == "residual_channels":
                 lin.args = (_call(gm, lin, _INDEX_SELECT, (lin.args[0], -1, tensors["order"])), *lin.args[1:])
