@@ -5,8 +5,9 @@
   activation scale;
 - ``qcompile::outlier_columns(x, index, weight)``: ``x[..., index] · weightᵀ`` with ``weight`` the
   ``[N, c]`` float16 columns: LLM.int8's 16-bit GEMM;
-- ``qcompile::sparse_residual(x, rows, cols, values, out_features)``: ``x · Sᵀ`` for the COO matrix
-  ``S[rows[i], cols[i]] = values[i]`` of shape ``[out_features, K]``: the dense-and-sparse residual.
+- ``qcompile::sparse_residual(x, crow, cols, values, out_features)``: ``x · Sᵀ`` for the CSR matrix
+  ``S`` of shape ``[out_features, K]`` (row pointers ``crow``, column indices ``cols``, ``values``):
+  the dense-and-sparse residual, through torch's sparse × dense product.
 
 - ``qcompile::activation_residual(x, start, act_spec)``: ``(x − Q(x))[..., start:]`` with ``Q`` the
   layer's activation quantizer (``QuantSpec`` text): the residual channels of ARCQuant's form.
@@ -21,6 +22,8 @@ report says per layer (:func:`kernel_note`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -56,17 +59,22 @@ def _(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 
 @torch.library.custom_op("qcompile::sparse_residual", mutates_args=())
-def sparse_residual(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+def sparse_residual(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
                     out_features: int) -> torch.Tensor:
-    """``x · Sᵀ`` for the COO ``S`` (``[out_features, K]``): gather the columns, scale, scatter-add."""
-    dtype = _compute_dtype(x)
-    contrib = x.index_select(-1, cols.long()).to(dtype) * values.to(dtype)
-    out = torch.zeros((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
-    return out.index_add_(-1, rows.long(), contrib).to(x.dtype)
+    """``x · Sᵀ`` for the CSR ``S`` (``[out_features, K]``): torch's sparse × dense product, in
+    float32 (float64 kept) whatever the activation's dtype (sparse kernels lack 16-bit types)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    k = x.shape[-1]
+    with warnings.catch_warnings():  # torch's once-per-process "CSR support is in beta" note
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        # the passes check the CSR arrays (passes/outlier_splitting_math.check_csr) when they build or restore them
+        s = torch.sparse_csr_tensor(crow, cols, values.to(dtype), (out_features, k), check_invariants=False)
+    out = (s @ x.reshape(-1, k).to(dtype).t()).t()
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 @sparse_residual.register_fake
-def _(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+def _(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
       out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -92,7 +100,8 @@ OUTLIER_OPS = (ZERO_COLUMNS, OUTLIER_COLUMNS, SPARSE_RESIDUAL, ACTIVATION_RESIDU
 
 KERNEL_NOTES = {
     "llm_int8": "LLM.int8 16-bit columns: torch index_select + float GEMM beside the quantized kernel (no fused kernel)",
-    "sparse": "sparse residual: torch gather + scatter-add reference beside the quantized kernel (no sparse kernel)",
+    "sparse": "sparse residual: torch's CSR x dense product (float32) beside the quantized kernel (no fused "
+              "sparse kernel)",
     "residual_channels": "residual channels: torch gather (channel order) + cat widen the activation (the "
                          "activation form's residual is a reference fake-quantization); the quantized kernel runs over "
                          "K + extra channels",

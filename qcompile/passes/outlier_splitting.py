@@ -10,7 +10,7 @@ method also needs the quantized weight:
 
   - ``llm_int8``: ``y = lin(zero_columns(x, I), W_d) + outlier_columns(x, I, W[:, I])`` (``W_d``:
     the columns ``I`` zeroed; ``W[:, I]`` in float16);
-  - ``sparse``: ``y = lin(x, W − S) + sparse_residual(x, S)`` (``S`` in float16 COO);
+  - ``sparse``: ``y = lin(x, W − S) + sparse_residual(x, S)`` (``S`` in float16 CSR);
   - ``residual_channels``: ``y = lin(x[..., P], W[:, P])``, ``P`` moving the outlier channels last;
 
   so the quantizer (RTN, GPTQ, clip search) quantizes the dense part on the statistics of what it
@@ -67,6 +67,7 @@ from qcompile.passes.outlier_splitting_math import (
     activation_residual_columns,
     augment_weight,
     channel_order,
+    check_csr,
     llm_int8_split,
     outlier_split_extra_bytes,
     padded_channels,
@@ -237,18 +238,19 @@ class OutlierSplit(Pass):
         n, k = weight.shape
         fraction = split.get("fraction", DEFAULT_SPARSE_FRACTION)
         nnz = sparse_count(fraction, n, k)
-        dense, rows, cols, values = sparse_split(weight.float(), decision_of(lin).weight, mean_abs, nnz)
+        dense, crow, cols, values = sparse_split(weight.float(), decision_of(lin).weight, mean_abs, nnz)
+        check_csr(crow, cols, values, n, k, path)
         base = path or "root"
-        r = add_get_attr(gm, f"{base}.sparse_rows", rows, before=lin)
+        r = add_get_attr(gm, f"{base}.sparse_crow", crow, before=lin)
         c = add_get_attr(gm, f"{base}.sparse_cols", cols, before=lin)
         v = add_get_attr(gm, f"{base}.sparse_values", values, before=lin)
         w_d = add_get_attr(gm, f"{lin.args[1].target}_dense", dense.to(weight.dtype), before=lin)
         residual = _call(gm, lin, SPARSE_RESIDUAL, (lin.args[0], r, c, v, n))
         lin.args = (lin.args[0], w_d, *lin.args[2:])
         _add_after(gm, lin, residual)
-        return {**split, "fraction": fraction, "nnz": nnz, "rows_touched": int(torch.unique(rows).numel()),
-                "attrs": {"rows": r.target, "cols": c.target, "values": v.target},
-                "side_bytes": _nbytes(rows, cols, values), "extra_bytes": outlier_split_extra_bytes(split, n, k)}
+        return {**split, "fraction": fraction, "nnz": nnz, "rows_touched": int((crow.diff() > 0).sum()),
+                "attrs": {"crow": r.target, "cols": c.target, "values": v.target},
+                "side_bytes": _nbytes(crow, cols, values), "extra_bytes": outlier_split_extra_bytes(split, n, k)}
 
     def _reorder(self, gm: fx.GraphModule, lin: fx.Node, split: dict[str, Any], weight: torch.Tensor,
                  max_abs: torch.Tensor, path: str) -> dict[str, Any]:
@@ -291,8 +293,9 @@ class OutlierSplit(Pass):
                 residual = _call(gm, lin, OUTLIER_COLUMNS, (x, tensors["index"], tensors["weight"]))
                 lin.args = (x_d, *lin.args[1:])
             else:
-                n = get_attr(gm, lin.args[1].target).shape[0]
-                residual = _call(gm, lin, SPARSE_RESIDUAL, (lin.args[0], tensors["rows"], tensors["cols"],
+                n, k = get_attr(gm, lin.args[1].target).shape
+                check_csr(*(state[split["attrs"][role]] for role in ("crow", "cols", "values")), n, k, path)
+                residual = _call(gm, lin, SPARSE_RESIDUAL, (lin.args[0], tensors["crow"], tensors["cols"],
                                                             tensors["values"], n))
             _add_after(gm, lin, residual)
         return PassResult(bool(restored), {"restored": restored})

@@ -9,7 +9,7 @@ A layer's split is ``LayerDecision.extras["outlier_split"]`` (:data:`SPLIT_KEY`)
   weight's scales) and ``W[:, I]`` is stored in float16 (LLM.int8, Dettmers et al. 2022);
 - ``{"method": "sparse", "fraction": f}``: the ``round(f · N · K)`` weights whose round-to-nearest
   error, times their input channel's mean ``|x|``, is largest are taken out of the dense weight
-  and kept as a float16 COO residual: ``y = Q(x) · Q(W − S)ᵀ + x · Sᵀ`` (dense-and-sparse,
+  and kept as a float16 CSR residual: ``y = Q(x) · Q(W − S)ᵀ + x · Sᵀ`` (dense-and-sparse,
   SqueezeLLM / KVQuant);
 - ``{"method": "residual_channels", "channels": c}`` (ARCQuant, Meng et al. 2026): the ``c``
   input channels with the largest calibration ``max |x|`` are moved last (``x_p = x[..., P]``,
@@ -40,7 +40,7 @@ SPLIT_KEY = "outlier_split"
 METHODS = ("llm_int8", "sparse", "residual_channels")
 """The split methods, by the ``method`` value they are chosen with."""
 INDEX_DTYPE = torch.int32
-"""Channel indices, sparse rows and columns are stored as int32 (4 bytes each)."""
+"""Channel indices and the sparse residual's row pointers and columns are stored as int32 (4 bytes each)."""
 VALUE_DTYPE = torch.float16
 """LLM.int8's kept columns and the sparse residual's values are stored as float16."""
 DEFAULT_SPARSE_FRACTION = 0.005
@@ -111,9 +111,9 @@ def sparse_count(fraction: float, out_features: int, in_features: int) -> int:
 
 def sparse_split(weight: torch.Tensor, spec: QuantSpec, channel_scale: torch.Tensor | None,
                  nnz: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(W − S, rows, cols, values)``: the ``nnz`` weights of largest ``|W − deq(RTN(W))| ·
-    channel_scale[col]`` (``channel_scale`` ``None``: 1) taken out of ``weight`` into a COO residual,
-    row-major sorted, indices int32, values float16."""
+    """``(W − S, crow, cols, values)``: the ``nnz`` weights of largest ``|W − deq(RTN(W))| ·
+    channel_scale[col]`` (``channel_scale`` ``None``: 1) taken out of ``weight`` into a CSR residual
+    (row pointers ``[N + 1]`` and column indices int32, values float16)."""
     w = weight.float()
     err = (w - dequantize(quantize(w, spec))).abs()
     if channel_scale is not None:
@@ -126,7 +126,27 @@ def sparse_split(weight: torch.Tensor, spec: QuantSpec, channel_scale: torch.Ten
     _check_fp16(values, "sparse values")
     dense = weight.clone()
     dense[rows, cols] = 0
-    return dense, rows.to(INDEX_DTYPE), cols.to(INDEX_DTYPE), values.to(VALUE_DTYPE)
+    crow = torch.searchsorted(rows, torch.arange(weight.shape[0] + 1, device=rows.device))
+    return dense, crow.to(INDEX_DTYPE), cols.to(INDEX_DTYPE), values.to(VALUE_DTYPE)
+
+
+def check_csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out_features: int,
+              in_features: int, layer: str) -> None:
+    """The CSR arrays of a sparse residual are well formed for ``[out_features, in_features]``
+    (an artifact is untrusted; torch's sparse product does not check them), else an
+    :class:`OutlierSplitError` naming the layer and what is wrong."""
+    def fail(what: str) -> None:
+        raise OutlierSplitError(f"layer {layer!r}: sparse residual {what}")
+
+    if crow.dtype != INDEX_DTYPE or cols.dtype != INDEX_DTYPE or values.dtype != VALUE_DTYPE:
+        fail(f"dtypes {crow.dtype}, {cols.dtype}, {values.dtype}; expected int32, int32, float16")
+    if crow.dim() != 1 or crow.numel() != out_features + 1 or cols.dim() != 1 or values.shape != cols.shape:
+        fail(f"shapes {list(crow.shape)}, {list(cols.shape)}, {list(values.shape)}; expected [{out_features + 1}], "
+             "[nnz], [nnz]")
+    if int(crow[0]) != 0 or int(crow[-1]) != cols.numel() or bool((crow.diff() < 0).any()):
+        fail("row pointers do not run from 0 up to nnz")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
+        fail(f"column indices outside [0, {in_features})")
 
 
 # ----------------------------------------------------------------------------- residual channels
@@ -187,8 +207,8 @@ def outlier_split_extra_bytes(extras: dict, out_features: int, in_features: int,
     """Bytes a split stores beyond the layer's plain quantized weight (the solver's cost).
 
     ``extras``: a decision's extras or the split dict itself (no split: 0). ``llm_int8``: ``2·N·c``
-    (float16 columns) + ``4·c`` (int32 indices); ``sparse``: ``10·nnz`` (int32 row and column,
-    float16 value), ``nnz = round(f·N·K)``; ``residual_channels``: the ``weight_spec`` bytes of
+    (float16 columns) + ``4·c`` (int32 indices); ``sparse``: ``6·nnz + 4·(N + 1)`` (CSR: int32
+    column and float16 value per kept weight, int32 row pointers), ``nnz = round(f·N·K)``; ``residual_channels``: the ``weight_spec`` bytes of
     ``c'`` more K columns (``c`` rounded up to whole groups; NVFP4: ``N·c'/2`` codes + ``N·c'/16``
     scales) + ``4·K`` (the int32 channel order). ``weight_spec`` matters only for ``residual_channels``.
     """
@@ -200,8 +220,8 @@ def outlier_split_extra_bytes(extras: dict, out_features: int, in_features: int,
     if method == "llm_int8":
         return split["channels"] * (out_features * _VALUE_BYTES + _INDEX_BYTES)
     if method == "sparse":
-        return sparse_count(split.get("fraction", DEFAULT_SPARSE_FRACTION), out_features, in_features) * (
-            2 * _INDEX_BYTES + _VALUE_BYTES)
+        nnz = sparse_count(split.get("fraction", DEFAULT_SPARSE_FRACTION), out_features, in_features)
+        return nnz * (_INDEX_BYTES + _VALUE_BYTES) + (out_features + 1) * _INDEX_BYTES
     spec = QuantSpec.parse(weight_spec) if isinstance(weight_spec, str) else weight_spec
     padded = padded_channels(split["channels"], spec, in_features)
     return (out_features * (_row_bytes(spec, in_features + padded) - _row_bytes(spec, in_features))
@@ -215,9 +235,9 @@ def outlier_split_extra_work(extras: dict, out_features: int, in_features: int, 
 
     The ideal, fused work: ``llm_int8`` a 16-bit GEMM of ``2·M·N·c`` FLOPs reading its columns and
     gathered activations and adding ``M × N`` 16-bit outputs; ``sparse`` ``2·M·nnz`` FLOPs over
-    the COO arrays plus the ``M × N`` add; ``residual_channels`` ``2·M·N·c'`` more FLOPs in the
-    weight's own format and its extra weight bytes. The reference ops that run today cost more
-    (separate gathers; the sparse product materializes ``M × nnz``)."""
+    the CSR arrays plus the ``M × N`` add; ``residual_channels`` ``2·M·N·c'`` more FLOPs in the
+    weight's own format and its extra weight bytes. The unfused ops that run today cost more
+    (separate gathers, a float32 sparse product)."""
     split = split_of(extras)
     if split is None:
         return 0, 0, "bf16"
@@ -281,7 +301,7 @@ def _check_fp16(t: torch.Tensor, what: str) -> None:
 
 __all__ = [
     "DEFAULT_SPARSE_FRACTION", "INDEX_DTYPE", "METHODS", "PASS_OF", "SPLIT_KEY", "VALUE_DTYPE", "OutlierSplitError",
-    "PASSES_OF", "activation_residual_columns", "augment_weight", "channel_order", "llm_int8_split",
+    "PASSES_OF", "activation_residual_columns", "augment_weight", "channel_order", "check_csr", "llm_int8_split",
     "outlier_split_extra_bytes", "outlier_split_extra_work", "padded_channels", "sparse_count", "sparse_split", "split_of", "stored_weight_shape", "top_channels",
     "unapplied_split", "validate_split", "weight_residual_columns",
 ]

@@ -139,7 +139,8 @@ def _reference64(model, name, cm, split, x):
         return fq(x_d) @ w.t() + x[:, idx] @ t["weight"].double().t() + b
     if name == "sparse":
         s = torch.zeros(qt.shape, dtype=torch.float64)
-        s[t["rows"].long(), t["cols"].long()] = t["values"].double()
+        rows = torch.repeat_interleave(torch.arange(qt.shape[0]), t["crow"].long().diff())
+        s[rows, t["cols"].long()] = t["values"].double()
         return x @ w.t() + x @ s.t() + b
     xp = x[:, t["order"].long()]
     start = xp.shape[1] - split["padded_channels"]
@@ -189,7 +190,7 @@ def test_bytes_function_formulas():
     n, k = 4096, 11008
     assert outlier_split_extra_bytes({}, n, k) == 0
     assert outlier_split_extra_bytes({"method": "llm_int8", "channels": 32}, n, k) == 32 * (2 * n + 4)
-    assert outlier_split_extra_bytes({"method": "sparse", "fraction": 0.005}, n, k) == round(0.005 * n * k) * 10
+    assert outlier_split_extra_bytes({"method": "sparse", "fraction": 0.005}, n, k) == round(0.005 * n * k) * 6 + 4 * (n + 1)
     assert outlier_split_extra_bytes({"method": "residual_channels", "channels": 20}, n, k) == n * 32 // 2 + n * 2 + 4 * k
 
 
@@ -316,7 +317,7 @@ def test_report_says_what_each_split_kept_and_what_runs_it(compiled_layers):
 
     assert f"llm_int8 4 ch 16-bit +{split['extra_bytes'] / 1024:.1f} KiB" in cells(cm.report())
     assert any("LLM.int8 16-bit columns: torch index_select + float GEMM" in n and ": fc" in n for n in cm.report().notes)
-    assert "sparse nnz 61 +0.6 KiB" in cells(out["sparse"][0].report())
+    assert "sparse nnz 61 +0.5 KiB" in cells(out["sparse"][0].report())
     assert "residual_channels 16 residual ch +0.7 KiB" in cells(out["residual_activation"][0].report())
     assert cm.report().to_dict()["layers"][0]["passes"][SPLIT_KEY]["index"] == split["index"]
 
@@ -336,3 +337,17 @@ def test_compressed_tensors_layout_refuses_a_split_naming_the_layer(tmp_path):
     with pytest.raises(UnmappableError, match=r"layer model\.layers\.0\..*zero_columns"):
         cm.save(tmp_path / "ct", compressed_tensors=True)
     assert not (tmp_path / "ct").exists()
+
+
+def test_a_corrupt_sparse_residual_in_an_artifact_is_a_named_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cm = qcompile.compile(tiny_model("llama", layers=1), tiny_inputs(), recipe="w4a16-sparse",
+                          calibration=[tiny_inputs(seq=16)], verify=False, progress=False)
+    cm.save(tmp_path / "a")
+    weights = load_file(tmp_path / "a" / "weights.safetensors")
+    name = next(k for k in weights if k.endswith("down_proj.sparse_cols"))
+    weights[name] = weights[name] + 10_000  # columns past K: torch's CSR product would read out of bounds
+    save_file(weights, tmp_path / "a" / "weights.safetensors")
+    with pytest.raises(OutlierSplitError, match=r"layer 'model\.layers\.0\.mlp\.down_proj': sparse residual column"):
+        qcompile.load(tmp_path / "a")
