@@ -254,6 +254,52 @@ def outlier_split_extra_work(extras: dict, out_features: int, in_features: int, 
     return 2 * m * n * padded, extra + _VALUE_BYTES * m * padded, spec.format
 
 
+def split_layer_output(x: torch.Tensor, weight: torch.Tensor, weight_spec: QuantSpec, act_spec: QuantSpec | None,
+                       split: Mapping[str, Any], max_abs: torch.Tensor, mean_abs: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The output on ``x`` (``[rows, K]``) of the layer ``weight`` quantized by round-to-nearest
+    with ``split`` applied, computed directly, without a graph: the same selection (from the
+    calibration ``max_abs`` / ``mean_abs`` per input channel) and math as the passes, so a solver
+    can measure an outlier option's error before choosing it. float64 ``x`` computes in float64,
+    anything else in float32."""
+    from qcompile.formats import fake_quantize
+
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, w = x.to(dtype), weight.float()
+    n, k = w.shape
+    split = validate_split(split, split.get("layer", "?"), n, k)
+
+    def fq(v: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(v, act_spec) if act_spec is not None else v
+
+    def deq(t: torch.Tensor) -> torch.Tensor:
+        return dequantize(quantize(t, weight_spec), dtype=dtype)
+
+    method = split["method"]
+    if method == "llm_int8":
+        index = top_channels(max_abs, split["channels"]).long()
+        dense, kept = llm_int8_split(w, index)
+        y = fq(x.index_fill(-1, index, 0)) @ deq(dense).t() + x[:, index] @ kept.to(dtype).t()
+    elif method == "sparse":
+        nnz = sparse_count(split.get("fraction", DEFAULT_SPARSE_FRACTION), n, k)
+        dense, crow, cols, values = sparse_split(w, weight_spec, mean_abs, nnz)
+        rows = torch.repeat_interleave(torch.arange(n), crow.long().diff())
+        s = torch.zeros(n, k, dtype=dtype)
+        s[rows, cols.long()] = values.to(dtype)
+        y = fq(x) @ deq(dense).t() + x @ s.t()
+    else:
+        padded = padded_channels(split["channels"], weight_spec, k, split.get("layer", "?"))
+        order = channel_order(top_channels(max_abs, split["channels"]), k).long()
+        xp, wp = x[:, order], w[:, order]
+        qt = quantize(wp, weight_spec)
+        if act_spec is None:
+            aug, tail = augment_weight(qt, weight_residual_columns(wp, qt, padded)), xp[:, k - padded:]
+        else:
+            aug, tail = augment_weight(qt, activation_residual_columns(qt, padded)), (xp - fq(xp))[:, k - padded:]
+        y = fq(torch.cat([xp, tail], 1)) @ dequantize(aug, dtype=dtype).t()
+    return y + bias.to(dtype) if bias is not None else y
+
+
 def stored_weight_shape(extras: Mapping[str, Any], shape: tuple[int, int]) -> tuple[int, int]:
     """The shape of the quantized weight a layer of float ``shape`` stores: K grows by the padded
     residual channels where ``residual_channels`` selected them, else ``shape``."""
@@ -302,6 +348,6 @@ def _check_fp16(t: torch.Tensor, what: str) -> None:
 __all__ = [
     "DEFAULT_SPARSE_FRACTION", "INDEX_DTYPE", "METHODS", "PASS_OF", "SPLIT_KEY", "VALUE_DTYPE", "OutlierSplitError",
     "PASSES_OF", "activation_residual_columns", "augment_weight", "channel_order", "check_csr", "llm_int8_split",
-    "outlier_split_extra_bytes", "outlier_split_extra_work", "padded_channels", "sparse_count", "sparse_split", "split_of", "stored_weight_shape", "top_channels",
+    "outlier_split_extra_bytes", "outlier_split_extra_work", "padded_channels", "sparse_count", "split_layer_output", "sparse_split", "split_of", "stored_weight_shape", "top_channels",
     "unapplied_split", "validate_split", "weight_residual_columns",
 ]
