@@ -153,6 +153,7 @@ class OutlierSplit(Pass):
                                  f"pass applies {', '.join(self.methods)}")
 
     def options(self) -> dict[str, Any]:
+        """The constructor options, recorded in the manifest."""
         return {"method": self.method, "channels": self.channels, "fraction": self.fraction, "layers": self.layers}
 
     def _default(self) -> dict[str, Any] | None:
