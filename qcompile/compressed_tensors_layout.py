@@ -26,9 +26,10 @@ from qcompile.formats.spec import PER_CHANNEL
 from qcompile.ir.annotations import decided_nodes
 from qcompile.ir.graph import get_attr, module_path
 
-ONLINE_OPS = ("hadamard_transform", "channel_scale")
+ONLINE_OPS = ("hadamard_transform", "channel_scale", "zero_columns", "outlier_columns", "sparse_residual",
+              "activation_residual")
 """qcompile ops a transformers model does not run between its modules (online rotations,
-unfolded smoothing scales): a graph holding one has no compressed-tensors equivalent."""
+unfolded smoothing scales, outlier splits): a graph holding one has no compressed-tensors equivalent."""
 
 
 class UnmappableError(ValueError):

@@ -46,9 +46,11 @@ def layer_reports(gm: fx.GraphModule, target: Target | None = None) -> list[Laye
     its result (quantized) or its float weight (kept float): the report never recomputes what a
     pass measured. With ``target``, each row says which kernel runs it there."""
     from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+    from qcompile.codegen.outlier_ops import kernel_note
     from qcompile.codegen.quantized_linear import describe_kernel
     from qcompile.ir.annotations import decided_nodes, result_of
     from qcompile.ir.graph import get_attr, module_path
+    from qcompile.passes.outlier_splitting_math import SPLIT_KEY
 
     rows = []
     for node, decision in decided_nodes(gm):
@@ -56,18 +58,23 @@ def layer_reports(gm: fx.GraphModule, target: Target | None = None) -> list[Laye
         result = result_of(node)
         if is_quantized_linear(node) and result is not None:
             qt = QuantizedLinearCall.from_node(node).resolve(gm).quantized_weight()
-            numel = qt.shape[0] * qt.shape[1]
+            split = decision.extras.get(SPLIT_KEY) or {}
+            in_features = qt.shape[1] - int(split.get("padded_channels", 0)) * ("form" in split)
+            numel = qt.shape[0] * in_features
+            side_bytes = int(split.get("side_bytes", 0))
             float_dtype = getattr(torch, result.float_dtype.removeprefix("torch."))
             itemsize = torch.empty((), dtype=float_dtype).element_size()
             kernel, kernel_notes = ("", []) if target is None else describe_kernel(
                 target.kernels, target.is_native(qt.spec.format, result.activation.format if result.activation
                                                  is not None else None),
                 qt.spec, result.activation, float_dtype, qt.shape[1])
+            if split and target is not None:
+                kernel_notes = [*kernel_notes, kernel_note(split["method"])]
             rows.append(LayerReport(
                 path=path, weight_format=qt.spec.short(),
                 activation_format=result.activation.short() if result.activation is not None else None,
-                bits_per_weight=8.0 * qt.nbytes() / numel, bytes_before=numel * itemsize, bytes_fp16=numel * 2,
-                bytes_after=qt.nbytes(), weight_rel_error=result.metrics.get("weight_rel_error", 0.0),
+                bits_per_weight=8.0 * (qt.nbytes() + side_bytes) / numel, bytes_before=numel * itemsize,
+                bytes_fp16=numel * 2, bytes_after=qt.nbytes() + side_bytes, weight_rel_error=result.metrics.get("weight_rel_error", 0.0),
                 output_rel_error=result.metrics.get("output_rel_error"), method=result.method,
                 passes=dict(decision.extras), kernel=kernel, kernel_notes=kernel_notes))
         elif node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
@@ -112,8 +119,8 @@ class Report:
 
     @property
     def bytes_after(self) -> int:
-        """Bytes of the compiled layers' stored tensors (codes, scales, zero points; float layers as
-        they are)."""
+        """Bytes of the compiled layers' stored tensors (codes, scales, zero points, outlier splits'
+        16-bit columns, sparse residuals and channel orders; float layers as they are)."""
         return sum(layer.bytes_after for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +165,7 @@ class Report:
                 f"{layer.bytes_before / 1024:.1f}", f"{layer.bytes_after / 1024:.1f}",
                 f"{layer.weight_rel_error:.4f}",
                 f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-",
-                *([", ".join(layer.passes)] if touched else []), *([layer.kernel.split(" (")[0]] if kernels else []),
+                *([", ".join(_pass_label(k, v) for k, v in layer.passes.items())] if touched else []), *([layer.kernel.split(" (")[0]] if kernels else []),
             )
         t.add_section()
         t.add_row(
@@ -193,6 +200,17 @@ class Report:
         """The table, then the float layers with their reasons (notes are the caller's to print)."""
         listing = self.float_listing()
         return Group(self.table(), Text(listing)) if listing else self.table()
+
+
+def _pass_label(name: str, record: Any) -> str:
+    """A pass's cell in the table: its name; an outlier split also what it kept and its extra bytes."""
+    if name != "outlier_split" or not isinstance(record, dict):
+        return name
+    method = record.get("method")
+    kept = {"llm_int8": f"{record.get('channels')} ch 16-bit", "sparse": f"nnz {record.get('nnz')}",
+            "residual_channels": f"{record.get('padded_channels')} residual ch"}.get(method, "")
+    extra = record.get("extra_bytes")
+    return f"{method} {kept}" + (f" +{extra / 1024:.1f} KiB" if isinstance(extra, (int, float)) else "")
 
 
 def _layers(n: int) -> str:

@@ -13,9 +13,10 @@ from dataclasses import replace
 from torch import fx
 
 from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_overload
-from qcompile.ir.annotations import RESULT, LayerResult, result_of
+from qcompile.ir.annotations import DECISION, RESULT, LayerResult, result_of
 from qcompile.ir.graph import add_get_attr, erase_dead_attrs, module_path
 from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
+from qcompile.passes.outlier_splitting_math import unapplied_split
 
 _ATTR_NAMES = {"data": "qdata"}  # QuantizedTensor tensor name -> attribute suffix
 
@@ -38,7 +39,8 @@ def lower_linear(gm: fx.GraphModule, node: fx.Node, result: LayerResult) -> fx.N
 @register_pass("lower")
 class Lower(Pass):
     """Replace every ``aten.linear`` carrying a result by the quantized op; drop dead weights.
-    Deterministic given the results, so it re-runs at load."""
+    Deterministic given the results, so it re-runs at load. A decision asking for an outlier split
+    that no pass applied (``split_outliers`` / ``residual_channels`` missing) is an error."""
 
     exact = False
     requires = ("quant_results",)
@@ -49,6 +51,9 @@ class Lower(Pass):
         todo = [n for n in gm.graph.nodes if n.op == "call_function" and result_of(n) is not None
                 and result_of(n).weight is not None]
         for node in todo:
+            pending = unapplied_split(node.meta.get(DECISION))
+            if pending:
+                raise ValueError(f"layer {module_path(node)!r}: {pending}")
             lower_linear(gm, node, result_of(node))
         gm.graph.eliminate_dead_code()
         erase_dead_attrs(gm)

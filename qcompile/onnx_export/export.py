@@ -30,6 +30,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from qcompile.codegen.op_schema import QuantizedLinearCall, quantized_linear_nodes
+from qcompile.codegen.outlier_ops import SPARSE_RESIDUAL
 from qcompile.codegen.quantized_linear import reference_quantized_linear
 from qcompile.compiled import CompiledModel
 from qcompile.formats import PER_TENSOR, QuantSpec
@@ -37,6 +38,7 @@ from qcompile.frontend.inputs import split_inputs
 from qcompile.frontend.torch_export import export_with_fallbacks
 from qcompile.ir.interpret import flat_inputs
 from qcompile.onnx_export.lowering import (
+    NO_ONNX_SPLIT,
     LayerExport,
     OnnxExportError,
     lower_for_onnx,
@@ -266,6 +268,8 @@ def precheck_recipe(rcp: Recipe, overrides: dict | None) -> None:
         reason = spec_unsupported_reason(weight, act)
         if reason is not None:
             raise OnnxExportError(f"recipe {rcp.name!r} ({where}): {reason}")
+    if rcp.pass_options.get("split_outliers", {}).get("method") == "sparse":
+        raise OnnxExportError(f"recipe {rcp.name!r}: {NO_ONNX_SPLIT[SPARSE_RESIDUAL]}")
 
 
 def export_onnx(

@@ -12,6 +12,11 @@ which:
   Pow/ReduceMean/Add/Sqrt/Div/Mul, which ONNX Runtime fuses into ``SimplifiedLayerNormalization``);
 - ``qcompile::layer_norm`` → ``aten.layer_norm`` (``LayerNormalization``);
 - ``qcompile::channel_scale`` → a multiplication (``Mul``);
+- outlier splitting (``codegen/outlier_ops.py``): ``qcompile::zero_columns`` → ``Mul`` by a 0/1
+  channel mask, ``qcompile::outlier_columns`` → ``Gather`` + ``Cast`` + ``MatMul`` (LLM.int8's
+  16-bit columns); residual channels' reorder and widening are ``Gather``/``Concat``/``Slice``
+  already. ``qcompile::sparse_residual`` and ``qcompile::activation_residual`` raise
+  :class:`OnnxExportError` naming the layer and the split;
 - ``qcompile::hadamard_transform`` → ``Mul`` by the signs, a chain of ``MatMul``s by small
   Sylvester matrices (``2^c × 2^c``, ``c ≤ 6``) over reshaped views, the optional ``m × m`` block,
   and ``Mul`` by the scale: ``O(n log n)`` work, never a dense ``n × n`` matrix.
@@ -27,6 +32,12 @@ import torch
 from torch import fx
 
 from qcompile.codegen.op_schema import QuantizedLinearCall, is_quantized_linear
+from qcompile.codegen.outlier_ops import (
+    ACTIVATION_RESIDUAL,
+    OUTLIER_COLUMNS,
+    SPARSE_RESIDUAL,
+    ZERO_COLUMNS,
+)
 from qcompile.formats import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantSpec
 from qcompile.formats.orthogonal import hadamard_matrix, is_power_of_two
 from qcompile.ir.graph import add_get_attr, erase_dead_attrs, get_attr, module_path
@@ -154,6 +165,32 @@ def hadamard_onnx(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tens
     if block is not None:
         y = torch.matmul(y, block.float())
     return (y * scale).reshape(x.shape).to(x.dtype)
+
+
+def outlier_columns_onnx(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``qcompile::outlier_columns``: Gather the kept columns, MatMul by their 16-bit weight."""
+    return torch.nn.functional.linear(torch.index_select(x, -1, index), weight.to(x.dtype))
+
+
+def _lower_zero_columns(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``qcompile::zero_columns(x, index)`` → ``x · mask`` (0 on ``index``, 1 elsewhere); K is the
+    consuming quantized linear's."""
+    users = [u for u in node.users if is_quantized_linear(u)]
+    if not users:
+        raise OnnxExportError(f"layer {module_path(node) or node.name}: zero_columns feeds no quantized linear")
+    k = QuantizedLinearCall.from_node(users[0]).in_features
+    mask = torch.ones(k)
+    mask[get_attr(gm, node.args[1].target).long()] = 0
+    node.args = (node.args[0], add_get_attr(gm, f"{module_path(node) or 'root'}.onnx_column_mask", mask, before=node))
+    node.target = channel_scale_onnx
+
+
+NO_ONNX_SPLIT = {  # run-time ops of outlier splits without an ONNX Runtime export, and why
+    SPARSE_RESIDUAL: "its dense-and-sparse residual (outlier split 'sparse') has no ONNX Runtime export (no "
+                     "sparse MatMul on the CPU execution provider); compile it without the split",
+    ACTIVATION_RESIDUAL: "its residual channels carry the activation's quantization residual (outlier split "
+                         "'residual_channels' on an activation-quantized layer), which has no ONNX export",
+}
 
 
 def _sylvester_factors(p: int) -> list[int]:
@@ -324,6 +361,12 @@ def lower_for_onnx(gm: fx.GraphModule, accuracy_level: int = 0) -> LoweredGraph:
             node.target = channel_scale_onnx
         elif node.target == HADAMARD_TRANSFORM:
             _lower_hadamard(out, node)
+        elif node.target == ZERO_COLUMNS:
+            _lower_zero_columns(out, node)
+        elif node.target == OUTLIER_COLUMNS:
+            node.target = outlier_columns_onnx
+        elif node.target in NO_ONNX_SPLIT:
+            raise OnnxExportError(f"layer {module_path(node) or '(root)'}: {NO_ONNX_SPLIT[node.target]}")
     moved = _move_biases_past_residual_adds(out)
     erase_dead_attrs(out)
     out.recompile()

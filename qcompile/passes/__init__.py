@@ -1,7 +1,8 @@
 """Passes, imported explicitly so that every built-in pass is registered by name.
 
 One pass family a file: ``spec_assignment`` (recipe → decisions), ``norm_folding``,
-``weight_quantization`` (decisions → results), plus ``canonicalize`` (frontend) and ``lower``
+``weight_quantization`` (decisions → results), ``outlier_splitting`` (LLM.int8, dense-and-sparse,
+residual channels), plus ``canonicalize`` (frontend) and ``lower``
 (codegen). ``base`` is the framework, ``calibration`` the statistics service.
 """
 
@@ -24,6 +25,7 @@ from qcompile.passes.calibration import ActivationStats, Calibration
 from qcompile.passes.clip_search import ClipSearch
 from qcompile.passes.gptq import GPTQ
 from qcompile.passes.norm_folding import FoldNormScales
+from qcompile.passes.outlier_splitting import OutlierSplit, ResidualChannels
 from qcompile.passes.rotation import RotateOnline, RotateResidual
 from qcompile.passes.rotation_heads import RotateHeads
 from qcompile.passes.scale_migration import AWQ, AWQClip, OSShift, SmoothQuant
@@ -32,6 +34,6 @@ from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
 
 __all__ = [
     "AWQ", "GPTQ", "AWQClip", "ClipSearch", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual", "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
-    "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
-    "QuantizeWeights", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
+    "OutlierSplit", "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
+    "QuantizeWeights", "ResidualChannels", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
 ]

@@ -16,6 +16,7 @@ from qcompile.ir.annotations import LayerDecision, LayerResult, decision_of, set
 from qcompile.ir.graph import get_attr, linear_nodes, module_path
 from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
 from qcompile.passes.calibration import ActivationStats
+from qcompile.passes.outlier_splitting_math import stored_weight_shape
 
 OUTPUT_ERROR_ROWS = 256
 """Calibration rows on which each layer's output error is measured for the report."""
@@ -87,7 +88,8 @@ class WeightQuantizer(Pass):
             if decision is None or not decision.quantized:
                 continue
             weight = get_attr(gm, node.args[1].target)
-            result = ctx.artifact.result(module_path(node), decision, tuple(weight.shape))
+            shape = stored_weight_shape(decision.extras, tuple(weight.shape))  # residual channels widen K
+            result = ctx.artifact.result(module_path(node), decision, shape)
             if result is not None:
                 set_result(node, result)
                 restored += 1
