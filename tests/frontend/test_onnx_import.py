@@ -78,19 +78,21 @@ def legacy_bert(tmp_path_factory):
                           opset=14)
 
 
-def _source(name, tiny_exports, minilm):
+def _source(name, tiny_exports, request):
+    """The model, its ONNX file and two input sets; the real MiniLM fixture only for its own cases (so a
+    machine without the MiniLM package still runs the tiny families)."""
     if name in FAMILIES:
         model, path = tiny_exports[name]
         return model, path, token_inputs(2, 8), token_inputs(3, 5, seed=1)
-    model, enc, dynamo, legacy = minilm
+    model, enc, dynamo, legacy = request.getfixturevalue("minilm")
     other = {k: v[:3, :11] for k, v in enc.items()}
     return model, dynamo if name == "minilm" else legacy, enc, other
 
 
 # ----------------------------------------------------------------------------- round trip
 @pytest.mark.parametrize("name", [*FAMILIES, "minilm", "minilm-legacy"])
-def test_imported_module_matches_onnx_runtime(name, tiny_exports, minilm):
-    model, path, inputs, other = _source(name, tiny_exports, minilm)
+def test_imported_module_matches_onnx_runtime(name, tiny_exports, request):
+    model, path, inputs, other = _source(name, tiny_exports, request)
     module = import_onnx(path)
     for batch in (inputs, other):
         with torch.no_grad():
@@ -136,12 +138,12 @@ def test_traced_graph_is_canonical_and_stays_dynamic(tiny_exports, legacy_bert):
 # ----------------------------------------------------------------------------- compile
 @pytest.mark.parametrize("name,recipe", [(f, "w4a16") for f in FAMILIES] + [("bert", "w8a8"), ("llama", "w8a8"),
                                                                             ("minilm", "w4a16")])
-def test_compile_onnx_matches_the_torch_path(name, recipe, tiny_exports, minilm):
+def test_compile_onnx_matches_the_torch_path(name, recipe, tiny_exports, request):
     """Same recipe, same calibration (the example inputs): the same quantized layers, nearly the
     same output (rounding may flip a few codes), at another batch/sequence. The real MiniLM (10 to
     20 s per compile on a 2-core CPU) is compiled with static shapes and no float64 verification
     (both checked on the tiny models) and compared on its example."""
-    model, path, inputs, other = _source(name, tiny_exports, minilm)
+    model, path, inputs, other = _source(name, tiny_exports, request)
     verify = not name.startswith("minilm")
     if not verify:
         other = inputs

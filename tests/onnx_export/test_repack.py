@@ -22,6 +22,7 @@ def _session(nodes, inputs, outputs, initializers):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10  # opset 21's; onnx's newest (14) is more than ONNX Runtime 1.30 reads
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
