@@ -1,0 +1,360 @@
+"""mixed_precision: choose each layer's option under a budget or a quality floor, exactly.
+
+The pass measures every candidate option's sensitivity on every layer (``sensitivity.py``),
+its bytes and estimated time (``mixed_precision_cost.py``), and solves the multiple-choice
+knapsack exactly (``mixed_precision_math.py``, HiGHS); then it rewrites the layers' decisions.
+docs/mixed-precision.md has the formulation, the proxies' measured correlations and the sources
+of the cost model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from qcompile.ir.annotations import decision_of, set_decision
+from qcompile.ir.graph import get_attr, linear_nodes, module_path
+from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
+from qcompile.passes.mixed_precision_cost import PREFILL_TOKENS, option_bytes, option_seconds
+from qcompile.passes.mixed_precision_math import (
+    InfeasibleBudgetError,
+    Solution,
+    pareto_front,
+    solve,
+)
+from qcompile.passes.mixed_precision_options import PrecisionOption, candidate_options, parse_option
+from qcompile.passes.sensitivity import (
+    PROXIES,
+    OutputProbe,
+    measure_sensitivity,
+    proxy_correlations,
+)
+
+BUDGET_KEYS = {
+    "bits": "average stored bits per weight over the layers mixed precision decides (scales and zero points "
+            "included, 16 for a 16-bit layer)",
+    "bytes": "stored bytes of those layers' weights",
+    "latency_ms": "estimated milliseconds of those layers' GEMMs per decode step (1 token), on the target",
+    "prefill_latency_ms": "estimated milliseconds of those layers' GEMMs per prefill call (prefill_tokens tokens)",
+}
+"""Budget keys and what each bounds (several keys: several constraints at once)."""
+
+QUALITY_KEYS = {"cosine": "the model output's cosine to float on the calibration set (first floating output)"}
+"""Quality keys and what each sets a floor on."""
+
+MAX_ITERATIONS = 8
+"""Solve–verify rounds of a ``quality=`` compile."""
+FRONT_POINTS = 12
+"""Points of the error–size Pareto front the report plots."""
+
+
+class MixedPrecisionError(ValueError):
+    """A budget or quality floor that cannot be met, or that names something unknown; the message
+    gives the number asked and what is feasible."""
+
+
+def _check_mapping(value: Mapping[str, Any] | None, keys: Mapping[str, str], what: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not value:
+        raise MixedPrecisionError(f"{what} must be a non-empty dict like {{{next(iter(keys))!r}: ...}}, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if k not in keys:
+            raise MixedPrecisionError(f"unknown {what} key {k!r} (= {v!r}); valid keys: "
+                                      + "; ".join(f"{n!r}: {d}" for n, d in keys.items()))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise MixedPrecisionError(f"{what} {k!r} must be a positive finite number, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def tie_groups(nodes: Sequence[fx.Node]) -> list[list[int]]:
+    """Indices of layers that read the same input node (Q/K/V, gate/up): fusion merges them into
+    one GEMM, so they must take one option."""
+    by_input: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if isinstance(n.args[0], fx.Node):
+            by_input.setdefault(n.args[0].name, []).append(i)
+    return [g for g in by_input.values() if len(g) > 1]
+
+
+@register_pass("mixed_precision")
+class MixedPrecision(Pass):
+    """Rewrite the quantized layers' decisions so the model meets ``budget`` with the least
+    predicted error, or meets ``quality`` with the fewest bytes.
+
+    Rules:
+
+    - Layers: every linear whose decision is quantized when the pass runs (recipe excludes and
+      ``None`` overrides stay float and outside the budget). Layers reading the same input
+      (Q/K/V, gate/up) are tied: one option for the group (``tie=False`` unties them).
+    - Options: ``candidates`` (spec strings, ``None``/``"16-bit"``, dicts with ``weight``,
+      ``activation``, ``method``, ``extras``; ``mixed_precision_options.DEFAULT_WEIGHTS`` by
+      default), each with the recipe's activation spec unless it names one; an option's method
+      must be the pipeline's quantizer's.
+    - Sensitivity: ``proxy`` (``model``, ``layer`` or ``hessian``, ``sensitivity.py``) measured
+      with the pipeline's quantizer on the calibration set.
+    - Cost: bytes from the formats library, time from the target's roofline with measured kernel
+      efficiencies (``mixed_precision_cost.py``); ``budget`` keys are :data:`BUDGET_KEYS`.
+    - ``budget``: minimise the summed proxy subject to every budget (exact ILP, HiGHS).
+      ``quality={"cosine": c}``: minimise bytes subject to the summed proxy ≤ ``2(1 − c)``
+      (and any budget), verify the choice end to end on the calibration set, tighten when the
+      proxy was optimistic and loosen when it was pessimistic (bisection between the two), up to
+      :data:`MAX_ITERATIONS` rounds; the smallest verified choice wins and the rounds are reported.
+    - Errors (:class:`MixedPrecisionError`) name the number and what is feasible: a budget below
+      the smallest model, a floor above what the best option per layer (16-bit) reaches, an
+      unknown key.
+    - Writes: each layer's ``LayerDecision`` gets the option's specs and extras plus
+      ``extras["mixed_precision"]`` (option, bits, bytes, predicted error), ``source
+      "mixed_precision"``. Runs after the exact rewrites and AWQ's scaling, before clipping and
+      the quantizers. Changes no computation itself. At load it is skipped: the decisions (with
+      their extras) are restored by ``assign_quant_specs`` and the weights by the quantizer.
+    """
+
+    exact = True
+    uses_calibration = True
+    requires = ("quant_decisions",)
+    runs_after = ("assign_quant_specs", "fold_norm_scales", "rotate_residual", "rotate_online", "rotate_heads",
+                  "smooth_quant", "os_shift", "awq")
+    runs_before = ("awq_clip", "quantize_weights", "gptq", "clip_search", "lower")
+    on_load = OnLoad.SKIP
+
+    def __init__(self, budget: Mapping[str, float] | None = None, quality: Mapping[str, float] | None = None,
+                 candidates: Sequence[Any] | None = None, proxy: str = "model", tie: bool = True,
+                 prefill_tokens: int = PREFILL_TOKENS, quantizer: str | None = None,
+                 correlation_assignments: int = 0, max_iterations: int = MAX_ITERATIONS):
+        self.budget = _check_mapping(budget, BUDGET_KEYS, "budget")
+        self.quality = _check_mapping(quality, QUALITY_KEYS, "quality")
+        if not self.budget and not self.quality:
+            raise MixedPrecisionError("mixed_precision needs a budget= (keys: " + ", ".join(BUDGET_KEYS)
+                                      + ") or a quality= (keys: " + ", ".join(QUALITY_KEYS) + ")")
+        if "cosine" in self.quality and self.quality["cosine"] > 1.0:
+            raise MixedPrecisionError(f"quality cosine {self.quality['cosine']} is above what 16-bit (the float "
+                                      "model itself) achieves: 1.0")
+        if proxy not in PROXIES:
+            raise MixedPrecisionError(f"unknown sensitivity proxy {proxy!r}; valid: {', '.join(PROXIES)}")
+        self.candidates = None if candidates is None else [c.to_dict() if isinstance(c, PrecisionOption) else c
+                                                           for c in candidates]
+        for c in self.candidates or ():
+            parse_option(c)  # fail at construction, naming the candidate
+        self.proxy, self.tie, self.prefill_tokens = proxy, bool(tie), int(prefill_tokens)
+        self.quantizer = quantizer
+        self.correlation_assignments = int(correlation_assignments)
+        self.max_iterations = int(max_iterations)
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"proxy": self.proxy, "tie": self.tie, "prefill_tokens": self.prefill_tokens}
+        if self.budget:
+            out["budget"] = dict(self.budget)
+        if self.quality:
+            out["quality"] = dict(self.quality)
+        if self.candidates is not None:
+            out["candidates"] = list(self.candidates)
+        if self.quantizer is not None:
+            out["quantizer"] = self.quantizer
+        return out
+
+    def _quantizer(self, ctx: PassContext) -> tuple[Any, str]:
+        """The pipeline's weight quantizer (its per-layer hook measures sensitivities) and the method
+        label options carry."""
+        from qcompile.passes.base import make_pass
+        from qcompile.passes.weight_quantization import WeightQuantizer
+
+        names = [self.quantizer] if self.quantizer else list(ctx.recipe.passes)
+        for name in names:
+            try:
+                p = make_pass(name, **ctx.recipe.pass_options.get(name, {}))
+            except ValueError:
+                continue
+            if isinstance(p, WeightQuantizer):
+                method = "awq" if "awq" in ctx.recipe.passes and p.method == "rtn" else p.method
+                return p, method
+        raise MixedPrecisionError(f"mixed_precision found no weight quantizer among {names}: it measures each "
+                                  "option with the pipeline's quantizer (quantize_weights, gptq, clip_search)")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        start = time.perf_counter()
+        nodes = [n for n in linear_nodes(gm) if (d := decision_of(n)) is not None and d.quantized]
+        if not nodes:
+            return PassResult(False, {"layers": 0, "notes": ["mixed_precision: no quantized layer to decide"]})
+        quantizer, method = self._quantizer(ctx)
+        activation = decision_of(nodes[0]).activation
+        options = candidate_options(self.candidates, activation, method)
+        wrong = [o.name for o in options if o.weight is not None and o.method != method]
+        if wrong:
+            raise MixedPrecisionError(f"mixed_precision candidates {wrong} name another method than the pipeline's "
+                                      f"quantizer ({quantizer.name}: {method}); the recipe's passes decide the method")
+        shapes = [tuple(get_attr(gm, n.args[1].target).shape) for n in nodes]
+        groups = tie_groups(nodes) if self.tie else []
+        costs = self._costs(options, shapes, ctx)
+        need_hessian = quantizer.needs_hessian or self.proxy == "hessian"
+        stats = ctx.activation_stats(gm, nodes, hessian=need_hessian)
+        probe = OutputProbe(gm, ctx.calibration)
+        proxies = [self.proxy] if self.proxy != "model" else ["model", "layer"]
+        if self.correlation_assignments:
+            proxies = list(PROXIES) if need_hessian else ["model", "layer"]
+        if ctx.progress is not None:
+            ctx.progress.start_layers(f"mixed precision: sensitivity of {len(options)} options", len(nodes))
+        table = measure_sensitivity(gm, nodes, options, stats, probe,
+                                    lambda w, d, s: quantizer.quantize_weight(w, d, s), proxies, ctx.progress)
+        sens = table.proxy(self.proxy)
+        node_names = [n.name for n in nodes]
+        limits = {k: v for k, v in self.budget.items()}
+        iterations: list[dict[str, Any]] = []
+        if self.quality:
+            sol = self._quality_search(sens, costs, limits, groups, table, node_names, probe, iterations)
+        else:
+            sol = self._solve(sens, {k: costs[k] for k in limits}, limits, groups, len(nodes), shapes)
+        measured_error, measured_cosine = probe.measure(table.assignment_products(sol.choice, node_names))
+        self._write(nodes, options, sol.choice, costs, sens, table)
+        stats_out = self._stats(nodes, options, sol, costs, sens, table, groups, measured_error, measured_cosine,
+                                iterations, method)
+        if self.correlation_assignments:
+            stats_out["correlations"] = [c.to_dict() for c in proxy_correlations(
+                table, node_names, probe, self.correlation_assignments)]
+        stats_out["seconds"] = {"sensitivity": round(table.seconds, 3), "total": round(time.perf_counter() - start, 3)}
+        stats_out["forwards"] = probe.runs
+        return PassResult(False, stats_out)
+
+    def _costs(self, options: list[PrecisionOption], shapes: list[tuple[int, int]], ctx: PassContext
+               ) -> dict[str, np.ndarray]:
+        nbytes = np.array([[option_bytes(o, n, k) for o in options] for n, k in shapes], dtype=float)
+        weights = float(sum(n * k for n, k in shapes))
+        out = {"bytes": nbytes, "bits": 8.0 * nbytes / weights}
+        if ctx.target is not None:
+            for key, tokens in (("latency_ms", 1), ("prefill_latency_ms", self.prefill_tokens)):
+                out[key] = 1e3 * np.array([[option_seconds(o, n, k, ctx.target, tokens) for o in options]
+                                           for n, k in shapes])
+        return out
+
+    def _solve(self, objective: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, float],
+               groups: list[list[int]], n_layers: int, shapes: list[tuple[int, int]]) -> Solution:
+        try:
+            return solve(objective, costs, limits, groups)
+        except InfeasibleBudgetError as e:
+            weights = sum(n * k for n, k in shapes)
+            raise MixedPrecisionError(
+                f"mixed_precision: budget {dict(self.budget)} over {n_layers} layers ({weights:,} weights) cannot be "
+                f"met: {e}") from None
+
+    def _quality_search(self, sens: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, float],
+                        groups: list[list[int]], table: Any, node_names: list[str], probe: OutputProbe,
+                        iterations: list[dict[str, Any]]) -> Solution:
+        floor = self.quality["cosine"]
+        best = solve(sens, {}, {}, groups)
+        _, best_cos = probe.measure(table.assignment_products(best.choice, node_names))
+        if best_cos < floor:
+            raise MixedPrecisionError(
+                f"quality cosine {floor} is above what the best option per layer reaches on the calibration set: "
+                f"{best_cos:.6f} (add '16-bit' to the candidates, or lower the floor)")
+        budget_costs = {k: costs[k] for k in limits}
+        allowed = 2.0 * (1.0 - floor)
+        ok: tuple[float, Solution] | None = None
+        fail: float | None = None
+        seen: dict[tuple[int, ...], float] = {}
+        for _ in range(self.max_iterations):
+            try:
+                sol = solve(costs["bytes"], {**budget_costs, "error": sens},
+                            {**limits, "error": max(allowed, 0.0)}, groups)
+            except InfeasibleBudgetError as e:
+                raise MixedPrecisionError(f"mixed_precision: quality {dict(self.quality)} with budget "
+                                          f"{dict(self.budget)} cannot be met: {e}") from None
+            if sol.choice in seen:
+                cos = seen[sol.choice]
+            else:
+                cos = probe.measure(table.assignment_products(sol.choice, node_names))[1]
+                seen[sol.choice] = cos
+            met = cos >= floor
+            iterations.append({"error_bound": allowed, "predicted_error": float(sens[range(len(sol.choice)),
+                                                                                   list(sol.choice)].sum()),
+                               "bytes": sol.objective, "bits": float(costs["bits"][range(len(sol.choice)),
+                                                                                   list(sol.choice)].sum()),
+                               "measured_cosine": cos, "meets_floor": met})
+            if met and (ok is None or sol.objective < ok[1].objective):
+                ok = (allowed, sol)
+            if met:
+                lower = allowed
+                if fail is None:
+                    factor = min((1.0 - floor) / max(1.0 - cos, 1e-12), 4.0)
+                    if factor < 1.02:
+                        break
+                    allowed *= factor
+                else:
+                    if fail / lower < 1.02:
+                        break
+                    allowed = math.sqrt(lower * fail)
+            else:
+                fail = allowed if fail is None else min(fail, allowed)
+                if ok is None:
+                    allowed *= min(max((1.0 - floor) / max(1.0 - cos, 1e-12), 0.05), 0.95)
+                else:
+                    if fail / ok[0] < 1.02:
+                        break
+                    allowed = math.sqrt(ok[0] * fail)
+        if ok is None:
+            iterations.append({"note": f"no solve met the floor in {self.max_iterations} rounds: the best option "
+                                       f"per layer is used (cosine {best_cos:.6f})"})
+            return best
+        return ok[1]
+
+    def _write(self, nodes: list[fx.Node], options: list[PrecisionOption], choice: Sequence[int],
+               costs: dict[str, np.ndarray], sens: np.ndarray, table: Any) -> None:
+        for i, (node, o) in enumerate(zip(nodes, choice)):
+            option = options[o]
+            old = decision_of(node)
+            n, k = get_attr_shape(node)
+            record = {"option": option.name, "bits": round(8.0 * costs["bytes"][i, o] / (n * k), 4),
+                      "bytes": int(costs["bytes"][i, o]), "predicted_error": float(sens[i, o]),
+                      "predicted_layer_error": float(math.sqrt(table.proxies["layer"][i, o]))
+                      if "layer" in table.proxies else None, "proxy": self.proxy}
+            extras = {**old.extras, **option.extras, "mixed_precision": record}
+            if option.weight is None:
+                new = old.replace(weight=None, activation=None, extras=extras, source="mixed_precision",
+                                  reason="mixed precision keeps it 16-bit")
+            else:
+                new = old.replace(weight=option.weight, activation=option.activation, extras=extras,
+                                  source="mixed_precision")
+            set_decision(node, new)
+
+    def _stats(self, nodes: list[fx.Node], options: list[PrecisionOption], sol: Solution,
+               costs: dict[str, np.ndarray], sens: np.ndarray, table: Any, groups: list[list[int]],
+               measured_error: float, measured_cosine: float, iterations: list[dict[str, Any]],
+               method: str) -> dict[str, Any]:
+        idx = np.arange(len(nodes)), np.asarray(sol.choice)
+        totals = {k: float(c[idx].sum()) for k, c in costs.items()}
+        front = [[8.0 * b / float(sum(n * k for n, k in map(get_attr_shape, nodes))), e]
+                 for b, e in pareto_front(sens, costs["bytes"], groups, FRONT_POINTS)]
+        paths = [module_path(n) for n in nodes]
+        out: dict[str, Any] = {
+            "mode": "quality" if self.quality else "budget", "budget": dict(self.budget),
+            "quality": dict(self.quality), "proxy": self.proxy, "method": method,
+            "options": [o.name for o in options], "layers": len(nodes),
+            "ties": [[paths[i] for i in g] for g in groups],
+            "choice": {paths[i]: options[o].name for i, o in enumerate(sol.choice)},
+            "totals": totals, "predicted_error": float(sens[idx].sum()),
+            "measured_error": measured_error, "measured_cosine": measured_cosine,
+            "front": front, "chosen": [totals["bits"], float(sens[idx].sum())],
+        }
+        if iterations:
+            out["iterations"] = iterations
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in totals.items())
+        out["notes"] = [f"mixed precision ({out['mode']} {self.budget or self.quality}, proxy {self.proxy}): "
+                        f"{summary}; predicted output error {out['predicted_error']:.3g}, measured "
+                        f"{measured_error:.3g} (cosine {measured_cosine:.5f}) on the calibration set"
+                        + (f"; {len(iterations)} solve–verify rounds" if iterations else "")]
+        return out
+
+
+def get_attr_shape(node: fx.Node) -> tuple[int, int]:
+    """``(rows, K)`` of a linear node's weight (from its traced value)."""
+    val = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+    if val is None:
+        gm = node.graph.owning_module
+        val = get_attr(gm, node.args[1].target)
+    return int(val.shape[0]), int(val.shape[1])
