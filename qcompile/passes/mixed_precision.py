@@ -193,6 +193,12 @@ class MixedPrecision(Pass):
         shapes = [tuple(get_attr(gm, n.args[1].target).shape) for n in nodes]
         groups = tie_groups(nodes) if self.tie else []
         costs = self._costs(options, shapes, ctx)
+        missing = [k for k in self.budget if k not in costs]
+        if missing:
+            raise MixedPrecisionError(f"budget {missing} needs a target with a cost model (none in the pass context)")
+        # Infeasible budgets fail before anything is measured (the costs are known already).
+        self._solve(np.zeros_like(costs["bytes"]), {k: costs[k] for k in self.budget}, dict(self.budget), groups,
+                    len(nodes), shapes)
         need_hessian = quantizer.needs_hessian or self.proxy == "hessian"
         stats = ctx.activation_stats(gm, nodes, hessian=need_hessian)
         probe = OutputProbe(gm, ctx.calibration)
@@ -340,6 +346,8 @@ class MixedPrecision(Pass):
             "totals": totals, "predicted_error": float(sens[idx].sum()),
             "measured_error": measured_error, "measured_cosine": measured_cosine,
             "front": front, "chosen": [totals["bits"], float(sens[idx].sum())],
+            "uniform": {o.name: [float(costs["bits"][:, j].sum()), float(sens[:, j].sum())]
+                        for j, o in enumerate(options)},
         }
         if iterations:
             out["iterations"] = iterations
