@@ -199,12 +199,11 @@ class MixedPrecision(Pass):
         # Infeasible budgets fail before anything is measured (the costs are known already).
         self._solve(np.zeros_like(costs["bytes"]), {k: costs[k] for k in self.budget}, dict(self.budget), groups,
                     len(nodes), shapes)
-        need_hessian = quantizer.needs_hessian or self.proxy == "hessian"
+        # The chosen proxy, the layer proxy for the report, and every proxy when correlations are asked.
+        proxies = list(PROXIES) if self.correlation_assignments else sorted({self.proxy, "layer"}, key=PROXIES.index)
+        need_hessian = quantizer.needs_hessian or "hessian" in proxies
         stats = ctx.activation_stats(gm, nodes, hessian=need_hessian)
         probe = OutputProbe(gm, ctx.calibration)
-        proxies = [self.proxy] if self.proxy != "model" else ["model", "layer"]
-        if self.correlation_assignments:
-            proxies = list(PROXIES) if need_hessian else ["model", "layer"]
         if ctx.progress is not None:
             ctx.progress.start_layers(f"mixed precision: sensitivity of {len(options)} options", len(nodes))
         table = measure_sensitivity(gm, nodes, options, stats, probe,

@@ -88,8 +88,12 @@ def _collapse(obj: np.ndarray, costs: Mapping[str, np.ndarray], groups: Sequence
 
 def _milp(obj: np.ndarray, costs: dict[str, np.ndarray], limits: Mapping[str, float]) -> np.ndarray | None:
     """The exact ILP on collapsed rows: option index per row, or ``None`` when infeasible."""
-    from scipy.optimize import LinearConstraint, milp
-    from scipy.sparse import coo_matrix
+    try:
+        from scipy.optimize import LinearConstraint, milp
+        from scipy.sparse import coo_matrix
+    except ImportError as e:
+        raise ImportError(f"mixed precision solves its knapsack with scipy.optimize.milp (HiGHS), and scipy "
+                          f"cannot be imported ({e}): pip install 'scipy>=1.11'") from e
 
     n, m = obj.shape
     allowed = np.isfinite(obj)
