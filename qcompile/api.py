@@ -146,7 +146,8 @@ def compile(  # noqa: A001 - the public name is the point
         quality: mixed precision to a quality floor, ``{"cosine": 0.995}``: the smallest model whose
             output cosine to float on the calibration set meets it (solved, verified, re-solved).
         mixed_precision: further options of the ``mixed_precision`` pass: ``candidates``,
-            ``proxy`` (``model``, ``layer``, ``hessian``), ``tie``, ``prefill_tokens``.
+            ``proxy`` (``model``, ``layer``, ``hessian``), ``tie``, ``prefill_tokens``, ``cache`` (a
+            dict shared between compiles: sensitivities measured once per model and calibration set).
             With ``budget``/``quality`` the recipe still provides the passes and the quantizer
             (RTN, GPTQ, AWQ's scales) and the excluded layers; docs/mixed-precision.md.
 

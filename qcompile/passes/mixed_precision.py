@@ -107,6 +107,9 @@ class MixedPrecision(Pass):
       (and any budget), verify the choice end to end on the calibration set, tighten when the
       proxy was optimistic and loosen when it was pessimistic (bisection between the two), up to
       :data:`MAX_ITERATIONS` rounds; the smallest verified choice wins and the rounds are reported.
+    - ``cache``: a dict shared between compiles: a sensitivity table measured for the same
+      weights, options, quantizer and calibration batches (a SHA-256 of them) is reused, so
+      re-solving for another budget or floor does not re-measure.
     - Errors (:class:`MixedPrecisionError`) name the number and what is feasible: a budget below
       the smallest model, a floor above what the best option per layer (16-bit) reaches, an
       unknown key.
@@ -128,7 +131,8 @@ class MixedPrecision(Pass):
     def __init__(self, budget: Mapping[str, float] | None = None, quality: Mapping[str, float] | None = None,
                  candidates: Sequence[Any] | None = None, proxy: str = "model", tie: bool = True,
                  prefill_tokens: int = PREFILL_TOKENS, quantizer: str | None = None,
-                 correlation_assignments: int = 0, max_iterations: int = MAX_ITERATIONS):
+                 correlation_assignments: int = 0, max_iterations: int = MAX_ITERATIONS,
+                 cache: dict | None = None):
         self.budget = _check_mapping(budget, BUDGET_KEYS, "budget")
         self.quality = _check_mapping(quality, QUALITY_KEYS, "quality")
         if not self.budget and not self.quality:
@@ -147,6 +151,10 @@ class MixedPrecision(Pass):
         self.quantizer = quantizer
         self.correlation_assignments = int(correlation_assignments)
         self.max_iterations = int(max_iterations)
+        if cache is not None and not isinstance(cache, dict):
+            raise MixedPrecisionError(f"mixed_precision cache must be a dict (shared between compiles), got "
+                                      f"{type(cache).__name__}")
+        self.cache = cache
 
     def options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"proxy": self.proxy, "tie": self.tie, "prefill_tokens": self.prefill_tokens}
@@ -204,10 +212,16 @@ class MixedPrecision(Pass):
         need_hessian = quantizer.needs_hessian or "hessian" in proxies
         stats = ctx.activation_stats(gm, nodes, hessian=need_hessian)
         probe = OutputProbe(gm, ctx.calibration)
-        if ctx.progress is not None:
-            ctx.progress.start_layers(f"mixed precision: sensitivity of {len(options)} options", len(nodes))
-        table = measure_sensitivity(gm, nodes, options, stats, probe,
-                                    lambda w, d, s: quantizer.quantize_weight(w, d, s), proxies, ctx.progress)
+        key = _fingerprint(gm, nodes, options, quantizer, ctx) if self.cache is not None else None
+        table = self.cache.get(key) if key is not None else None
+        cached = table is not None and set(proxies) <= set(table.proxies)
+        if not cached:
+            if ctx.progress is not None:
+                ctx.progress.start_layers(f"mixed precision: sensitivity of {len(options)} options", len(nodes))
+            table = measure_sensitivity(gm, nodes, options, stats, probe,
+                                        lambda w, d, s: quantizer.quantize_weight(w, d, s), proxies, ctx.progress)
+            if key is not None:
+                self.cache[key] = table
         sens = table.proxy(self.proxy)
         node_names = [n.name for n in nodes]
         limits = {k: v for k, v in self.budget.items()}
@@ -223,7 +237,9 @@ class MixedPrecision(Pass):
         if self.correlation_assignments:
             stats_out["correlations"] = [c.to_dict() for c in proxy_correlations(
                 table, node_names, probe, self.correlation_assignments)]
-        stats_out["seconds"] = {"sensitivity": round(table.seconds, 3), "total": round(time.perf_counter() - start, 3)}
+        stats_out["seconds"] = {"sensitivity": 0.0 if cached else round(table.seconds, 3),
+                                "total": round(time.perf_counter() - start, 3)}
+        stats_out["sensitivity_cached"] = cached
         stats_out["forwards"] = probe.runs
         return PassResult(False, stats_out)
 
@@ -356,6 +372,28 @@ class MixedPrecision(Pass):
                         f"{measured_error:.3g} (cosine {measured_cosine:.5f}) on the calibration set"
                         + (f"; {len(iterations)} solve–verify rounds" if iterations else "")]
         return out
+
+
+def _fingerprint(gm: fx.GraphModule, nodes: list[fx.Node], options: list[PrecisionOption], quantizer: Pass,
+                 ctx: PassContext) -> str:
+    """What a sensitivity table depends on: the layers' weights, the options, the quantizer and its
+    options, the calibration batches (a cache hit must be the same measurement)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    h.update(repr(([module_path(n) for n in nodes], [o.to_dict() for o in options], quantizer.name,
+                   quantizer.options())).encode())
+    for n in nodes:
+        h.update(get_attr(gm, n.args[1].target).detach().float().contiguous().numpy().tobytes())
+    for args, kwargs in ctx.calibration.batches:
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                h.update(leaf.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                h.update(repr(leaf).encode())
+    return h.hexdigest()
 
 
 def get_attr_shape(node: fx.Node) -> tuple[int, int]:

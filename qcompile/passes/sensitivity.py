@@ -128,14 +128,18 @@ class OutputProbe:
         self.runs = 0
         """Forwards of the calibration set so far (the report's cost of measuring)."""
 
-    def measure(self, products: dict[str, Product]) -> tuple[float, float]:
+    def measure(self, products: dict[str, Product],
+                dequantized: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
         """``(relative squared error, cosine)`` of the first floating output against float, over
-        every calibration batch, with ``products`` substituted (by linear node name)."""
+        every calibration batch, with ``products`` substituted (by linear node name).
+        ``dequantized``: weights already dequantized, by node name (saves unpacking them again)."""
         from qcompile.formats import dequantize
 
         err = dot = norm = 0.0
         swap = all(p.weight_only for p in products.values())
-        weights = {self.weight_of[name]: dequantize(p.qt) for name, p in products.items()} if swap else {}
+        given = dequantized or {}
+        weights = {self.weight_of[name]: given[name] if name in given else dequantize(p.qt)
+                   for name, p in products.items()} if swap else {}
         with torch.no_grad(), _swapped_weights(self.gm, weights):
             for ref, inp, (args, kwargs) in zip(self.reference, self.inputs, self.batches):
                 out = _first_float(self.gm(*args, **kwargs) if swap else _Substituted(self.gm, products).run(*inp))
@@ -233,7 +237,8 @@ def measure_sensitivity(gm: fx.GraphModule, nodes: Sequence[fx.Node], options: S
             if "model" in out:
                 if probe is None:
                     raise ValueError("the model proxy needs an OutputProbe")
-                out["model"][i, j] = probe.measure({node.name: product})[0]
+                given = {node.name: w_hat} if w_hat is not None else None
+                out["model"][i, j] = probe.measure({node.name: product}, given)[0]
         products.append(row)
         if progress is not None:
             progress.advance_layer()

@@ -159,6 +159,23 @@ def test_load_restores_the_choice_without_solving(budget_compiled, llama, tmp_pa
     assert torch.equal(loaded(*x).logits, budget_compiled(*x).logits)
 
 
+def test_a_shared_cache_re_solves_without_re_measuring(llama, calibration, monkeypatch):
+    cache: dict = {}
+    first = _compile(llama, calibration, budget={"bits": 5.0},
+                     mixed_precision={"candidates": CANDIDATES, "cache": cache})
+    assert len(cache) == 1 and not _record(first)["sensitivity_cached"]
+
+    def refuse(*a, **k):
+        raise AssertionError("re-measured although the cache holds this model's sensitivities")
+
+    monkeypatch.setattr(mp_pass, "measure_sensitivity", refuse)
+    second = _compile(llama, calibration, budget={"bits": 8.5}, mixed_precision={"candidates": CANDIDATES, "cache": cache})
+    assert _record(second)["sensitivity_cached"] and _record(second)["totals"]["bits"] > _record(first)["totals"]["bits"]
+    other = [tiny_inputs(2, 8)]  # other calibration data: another measurement
+    with pytest.raises(AssertionError, match="re-measured"):
+        _compile(llama, other, budget={"bits": 5.0}, mixed_precision={"candidates": CANDIDATES, "cache": cache})
+
+
 def test_budget_with_a_custom_pipeline_needs_a_quantizer(llama):
     with pytest.raises(ValueError, match="need a weight quantizer in the pipeline"):
         qcompile.compile(llama, tiny_inputs(), passes=["canonicalize", "assign_quant_specs"], budget={"bits": 4},
