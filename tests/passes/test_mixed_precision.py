@@ -12,6 +12,8 @@ from qcompile.passes.mixed_precision import MixedPrecision, MixedPrecisionError
 from tests.tiny_models import tiny_inputs, tiny_model
 
 CANDIDATES = ["int8", "int4-g32-asym", "int2-g32-asym", None]
+CACHE: dict = {}
+"""Shared by the compiles of one model, calibration and candidates: sensitivities measured once."""
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def calibration():
 
 
 def _compile(model, calibration, **kwargs):
-    kwargs.setdefault("mixed_precision", {"candidates": CANDIDATES})
+    kwargs.setdefault("mixed_precision", {"candidates": CANDIDATES, "cache": CACHE})
     return qcompile.compile(model, tiny_inputs(), recipe="w4a16", calibration=calibration, progress=False, **kwargs)
 
 
@@ -128,7 +130,7 @@ def test_options_must_use_the_pipelines_method(llama, calibration):
 
 def test_gptq_recipe_measures_with_gptq(llama, calibration):
     cm = qcompile.compile(llama, tiny_inputs(), recipe="w4a16-gptq", calibration=calibration, progress=False,
-                          budget={"bits": 5.0}, mixed_precision={"candidates": ["int4-g32-asym", "int2-g32-asym"]})
+                          budget={"bits": 5.0}, mixed_precision={"candidates": ["int4-g32-asym", None]})
     rec = _record(cm)
     assert rec["method"] == "gptq" and rec["totals"]["bits"] <= 5.0
     assert {r.method for r in cm.report().layers if r.path in rec["choice"]} == {"gptq"}
@@ -159,21 +161,18 @@ def test_load_restores_the_choice_without_solving(budget_compiled, llama, tmp_pa
     assert torch.equal(loaded(*x).logits, budget_compiled(*x).logits)
 
 
-def test_a_shared_cache_re_solves_without_re_measuring(llama, calibration, monkeypatch):
-    cache: dict = {}
-    first = _compile(llama, calibration, budget={"bits": 5.0},
-                     mixed_precision={"candidates": CANDIDATES, "cache": cache})
-    assert len(cache) == 1 and not _record(first)["sensitivity_cached"]
+def test_a_shared_cache_re_solves_without_re_measuring(llama, calibration, budget_compiled, monkeypatch):
+    assert not _record(budget_compiled)["sensitivity_cached"] and len(CACHE) == 1
 
     def refuse(*a, **k):
         raise AssertionError("re-measured although the cache holds this model's sensitivities")
 
     monkeypatch.setattr(mp_pass, "measure_sensitivity", refuse)
-    second = _compile(llama, calibration, budget={"bits": 8.5}, mixed_precision={"candidates": CANDIDATES, "cache": cache})
-    assert _record(second)["sensitivity_cached"] and _record(second)["totals"]["bits"] > _record(first)["totals"]["bits"]
-    other = [tiny_inputs(2, 8)]  # other calibration data: another measurement
-    with pytest.raises(AssertionError, match="re-measured"):
-        _compile(llama, other, budget={"bits": 5.0}, mixed_precision={"candidates": CANDIDATES, "cache": cache})
+    again = _compile(llama, calibration, budget={"bits": 8.5})
+    assert _record(again)["sensitivity_cached"]
+    assert _record(again)["totals"]["bits"] > _record(budget_compiled)["totals"]["bits"]
+    with pytest.raises(AssertionError, match="re-measured"):  # other calibration data: another measurement
+        _compile(llama, [tiny_inputs(2, 8)], budget={"bits": 5.0})
 
 
 def test_budget_with_a_custom_pipeline_needs_a_quantizer(llama):
