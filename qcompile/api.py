@@ -218,11 +218,12 @@ def _with_mixed_precision(pass_list: list[Pass], budget: Mapping[str, float] | N
 
     if any(p.name == "mixed_precision" for p in pass_list):
         raise ValueError("budget=/quality= add the mixed_precision pass, but the pass list already has one")
-    quantizer = next((p.name for p in pass_list if isinstance(p, WeightQuantizer)), None)
+    quantizer = next((p for p in pass_list if isinstance(p, WeightQuantizer)), None)
     if quantizer is None:
         raise ValueError(f"budget=/quality= need a weight quantizer in the pipeline (quantize_weights, gptq, "
                          f"clip_search); the passes are {[p.name for p in pass_list]}")
-    mp = MixedPrecision(budget=budget, quality=quality, quantizer=quantizer, **dict(options or {}))
+    mp = MixedPrecision(budget=budget, quality=quality, quantizer=quantizer.name, **dict(options or {}))
+    mp.quantizer_pass = quantizer
     at = next((i for i, p in enumerate(pass_list) if p.name in MixedPrecision.runs_before), len(pass_list))
     return [*pass_list[:at], mp, *pass_list[at:]]
 

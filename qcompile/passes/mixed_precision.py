@@ -149,6 +149,9 @@ class MixedPrecision(Pass):
             parse_option(c)  # fail at construction, naming the candidate
         self.proxy, self.tie, self.prefill_tokens = proxy, bool(tie), int(prefill_tokens)
         self.quantizer = quantizer
+        self.quantizer_pass: Pass | None = None
+        """The pipeline's quantizer instance (``compile`` sets it, so its own options measure the
+        sensitivities); else one is made from ``quantizer`` or the recipe's passes."""
         self.correlation_assignments = int(correlation_assignments)
         self.max_iterations = int(max_iterations)
         if cache is not None and not isinstance(cache, dict):
@@ -174,6 +177,9 @@ class MixedPrecision(Pass):
         from qcompile.passes.base import make_pass
         from qcompile.passes.weight_quantization import WeightQuantizer
 
+        if self.quantizer_pass is not None:
+            p = self.quantizer_pass
+            return p, "awq" if "awq" in ctx.history and p.method == "rtn" else p.method
         names = [self.quantizer] if self.quantizer else list(ctx.recipe.passes)
         for name in names:
             try:
@@ -275,11 +281,12 @@ class MixedPrecision(Pass):
                 f"quality cosine {floor} is above what the best option per layer reaches on the calibration set: "
                 f"{best_cos:.6f} (add '16-bit' to the candidates, or lower the floor)")
         budget_costs = {k: costs[k] for k in limits}
-        allowed = 2.0 * (1.0 - floor)
+        allowed = max(2.0 * (1.0 - floor), best.objective)
         ok: tuple[float, Solution] | None = None
         fail: float | None = None
         seen: dict[tuple[int, ...], float] = {}
         for _ in range(self.max_iterations):
+            allowed = max(allowed, best.objective)  # never below the least error the options reach
             try:
                 sol = solve(costs["bytes"], {**budget_costs, "error": sens},
                             {**limits, "error": max(allowed, 0.0)}, groups)

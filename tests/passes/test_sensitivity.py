@@ -102,3 +102,18 @@ def test_the_pass_reports_correlations_when_asked():
     rec = cm.report().mixed_precision
     assert {c["proxy"] for c in rec["correlations"]} == {"model", "layer", "hessian"}
     assert all(np.isfinite(c["spearman"]) for c in rec["correlations"])
+
+
+def test_an_extras_forward_replaces_the_quantized_product(setup, monkeypatch):
+    from qcompile.passes import mixed_precision_options as opts
+
+    _, _, gm, nodes, stats, probe, _, _ = setup
+    monkeypatch.setattr(opts, "EXTRAS", {})
+    # A stand-in for outlier splitting: its product is the float one, so it adds no error.
+    opts.register_extras("exact_residual", nbytes=lambda o, rows, k: rows * k,
+                         forward=lambda weight, st, option: (lambda x: x @ weight.t()))
+    plain = parse_option("int2-g32-asym")
+    split = opts.PrecisionOption(plain.weight, extras={"exact_residual": {}})
+    table = measure_sensitivity(gm, nodes, [plain, split], stats, probe, lambda w, d, s: quantize(w, d.weight))
+    m = table.proxy("model")
+    assert (m[:, 0] > 1e-4).all() and (m[:, 1] < 1e-10).all()
