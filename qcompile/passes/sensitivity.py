@@ -222,7 +222,8 @@ def measure_sensitivity(gm: fx.GraphModule, nodes: Sequence[fx.Node], options: S
             if "layer" in out and st is not None:
                 x = st.sample.float()
                 ref = x @ weight.t()
-                out["layer"][i, j] = float(((product(x) - ref) ** 2).sum() / (ref * ref).sum().clamp_min(1e-30))
+                y = x @ w_hat.t() if product.weight_only and w_hat is not None else product(x)
+                out["layer"][i, j] = float(((y - ref) ** 2).sum() / (ref * ref).sum().clamp_min(1e-30))
             if "hessian" in out:
                 if st is None or st.hessian is None:
                     raise ValueError(f"layer {module_path(node)}: the hessian proxy needs the input Hessian")
