@@ -224,6 +224,8 @@ def _with_mixed_precision(pass_list: list[Pass], budget: Mapping[str, float] | N
                          f"clip_search); the passes are {[p.name for p in pass_list]}")
     mp = MixedPrecision(budget=budget, quality=quality, quantizer=quantizer.name, **dict(options or {}))
     mp.quantizer_pass = quantizer
+    names = [p.name for p in pass_list]
+    mp.check_candidates(None, "awq" if "awq" in names and quantizer.method == "rtn" else quantizer.method, quantizer.name)
     at = next((i for i, p in enumerate(pass_list) if p.name in MixedPrecision.runs_before), len(pass_list))
     return [*pass_list[:at], mp, *pass_list[at:]]
 

@@ -171,6 +171,16 @@ class MixedPrecision(Pass):
             out["quantizer"] = self.quantizer
         return out
 
+    def check_candidates(self, activation: Any, method: str, quantizer: str) -> list[PrecisionOption]:
+        """The candidate options with ``activation`` and ``method`` filled in; an option naming another
+        method than the pipeline's ``quantizer`` is an error naming it (``compile`` checks before tracing)."""
+        options = candidate_options(self.candidates, activation, method)
+        wrong = [o.name for o in options if o.weight is not None and o.method != method]
+        if wrong:
+            raise MixedPrecisionError(f"mixed_precision candidates {wrong} name another method than the pipeline's "
+                                      f"quantizer ({quantizer}: {method}); the recipe's passes decide the method")
+        return options
+
     def _quantizer(self, ctx: PassContext) -> tuple[Any, str]:
         """The pipeline's weight quantizer (its per-layer hook measures sensitivities) and the method
         label options carry."""
@@ -198,12 +208,7 @@ class MixedPrecision(Pass):
         if not nodes:
             return PassResult(False, {"layers": 0, "notes": ["mixed_precision: no quantized layer to decide"]})
         quantizer, method = self._quantizer(ctx)
-        activation = decision_of(nodes[0]).activation
-        options = candidate_options(self.candidates, activation, method)
-        wrong = [o.name for o in options if o.weight is not None and o.method != method]
-        if wrong:
-            raise MixedPrecisionError(f"mixed_precision candidates {wrong} name another method than the pipeline's "
-                                      f"quantizer ({quantizer.name}: {method}); the recipe's passes decide the method")
+        options = self.check_candidates(decision_of(nodes[0]).activation, method, quantizer.name)
         shapes = [tuple(get_attr(gm, n.args[1].target).shape) for n in nodes]
         groups = tie_groups(nodes) if self.tie else []
         costs = self._costs(options, shapes, ctx)
@@ -233,7 +238,7 @@ class MixedPrecision(Pass):
         limits = {k: v for k, v in self.budget.items()}
         iterations: list[dict[str, Any]] = []
         if self.quality:
-            sol = self._quality_search(sens, costs, limits, groups, table, node_names, probe, iterations)
+            sol = self._quality_search(sens, costs, limits, groups, table, node_names, probe, iterations, shapes)
         else:
             sol = self._solve(sens, {k: costs[k] for k in limits}, limits, groups, len(nodes), shapes)
         measured_error, measured_cosine = probe.measure(table.assignment_products(sol.choice, node_names))
@@ -272,15 +277,17 @@ class MixedPrecision(Pass):
 
     def _quality_search(self, sens: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, float],
                         groups: list[list[int]], table: Any, node_names: list[str], probe: OutputProbe,
-                        iterations: list[dict[str, Any]]) -> Solution:
+                        iterations: list[dict[str, Any]], shapes: list[tuple[int, int]]) -> Solution:
         floor = self.quality["cosine"]
-        best = solve(sens, {}, {}, groups)
+        budget_costs = {k: costs[k] for k in limits}
+        # The least predicted error the options reach (within the budgets, if any): the fallback.
+        best = self._solve(sens, budget_costs, limits, groups, len(node_names), shapes)
         _, best_cos = probe.measure(table.assignment_products(best.choice, node_names))
         if best_cos < floor:
+            within = f" within budget {dict(self.budget)}" if self.budget else ""
             raise MixedPrecisionError(
-                f"quality cosine {floor} is above what the best option per layer reaches on the calibration set: "
-                f"{best_cos:.6f} (add '16-bit' to the candidates, or lower the floor)")
-        budget_costs = {k: costs[k] for k in limits}
+                f"quality cosine {floor} is above what the best option per layer reaches{within} on the calibration "
+                f"set: {best_cos:.6f} (add '16-bit' to the candidates, raise the budget, or lower the floor)")
         allowed = max(2.0 * (1.0 - floor), best.objective)
         ok: tuple[float, Solution] | None = None
         fail: float | None = None
@@ -373,11 +380,18 @@ class MixedPrecision(Pass):
         }
         if iterations:
             out["iterations"] = iterations
+        padded = [f"{paths[i]} ({options[o].name}: K {k} → {-(-k // g) * g})" for i, o in enumerate(sol.choice)
+                  if (spec := options[o].weight) is not None and (g := spec.group_size)
+                  and (k := get_attr_shape(nodes[i])[1]) % g]
         summary = ", ".join(f"{k} {v:.4g}" for k, v in totals.items())
         out["notes"] = [f"mixed precision ({out['mode']} {self.budget or self.quality}, proxy {self.proxy}): "
                         f"{summary}; predicted output error {out['predicted_error']:.3g}, measured "
                         f"{measured_error:.3g} (cosine {measured_cosine:.5f}) on the calibration set"
                         + (f"; {len(iterations)} solve–verify rounds" if iterations else "")]
+        if padded:
+            out["notes"].append(f"after mixed precision, {len(padded)} layers have K zero-padded to whole groups (the "
+                                f"bytes above count the padding; a note on the recipe's specs may precede this one): "
+                                + ", ".join(padded[:5]) + (", ..." if len(padded) > 5 else ""))
         return out
 
 

@@ -94,6 +94,13 @@ def test_two_budgets_at_once(llama, calibration):
     assert rec["totals"]["bits"] <= 8.5 and rec["totals"]["latency_ms"] <= 1.0
 
 
+def test_quality_floor_under_a_budget(llama, calibration):
+    cm = _compile(llama, calibration, quality={"cosine": 0.999}, budget={"bits": 6.0, "prefill_latency_ms": 10.0})
+    rec = _record(cm)
+    assert rec["totals"]["bits"] <= 6.0 and rec["totals"]["prefill_latency_ms"] <= 10.0
+    assert all(it["bits"] <= 6.0 for it in rec["iterations"])
+
+
 def test_infeasible_budget_names_the_smallest_model_before_measuring(llama, calibration, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("sensitivities were measured for an infeasible budget")
@@ -128,9 +135,12 @@ def test_options_must_use_the_pipelines_method(llama, calibration):
                  mixed_precision={"candidates": [{"weight": "int4-g32-asym", "method": "gptq"}, None]})
 
 
-def test_gptq_recipe_measures_with_gptq(llama, calibration):
-    cm = qcompile.compile(llama, tiny_inputs(), recipe="w4a16-gptq", calibration=calibration, progress=False,
-                          budget={"bits": 5.0}, mixed_precision={"candidates": ["int4-g32-asym", None]})
+def test_gptq_recipe_measures_with_gptq():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    calib = [(torch.randn(32, 32),)]
+    cm = qcompile.compile(mlp, calib[0], recipe="w4a16-gptq", calibration=calib, progress=False,
+                          budget={"bits": 5.0}, mixed_precision={"candidates": ["int4-g32-asym", "int2-g32-asym"]})
     rec = _record(cm)
     assert rec["method"] == "gptq" and rec["totals"]["bits"] <= 5.0
     assert {r.method for r in cm.report().layers if r.path in rec["choice"]} == {"gptq"}
@@ -179,3 +189,9 @@ def test_budget_with_a_custom_pipeline_needs_a_quantizer(llama):
     with pytest.raises(ValueError, match="need a weight quantizer in the pipeline"):
         qcompile.compile(llama, tiny_inputs(), passes=["canonicalize", "assign_quant_specs"], budget={"bits": 4},
                          progress=False)
+
+
+def test_floor_out_of_reach_within_a_budget_names_the_budget(llama, calibration):
+    with pytest.raises(MixedPrecisionError, match=r"above what the best option per layer reaches within budget "
+                                                  r"\{'bits': 3.0\} on the calibration set: 0\.\d+"):
+        _compile(llama, calibration, quality={"cosine": 0.9999}, budget={"bits": 3.0})
