@@ -117,3 +117,18 @@ def test_an_extras_forward_replaces_the_quantized_product(setup, monkeypatch):
     table = measure_sensitivity(gm, nodes, [plain, split], stats, probe, lambda w, d, s: quantize(w, d.weight))
     m = table.proxy("model")
     assert (m[:, 0] > 1e-4).all() and (m[:, 1] < 1e-10).all()
+
+
+def test_proxies_on_a_tiny_decoder():
+    """A decoder from a transformers config (random weights): the model proxy ranks mixed assignments best."""
+    from tests.tiny_models import tiny_inputs, tiny_model
+
+    torch.manual_seed(3)
+    calib = [tiny_inputs(2, 16)]
+    cm = qcompile.compile(tiny_model("llama", layers=1), tiny_inputs(), recipe="w4a16", calibration=calib,
+                          progress=False, budget={"bits": 5.0},
+                          mixed_precision={"candidates": ["int4-g32-asym", "int2-g32-asym", None],
+                                           "correlation_assignments": 12})
+    corr = {c["proxy"]: c for c in cm.report().mixed_precision["correlations"]}
+    print({p: (round(c["spearman"], 3), round(c["pearson"], 3)) for p, c in corr.items()})
+    assert corr["model"]["spearman"] >= 0.8
