@@ -28,8 +28,9 @@ DEFAULT_WEIGHTS = ("int8", "int4-g128-asym", "int4-g64-asym", "int4-g32-asym", "
 and int2 at 32 (asymmetric: their zero points lower the error more than they cost at these group
 sizes), and 16-bit."""
 
-METHODS = ("rtn", "gptq", "awq")
-"""Weight quantizers an option may name; it must be the pipeline's own (``method_of_passes``)."""
+METHODS = ("rtn", "gptq", "awq", "rtn-clip")
+"""The methods of the built-in pipelines (``awq``: AWQ's scales, then RTN; ``rtn-clip``: clip
+search). An option's method must be its pipeline's (the pass checks, naming both)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class PrecisionOption:
 
     ``weight``: the weight spec, ``None`` for 16-bit. ``activation``: the activation spec
     (``None``: 16-bit activations). ``method``: the quantizer that makes the weight (``rtn``,
-    ``gptq``, ``awq``; the pipeline's own). ``extras``: JSON-serializable additions, written to the
+    ``gptq``, ``awq``, ``rtn-clip``: the pipeline's own). ``extras``: JSON-serializable additions, written to the
     decision's ``extras`` when the option is chosen; a key registered with :func:`register_extras`
     also changes the option's bytes, time and measured error.
     """
@@ -49,8 +50,9 @@ class PrecisionOption:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"option method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"option method must be a quantizer's method name ({', '.join(METHODS)}, ...), "
+                             f"got {self.method!r}")
         if self.weight is None and self.activation is not None:
             raise ValueError(f"a 16-bit option takes no activation spec (got {self.activation.short()})")
 

@@ -146,6 +146,17 @@ def test_gptq_recipe_measures_with_gptq():
     assert {r.method for r in cm.report().layers if r.path in rec["choice"]} == {"gptq"}
 
 
+def test_a_clip_search_pipeline_measures_with_its_searched_grids():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    calib = [(torch.randn(32, 32),)]
+    cm = qcompile.compile(mlp, calib[0], passes=["canonicalize", "assign_quant_specs", "clip_search", "lower"],
+                          calibration=calib, progress=False, budget={"bits": 4.0},
+                          mixed_precision={"candidates": ["int4-g32-asym", "int2-g32-asym"]})
+    rec = _record(cm)
+    assert rec["method"] == "rtn-clip" and rec["totals"]["bits"] <= 4.0
+
+
 def test_the_users_model_is_not_mutated(llama, calibration, budget_compiled):
     before = {k: v.clone() for k, v in tiny_model("llama", layers=1).state_dict().items()}
     assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
