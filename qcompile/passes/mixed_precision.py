@@ -31,6 +31,7 @@ from qcompile.passes.mixed_precision_options import PrecisionOption, candidate_o
 from qcompile.passes.sensitivity import (
     PROXIES,
     OutputProbe,
+    Product,
     measure_sensitivity,
     proxy_correlations,
 )
@@ -92,7 +93,9 @@ class MixedPrecision(Pass):
     Rules:
 
     - Layers: every linear whose decision is quantized when the pass runs (recipe excludes and
-      ``None`` overrides stay float and outside the budget). Layers reading the same input
+      ``None`` overrides stay float and outside the budget). A layer an override gave a spec keeps
+      it: its bytes and time count in the budget, its sensitivity is not measured, and the
+      end-to-end checks include its quantization. Layers reading the same input
       (Q/K/V, gate/up) are tied: one option for the group (``tie=False`` unties them).
     - Options: ``candidates`` (spec strings, ``None``/``"16-bit"``, dicts with ``weight``,
       ``activation``, ``method``, ``extras``; ``mixed_precision_options.DEFAULT_WEIGHTS`` by
@@ -204,24 +207,31 @@ class MixedPrecision(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         start = time.perf_counter()
-        nodes = [n for n in linear_nodes(gm) if (d := decision_of(n)) is not None and d.quantized]
+        quantized = [n for n in linear_nodes(gm) if (d := decision_of(n)) is not None and d.quantized]
+        fixed = [n for n in quantized if decision_of(n).source.startswith("override")]
+        nodes = [n for n in quantized if n not in fixed]
         if not nodes:
-            return PassResult(False, {"layers": 0, "notes": ["mixed_precision: no quantized layer to decide"]})
+            return PassResult(False, {"layers": 0, "notes": ["mixed_precision: no quantized layer to decide"
+                                                             + (" (overrides decide them all)" if fixed else "")]})
         quantizer, method = self._quantizer(ctx)
         options = self.check_candidates(decision_of(nodes[0]).activation, method, quantizer.name)
-        shapes = [tuple(get_attr(gm, n.args[1].target).shape) for n in nodes]
+        shapes = [get_attr_shape(n) for n in nodes]
+        weights = float(sum(n * k for n, k in shapes) + sum(a * b for a, b in map(get_attr_shape, fixed)))
         groups = tie_groups(nodes) if self.tie else []
-        costs = self._costs(options, shapes, ctx)
+        costs = self._costs(options, shapes, ctx, weights)
         missing = [k for k in self.budget if k not in costs]
         if missing:
             raise MixedPrecisionError(f"budget {missing} needs a target with a cost model (none in the pass context)")
+        # Layers an override decided keep their spec; their costs are one more row, the same in every column.
+        fixed_costs = self._costs_of_decisions(fixed, method, ctx, weights)
+        costs_all = {k: _with_row(c, fixed_costs[k]) if fixed else c for k, c in costs.items()}
         # Infeasible budgets fail before anything is measured (the costs are known already).
-        self._solve(np.zeros_like(costs["bytes"]), {k: costs[k] for k in self.budget}, dict(self.budget), groups,
-                    len(nodes), shapes)
+        self._solve(np.zeros_like(costs_all["bytes"]), {k: costs_all[k] for k in self.budget}, dict(self.budget),
+                    groups, len(nodes), weights)
         # The chosen proxy, the layer proxy for the report, and every proxy when correlations are asked.
         proxies = list(PROXIES) if self.correlation_assignments else sorted({self.proxy, "layer"}, key=PROXIES.index)
         need_hessian = quantizer.needs_hessian or "hessian" in proxies
-        stats = ctx.activation_stats(gm, nodes, hessian=need_hessian)
+        stats = ctx.activation_stats(gm, [*nodes, *fixed], hessian=need_hessian)
         probe = OutputProbe(gm, ctx.calibration)
         key = _fingerprint(gm, nodes, options, quantizer, ctx) if self.cache is not None else None
         table = self.cache.get(key) if key is not None else None
@@ -234,17 +244,32 @@ class MixedPrecision(Pass):
             if key is not None:
                 self.cache[key] = table
         sens = table.proxy(self.proxy)
+        sens_all = _with_row(sens, 0.0) if fixed else sens
         node_names = [n.name for n in nodes]
-        limits = {k: v for k, v in self.budget.items()}
+        fixed_products = {n.name: Product(quantizer.quantize_weight(
+            get_attr(gm, n.args[1].target).detach().float(), decision_of(n), stats.get(n.name)),
+            decision_of(n).activation) for n in fixed}
+
+        def products_of(choice: Sequence[int]) -> dict[str, Product]:
+            return {**fixed_products, **table.assignment_products(choice[:len(nodes)], node_names)}
+
+        limits = dict(self.budget)
         iterations: list[dict[str, Any]] = []
         if self.quality:
-            sol = self._quality_search(sens, costs, limits, groups, table, node_names, probe, iterations, shapes)
+            sol = self._quality_search(sens_all, costs_all, limits, groups, products_of, probe, iterations, weights)
         else:
-            sol = self._solve(sens, {k: costs[k] for k in limits}, limits, groups, len(nodes), shapes)
-        measured_error, measured_cosine = probe.measure(table.assignment_products(sol.choice, node_names))
-        self._write(nodes, options, sol.choice, costs, sens, table)
-        stats_out = self._stats(nodes, options, sol, costs, sens, table, groups, measured_error, measured_cosine,
-                                iterations, method)
+            sol = self._solve(sens_all, {k: costs_all[k] for k in limits}, limits, groups, len(nodes), weights)
+        measured_error, measured_cosine = probe.measure(products_of(sol.choice))
+        choice = sol.choice[:len(nodes)]
+        self._write(nodes, options, choice, costs, sens, table)
+        stats_out = self._stats(nodes, options, sol, costs_all, sens_all, groups, measured_error, measured_cosine,
+                                iterations, method, weights)
+        if fixed:
+            stats_out["fixed_by_overrides"] = {module_path(n): decision_of(n).weight.short() for n in fixed}
+            stats_out["notes"].append(f"mixed precision keeps the {len(fixed)} layers an override decided as the "
+                                      "override says (their bytes count in the budget; their sensitivities are not "
+                                      "measured): " + ", ".join(module_path(n) for n in fixed[:5])
+                                      + (", ..." if len(fixed) > 5 else ""))
         if self.correlation_assignments:
             stats_out["correlations"] = [c.to_dict() for c in proxy_correlations(
                 table, node_names, probe, self.correlation_assignments)]
@@ -254,10 +279,10 @@ class MixedPrecision(Pass):
         stats_out["forwards"] = probe.runs
         return PassResult(False, stats_out)
 
-    def _costs(self, options: list[PrecisionOption], shapes: list[tuple[int, int]], ctx: PassContext
-               ) -> dict[str, np.ndarray]:
+    def _costs(self, options: list[PrecisionOption], shapes: list[tuple[int, int]], ctx: PassContext,
+               weights: float) -> dict[str, np.ndarray]:
+        """``[layers, options]`` cost matrices by budget key (``bits`` over ``weights`` weights)."""
         nbytes = np.array([[option_bytes(o, n, k) for o in options] for n, k in shapes], dtype=float)
-        weights = float(sum(n * k for n, k in shapes))
         out = {"bytes": nbytes, "bits": 8.0 * nbytes / weights}
         if ctx.target is not None:
             for key, tokens in (("latency_ms", 1), ("prefill_latency_ms", self.prefill_tokens)):
@@ -265,24 +290,35 @@ class MixedPrecision(Pass):
                                            for n, k in shapes])
         return out
 
+    def _costs_of_decisions(self, nodes: list[fx.Node], method: str, ctx: PassContext,
+                            weights: float) -> dict[str, float]:
+        """Summed costs of layers whose decisions stay as they are, by budget key."""
+        if not nodes:
+            return {}
+        options = [PrecisionOption(decision_of(n).weight, decision_of(n).activation, method) for n in nodes]
+        totals: dict[str, float] = {}
+        for option, node in zip(options, nodes):
+            for key, m in self._costs([option], [get_attr_shape(node)], ctx, weights).items():
+                totals[key] = totals.get(key, 0.0) + float(m[0, 0])
+        return totals
+
     def _solve(self, objective: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, float],
-               groups: list[list[int]], n_layers: int, shapes: list[tuple[int, int]]) -> Solution:
+               groups: list[list[int]], n_layers: int, weights: float) -> Solution:
         try:
             return solve(objective, costs, limits, groups)
         except InfeasibleBudgetError as e:
-            weights = sum(n * k for n, k in shapes)
             raise MixedPrecisionError(
-                f"mixed_precision: budget {dict(self.budget)} over {n_layers} layers ({weights:,} weights) cannot be "
-                f"met: {e}") from None
+                f"mixed_precision: budget {dict(self.budget)} over {n_layers} layers ({int(weights):,} weights) cannot "
+                f"be met: {e}") from None
 
     def _quality_search(self, sens: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, float],
-                        groups: list[list[int]], table: Any, node_names: list[str], probe: OutputProbe,
-                        iterations: list[dict[str, Any]], shapes: list[tuple[int, int]]) -> Solution:
+                        groups: list[list[int]], products_of: Any, probe: OutputProbe,
+                        iterations: list[dict[str, Any]], weights: float) -> Solution:
         floor = self.quality["cosine"]
         budget_costs = {k: costs[k] for k in limits}
         # The least predicted error the options reach (within the budgets, if any): the fallback.
-        best = self._solve(sens, budget_costs, limits, groups, len(node_names), shapes)
-        _, best_cos = probe.measure(table.assignment_products(best.choice, node_names))
+        best = self._solve(sens, budget_costs, limits, groups, sens.shape[0], weights)
+        _, best_cos = probe.measure(products_of(best.choice))
         if best_cos < floor:
             within = f" within budget {dict(self.budget)}" if self.budget else ""
             raise MixedPrecisionError(
@@ -303,7 +339,7 @@ class MixedPrecision(Pass):
             if sol.choice in seen:
                 cos = seen[sol.choice]
             else:
-                cos = probe.measure(table.assignment_products(sol.choice, node_names))[1]
+                cos = probe.measure(products_of(sol.choice))[1]
                 seen[sol.choice] = cos
             met = cos >= floor
             iterations.append({"error_bound": allowed, "predicted_error": float(sens[range(len(sol.choice)),
@@ -358,20 +394,22 @@ class MixedPrecision(Pass):
             set_decision(node, new)
 
     def _stats(self, nodes: list[fx.Node], options: list[PrecisionOption], sol: Solution,
-               costs: dict[str, np.ndarray], sens: np.ndarray, table: Any, groups: list[list[int]],
+               costs: dict[str, np.ndarray], sens: np.ndarray, groups: list[list[int]],
                measured_error: float, measured_cosine: float, iterations: list[dict[str, Any]],
-               method: str) -> dict[str, Any]:
-        idx = np.arange(len(nodes)), np.asarray(sol.choice)
+               method: str, weights: float) -> dict[str, Any]:
+        """The report's record. ``costs`` and ``sens`` include the fixed layers' row, if any (it has
+        the same value in every column, so column sums and totals count it)."""
+        idx = np.arange(len(sol.choice)), np.asarray(sol.choice)
         totals = {k: float(c[idx].sum()) for k, c in costs.items()}
-        front = [[8.0 * b / float(sum(n * k for n, k in map(get_attr_shape, nodes))), e]
-                 for b, e in pareto_front(sens, costs["bytes"], groups, FRONT_POINTS)]
+        front = [[8.0 * b / weights, e] for b, e in pareto_front(sens, costs["bytes"], groups, FRONT_POINTS)]
         paths = [module_path(n) for n in nodes]
+        choice = sol.choice[:len(nodes)]
         out: dict[str, Any] = {
             "mode": "quality" if self.quality else "budget", "budget": dict(self.budget),
             "quality": dict(self.quality), "proxy": self.proxy, "method": method,
             "options": [o.name for o in options], "layers": len(nodes),
             "ties": [[paths[i] for i in g] for g in groups],
-            "choice": {paths[i]: options[o].name for i, o in enumerate(sol.choice)},
+            "choice": {paths[i]: options[o].name for i, o in enumerate(choice)},
             "totals": totals, "predicted_error": float(sens[idx].sum()),
             "measured_error": measured_error, "measured_cosine": measured_cosine,
             "front": front, "chosen": [totals["bits"], float(sens[idx].sum())],
@@ -380,7 +418,7 @@ class MixedPrecision(Pass):
         }
         if iterations:
             out["iterations"] = iterations
-        padded = [f"{paths[i]} ({options[o].name}: K {k} → {-(-k // g) * g})" for i, o in enumerate(sol.choice)
+        padded = [f"{paths[i]} ({options[o].name}: K {k} → {-(-k // g) * g})" for i, o in enumerate(choice)
                   if (spec := options[o].weight) is not None and (g := spec.group_size)
                   and (k := get_attr_shape(nodes[i])[1]) % g]
         summary = ", ".join(f"{k} {v:.4g}" for k, v in totals.items())
@@ -415,6 +453,11 @@ def _fingerprint(gm: fx.GraphModule, nodes: list[fx.Node], options: list[Precisi
             else:
                 h.update(repr(leaf).encode())
     return h.hexdigest()
+
+
+def _with_row(matrix: np.ndarray, value: float) -> np.ndarray:
+    """``matrix`` with one more row holding ``value`` in every column (a constant in every assignment)."""
+    return np.vstack([matrix, np.full((1, matrix.shape[1]), value)])
 
 
 def get_attr_shape(node: fx.Node) -> tuple[int, int]:

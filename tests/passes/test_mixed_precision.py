@@ -101,6 +101,23 @@ def test_quality_floor_under_a_budget(llama, calibration):
     assert all(it["bits"] <= 6.0 for it in rec["iterations"])
 
 
+def test_layers_an_override_decided_keep_their_spec_and_count_in_the_budget(llama, calibration):
+    from qcompile.passes.mixed_precision_cost import option_bytes
+    from qcompile.passes.mixed_precision_options import parse_option
+
+    cm = qcompile.compile(llama, tiny_inputs(), recipe="w4a16", calibration=calibration, progress=False,
+                          overrides={"*.down_proj": "int8"}, budget={"bits": 5.0},
+                          mixed_precision={"candidates": CANDIDATES})
+    rec = _record(cm)
+    down = "model.layers.0.mlp.down_proj"
+    assert rec["fixed_by_overrides"] == {down: "int8-pc"} and down not in rec["choice"]
+    layer = {lr.path: lr for lr in cm.report().layers}
+    assert layer[down].weight_format == "int8-pc"
+    chosen = sum(lr.passes["mixed_precision"]["bytes"] for lr in layer.values() if "mixed_precision" in lr.passes)
+    assert rec["totals"]["bytes"] == chosen + option_bytes(parse_option("int8"), 64, 128)
+    assert rec["totals"]["bits"] <= 5.0
+
+
 def test_infeasible_budget_names_the_smallest_model_before_measuring(llama, calibration, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("sensitivities were measured for an infeasible budget")
