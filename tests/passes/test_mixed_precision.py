@@ -174,6 +174,17 @@ def test_a_clip_search_pipeline_measures_with_its_searched_grids():
     assert rec["method"] == "rtn-clip" and rec["totals"]["bits"] <= 4.0
 
 
+def test_with_awq_it_runs_after_the_scales_and_before_the_clipping():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    calib = [(torch.randn(32, 32),)]
+    cm = qcompile.compile(mlp, calib[0], recipe="w4a16-awq", calibration=calib, progress=False,
+                          budget={"bits": 5.0}, mixed_precision={"candidates": ["int4-g32-asym", None]})
+    order = [p["name"] for p in cm.report().passes]
+    assert order.index("awq") < order.index("mixed_precision") < order.index("awq_clip")
+    assert _record(cm)["method"] == "awq"
+
+
 def test_the_users_model_is_not_mutated(llama, calibration, budget_compiled):
     before = {k: v.clone() for k, v in tiny_model("llama", layers=1).state_dict().items()}
     assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
