@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,7 +124,7 @@ class Report:
         return next((p["stats"] for p in self.passes if p["name"] == "mixed_precision" and p["stats"].get("layers")),
                     None)
 
-    def plot(self, path: str) -> str:
+    def plot(self, path: str | os.PathLike) -> str:
         """Write the mixed-precision picture (error–size Pareto front with the chosen point, bits per
         layer along the model) as a PNG; needs matplotlib (the ``plot`` extra). Returns the path."""
         from qcompile.report_plot import plot_mixed_precision
