@@ -449,7 +449,8 @@ def _fingerprint(gm: fx.GraphModule, nodes: list[fx.Node], options: list[Precisi
     for args, kwargs in ctx.calibration.batches:
         for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
-                h.update(leaf.detach().cpu().contiguous().numpy().tobytes())
+                h.update(str((leaf.dtype, tuple(leaf.shape))).encode())
+                h.update(leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             else:
                 h.update(repr(leaf).encode())
     return h.hexdigest()
