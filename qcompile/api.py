@@ -110,6 +110,9 @@ def compile(  # noqa: A001 - the public name is the point
     verify: bool | str = "auto",
     dynamic: bool = True,
     progress: bool = True,
+    budget: Mapping[str, float] | None = None,
+    quality: Mapping[str, float] | None = None,
+    mixed_precision: Mapping[str, Any] | None = None,
 ) -> CompiledModel:
     """Quantize and lower ``model`` for ``target``.
 
@@ -137,6 +140,16 @@ def compile(  # noqa: A001 - the public name is the point
         dynamic: trace with dynamic batch/sequence dimensions where the model allows (``False``:
             every input dimension static at the example's size).
         progress: show progress on stderr.
+        budget: mixed precision under a budget, e.g. ``{"bits": 4.25}``, ``{"bytes": 2e6}``,
+            ``{"latency_ms": 0.5}`` (several keys: several constraints): each quantized layer takes
+            the candidate option that minimises the predicted output error overall (exact ILP).
+        quality: mixed precision to a quality floor, ``{"cosine": 0.995}``: the smallest model whose
+            output cosine to float on the calibration set meets it (solved, verified, re-solved).
+        mixed_precision: further options of the ``mixed_precision`` pass: ``candidates``,
+            ``proxy`` (``model``, ``layer``, ``hessian``), ``tie``, ``prefill_tokens``, ``cache`` (a
+            dict shared between compiles: sensitivities measured once per model and calibration set).
+            With ``budget``/``quality`` the recipe still provides the passes and the quantizer
+            (RTN, GPTQ, AWQ's scales) and the excluded layers; docs/mixed-precision.md.
 
     The user's model is not modified.
     """
@@ -152,6 +165,10 @@ def compile(  # noqa: A001 - the public name is the point
         pass_list = rcp.make_passes()
     else:
         pass_list = [p if isinstance(p, Pass) else make_pass(p, **rcp.pass_options.get(p, {})) for p in passes]
+    if budget is not None or quality is not None:
+        pass_list = _with_mixed_precision(pass_list, budget, quality, mixed_precision)
+    elif mixed_precision is not None:
+        raise ValueError("mixed_precision= options need a budget= or a quality=")
 
     hungry = [p.name for p in pass_list if p.uses_calibration]
     if calibration is None and hungry:
@@ -189,6 +206,47 @@ def compile(  # noqa: A001 - the public name is the point
                        manifest=manifest, model=model)
     report.notes[:0] = _shape_notes(exported, cm)
     return cm
+
+
+def _with_mixed_precision(pass_list: list[Pass], budget: Mapping[str, float] | None,
+                         quality: Mapping[str, float] | None, options: Mapping[str, Any] | None) -> list[Pass]:
+    """``pass_list`` with a ``mixed_precision`` pass inserted before the first pass it must precede
+    (clipping, the quantizer), told which quantizer the pipeline runs. Raises naming a bad budget,
+    floor or option before anything is traced."""
+    from qcompile.passes.mixed_precision import MixedPrecision
+    from qcompile.passes.weight_quantization import WeightQuantizer
+
+    if any(p.name == "mixed_precision" for p in pass_list):
+        raise ValueError("budget=/quality= add the mixed_precision pass, but the pass list already has one")
+    quantizer = next((p for p in pass_list if isinstance(p, WeightQuantizer)), None)
+    if quantizer is None:
+        raise ValueError(f"budget=/quality= need a weight quantizer in the pipeline (quantize_weights, gptq, "
+                         f"clip_search); the passes are {[p.name for p in pass_list]}")
+    mp = MixedPrecision(budget=budget, quality=quality, quantizer=quantizer.name, **dict(options or {}))
+    mp.quantizer_pass = quantizer
+    names = [p.name for p in pass_list]
+    mp.check_candidates(None, "awq" if "awq" in names and quantizer.method == "rtn" else quantizer.method, quantizer.name)
+    at = next((i for i, p in enumerate(pass_list) if p.name in MixedPrecision.runs_before), len(pass_list))
+    out = [*pass_list[:at], mp, *pass_list[at:]]
+    return _with_split_passes(out, mp)
+
+
+def _with_split_passes(pass_list: list[Pass], mp: Any) -> list[Pass]:
+    """``pass_list`` plus the outlier-splitting passes that candidates with ``extras["outlier_split"]``
+    need and it lacks: ``split_outliers`` right after ``mixed_precision``, ``residual_channels`` right
+    before ``lower``, where their declared constraints put them."""
+    from qcompile.passes.outlier_splitting import OutlierSplit, ResidualChannels
+
+    splits = [c.get("extras", {}).get("outlier_split") for c in (mp.candidates or ()) if isinstance(c, Mapping)]
+    methods = {s.get("method") for s in splits if isinstance(s, Mapping)}
+    names = [p.name for p in pass_list]
+    out = list(pass_list)
+    if methods and OutlierSplit.name not in names:
+        out.insert(out.index(mp) + 1, OutlierSplit())
+    if "residual_channels" in methods and ResidualChannels.name not in names:
+        last = next((i for i, p in enumerate(out) if p.name == "lower"), len(out))
+        out.insert(last, ResidualChannels())
+    return out
 
 
 def export_onnx(

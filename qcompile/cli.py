@@ -28,8 +28,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from qcompile.artifact import ArtifactError, ArtifactPathError
     from qcompile.compressed_tensors_layout import UnmappableError
     from qcompile.models import ModelSourceError
+    from qcompile.passes.mixed_precision import MixedPrecisionError
 
-    return ArtifactError, ArtifactPathError, ModelSourceError, UnmappableError, FileNotFoundError
+    return ArtifactError, ArtifactPathError, ModelSourceError, UnmappableError, FileNotFoundError, MixedPrecisionError
 
 
 def summarize(error: BaseException, max_lines: int = 2) -> str:
@@ -100,10 +101,26 @@ def _compile(args: argparse.Namespace) -> int:
     from qcompile.compressed_tensors_layout import UnmappableError, recipe_unmappable_reason
     from qcompile.demo import DEMO_NAME, embedding_agreement, mean_pool
     from qcompile.models import check_model_dir, load_source
+    from qcompile.passes.mixed_precision import MixedPrecisionError
     from qcompile.recipes import get_recipe
     from qcompile.targets import get_target
 
     out = check_output_dir(args.out) if args.out else None
+    budget, quality = _mixed_precision_args(args)
+    if budget is not None or quality is not None:
+        from qcompile.passes.mixed_precision import MixedPrecision
+
+        MixedPrecision(budget=budget, quality=quality)  # a bad key or number fails before the model loads
+    if args.plot is not None:
+        from qcompile.report_plot import check_plot_path
+
+        if budget is None and quality is None:
+            raise MixedPrecisionError("--plot draws the mixed-precision front: give --budget-bits, --budget-bytes, "
+                                      "--budget-latency-ms or --quality-cosine")
+        try:
+            check_plot_path(args.plot)
+        except (ValueError, ImportError) as e:
+            raise MixedPrecisionError(f"--plot: {e}") from None
     if args.model != DEMO_NAME:
         check_model_dir(args.model)
     recipe = get_recipe(args.recipe or get_target(args.target).default_recipe)
@@ -112,7 +129,7 @@ def _compile(args: argparse.Namespace) -> int:
     console = _consoles(args.json)
     model, ex_args, ex_kwargs = load_source(args.model)
     cm = qcompile.compile(model, ex_args, target=args.target, recipe=recipe, example_kwargs=ex_kwargs,
-                          verify=args.verify, progress=not args.quiet)
+                          verify=args.verify, progress=not args.quiet, budget=budget, quality=quality)
     cm.manifest["source"] = args.model if args.model == DEMO_NAME else str(Path(args.model).resolve())
     console.print(cm.report())
     for note in cm.report().notes:
@@ -126,12 +143,22 @@ def _compile(args: argparse.Namespace) -> int:
             f"sentence embeddings vs float32 over {m['sentences']} README sentences: mean cosine "
             f"{m['mean_cosine']:.5f}, min cosine {m['min_cosine']:.5f}, same nearest neighbour {m['same_nearest_neighbour']:.3f}"
         )
+    if args.plot is not None:
+        console.print(f"mixed-precision plot written to {cm.report().plot(args.plot)}")
     if out is not None:
         cm.save(out, compressed_tensors=args.compressed_tensors)
         console.print(f"saved to {out}" + (" (with the compressed-tensors layout)" if args.compressed_tensors else ""))
     if args.json:
         print(cm.report().to_json())
     return 0
+
+
+def _mixed_precision_args(args: argparse.Namespace) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """``compile``'s ``budget=`` and ``quality=`` from the ``--budget-*`` / ``--quality-*`` flags."""
+    budget = {key: value for key, value in (("bits", args.budget_bits), ("bytes", args.budget_bytes),
+                                            ("latency_ms", args.budget_latency_ms)) if value is not None}
+    quality = {"cosine": args.quality_cosine} if args.quality_cosine is not None else {}
+    return budget or None, quality or None
 
 
 def _export_onnx_input_error(args: argparse.Namespace) -> str | None:
@@ -259,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print only the report as JSON on stdout (the rest on stderr)")
     c.add_argument("--no-verify", dest="verify", action="store_false", help="skip float64 checks of exact passes")
     c.add_argument("--quiet", action="store_true", help="no progress display")
+    mp = c.add_argument_group("mixed precision (docs/mixed-precision.md): each quantized layer takes the option that "
+                              "meets the budget with the least predicted error, exactly")
+    mp.add_argument("--budget-bits", type=float, default=None, metavar="B",
+                    help="average stored bits per weight (scales and zero points included), e.g. 4.25")
+    mp.add_argument("--budget-bytes", type=float, default=None, metavar="N", help="stored bytes of the quantized layers")
+    mp.add_argument("--budget-latency-ms", type=float, default=None, metavar="MS",
+                    help="estimated GEMM milliseconds per decode step on the target")
+    mp.add_argument("--quality-cosine", type=float, default=None, metavar="C",
+                    help="the smallest model whose output cosine to float on the calibration set is at least C")
+    mp.add_argument("--plot", default=None, metavar="PATH",
+                    help="write the error-size Pareto front and the bits per layer as a PNG (needs matplotlib)")
     c.set_defaults(func=_compile)
     e = sub.add_parser("export-onnx", parents=[common],
                        help="compile a model and write it as an ONNX file for ONNX Runtime (docs/onnx-export.md)")

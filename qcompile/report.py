@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,6 +124,52 @@ class Report:
         16-bit columns, sparse residuals and channel orders; float layers as they are)."""
         return sum(layer.bytes_after for layer in self.layers)
 
+    @property
+    def mixed_precision(self) -> dict[str, Any] | None:
+        """The ``mixed_precision`` pass's record (budget or floor, proxy, chosen options, totals,
+        predicted and measured error, Pareto front, solve–verify rounds), or ``None``."""
+        return next((p["stats"] for p in self.passes if p["name"] == "mixed_precision" and p["stats"].get("layers")),
+                    None)
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """Write the mixed-precision picture (error–size Pareto front with the chosen point, bits per
+        layer along the model) as a PNG; needs matplotlib (the ``plot`` extra). Returns the path."""
+        from qcompile.report_plot import plot_mixed_precision
+
+        return str(plot_mixed_precision(self, path))
+
+    def mixed_precision_table(self) -> Table | None:
+        """Per layer: the chosen option, its bits, the predicted error (the proxy, and the layer's own
+        output error) and the layer output error measured after quantization; ``None`` without
+        mixed precision."""
+        mp = self.mixed_precision
+        if mp is None:
+            return None
+        t = Table(title=f"mixed precision: {mp['mode']} {mp['budget'] or mp['quality']}, proxy {mp['proxy']}, "
+                        f"method {mp['method']}")
+        for col in ("layer", "option", "bits/w", f"predicted ({mp['proxy']})", "predicted layer err",
+                    "measured layer err"):
+            t.add_column(col, justify="left" if col in ("layer", "option") else "right")
+        for layer in self.layers:
+            rec = layer.passes.get("mixed_precision")
+            if rec is None:
+                continue
+            pred = rec.get("predicted_layer_error")
+            t.add_row(layer.path or "(root)", rec["option"], f"{rec['bits']:.2f}", f"{rec['predicted_error']:.3e}",
+                      f"{pred:.4f}" if pred is not None else "-",
+                      f"{layer.output_rel_error:.4f}" if layer.output_rel_error is not None else "-")
+        totals = ", ".join(f"{k} {v:.4g}" for k, v in mp["totals"].items())
+        t.caption = (f"{totals}; output error predicted {mp['predicted_error']:.3e}, measured {mp['measured_error']:.3e} "
+                     f"(cosine {mp['measured_cosine']:.5f}, calibration set)")
+        for i, it in enumerate(mp.get("iterations", []), 1):
+            if "note" in it:
+                t.caption += f"\nround {i}: {it['note']}"
+            else:
+                t.caption += (f"\nround {i}: error bound {it['error_bound']:.3e} → {it['bits']:.3f} bits, predicted "
+                              f"{it['predicted_error']:.3e}, measured cosine {it['measured_cosine']:.5f}"
+                              f" ({'meets' if it['meets_floor'] else 'misses'} the floor)")
+        return t
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: every field, plus byte totals and the layers left float."""
         d = asdict(self)
@@ -199,7 +246,11 @@ class Report:
     def __rich__(self) -> Group | Table:
         """The table, then the float layers with their reasons (notes are the caller's to print)."""
         listing = self.float_listing()
-        return Group(self.table(), Text(listing)) if listing else self.table()
+        parts = [self.table(), *([Text(listing)] if listing else [])]
+        mp = self.mixed_precision_table()
+        if mp is not None:
+            parts.append(mp)
+        return Group(*parts) if len(parts) > 1 else parts[0]
 
 
 def _pass_label(name: str, record: Any) -> str:

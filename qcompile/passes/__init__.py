@@ -24,6 +24,7 @@ from qcompile.passes.base import (
 from qcompile.passes.calibration import ActivationStats, Calibration
 from qcompile.passes.clip_search import ClipSearch
 from qcompile.passes.gptq import GPTQ
+from qcompile.passes.mixed_precision import MixedPrecision
 from qcompile.passes.norm_folding import FoldNormScales
 from qcompile.passes.outlier_splitting import OutlierSplit, ResidualChannels
 from qcompile.passes.rotation import RotateOnline, RotateResidual
@@ -33,7 +34,9 @@ from qcompile.passes.spec_assignment import AssignQuantSpecs
 from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
 
 __all__ = [
-    "AWQ", "GPTQ", "AWQClip", "ClipSearch", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual", "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower", "OnLoad",
-    "OutlierSplit", "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError", "PassResult",
-    "QuantizeWeights", "ResidualChannels", "WeightQuantizer", "make_pass", "order_passes", "register_pass", "registered_passes",
+    "AWQ", "GPTQ", "AWQClip", "ClipSearch", "MixedPrecision", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual",
+    "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower",
+    "OnLoad", "OutlierSplit", "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError",
+    "PassResult", "QuantizeWeights", "ResidualChannels", "WeightQuantizer", "make_pass", "order_passes", "register_pass",
+    "registered_passes",
 ]

@@ -60,6 +60,7 @@ from qcompile.ir.graph import (
     set_attr,
 )
 from qcompile.passes.base import OnLoad, Pass, PassContext, PassResult, register_pass
+from qcompile.passes.mixed_precision_options import PrecisionOption, register_extras
 from qcompile.passes.outlier_splitting_math import (
     DEFAULT_SPARSE_FRACTION,
     SPLIT_KEY,
@@ -70,9 +71,12 @@ from qcompile.passes.outlier_splitting_math import (
     check_csr,
     llm_int8_split,
     outlier_split_extra_bytes,
+    outlier_split_extra_work,
     padded_channels,
     sparse_count,
     sparse_split,
+    split_layer_output,
+    split_of,
     top_channels,
     validate_split,
     weight_residual_columns,
@@ -394,5 +398,32 @@ class ResidualChannels(Pass):
             restored += 1
         return PassResult(bool(restored), {"restored": restored})
 
+
+def _option_bytes(option: PrecisionOption, rows: int, k: int) -> int:
+    return outlier_split_extra_bytes(option.extras, rows, k, weight_spec=option.weight)
+
+
+def _option_seconds(option: PrecisionOption, rows: int, k: int, tokens: int, target: Any) -> float:
+    flops, moved, operand = outlier_split_extra_work(option.extras, rows, k, tokens, weight_spec=option.weight)
+    return target.matmul_seconds(flops, moved, operand) if flops or moved else 0.0
+
+
+def _option_forward(weight: torch.Tensor, stats: Any, option: PrecisionOption):
+    if stats is None:
+        raise ValueError(f"option {option.name}: outlier splits select channels from calibration statistics, "
+                         "and the layer has none")
+    split = split_of(option.extras)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        y = split_layer_output(x.reshape(-1, x.shape[-1]), weight, option.weight, option.activation, split,
+                               stats.max_abs, stats.mean_abs)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    return product
+
+
+register_extras(SPLIT_KEY, _option_bytes, _option_seconds, _option_forward)
+"""Mixed precision can choose a split (an option whose ``extras`` carry ``outlier_split``): its bytes,
+its time on the target and its product (round-to-nearest, the passes' selection) come from here."""
 
 __all__ = ["QUANTIZERS", "OutlierSplit", "ResidualChannels"]

@@ -1,0 +1,177 @@
+"""Mixed precision on the real all-MiniLM-L6-v2 (CPU): budgets, a quality floor, uniform recipes of
+the same size, and which sensitivity proxy predicts the end-to-end error best.
+
+    python benchmarks/mixed_precision.py            # -> docs/benchmarks/mixed-precision-minilm.md (+ .png)
+    python benchmarks/mixed_precision.py --quick --no-write   # a smoke run: 1 calibration batch, 2 rows
+
+Protocol (benchmarks/accuracy.py's): calibrate on sentences of ``benchmarks/data/calibration_*.txt``
+(here every k-th one, ``CALIBRATION_SENTENCES`` of them, since the model proxy runs the
+calibration set once per layer and option; the mixed rows share one sensitivity measurement
+through the pass's ``cache``), test on the model README's 26 prose sentences, never
+calibrated on. Metric: mean-pooled sentence embeddings against float32 (mean and min cosine).
+Bits per weight: every stored byte of the quantized linears (codes, scales, zero points) over their
+weights, 16 for a layer kept 16-bit (the budget's count; the report's table shows the traced
+float32). The proxies' correlations are over random mixed assignments, measured end to end on the
+calibration set (relative squared error of the last hidden state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from accuracy import CALIBRATION_FILES, _environment, calibration_sentences  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.demo import embedding_agreement, load_minilm, mean_pool, readme_sentences  # noqa: E402
+from qcompile.formats import QuantSpec  # noqa: E402
+
+CALIBRATION_SENTENCES = 32
+"""One batch: the model proxy runs the calibration set once per layer and option (252 forwards here)."""
+BATCH = 32
+OUT = ROOT / "docs" / "benchmarks" / "mixed-precision-minilm.md"
+CORRELATION_ASSIGNMENTS = 24
+
+
+def _bits(cm: qcompile.CompiledModel) -> float:
+    """Stored bits per weight of the decided linears, 16 for a layer kept 16-bit (not excluded ones)."""
+    layers = [la for la in cm.report().layers if la.method != "kept float" or "mixed_precision" in la.passes]
+    stored = sum(la.bytes_after if la.method != "kept float" else la.bytes_fp16 for la in layers)
+    return 8.0 * stored / sum(la.bytes_fp16 / 2 for la in layers)
+
+
+def _uniform(spec: str) -> qcompile.Recipe:
+    w4 = qcompile.get_recipe("w4a16")
+    return replace(w4, name=f"uniform {spec}", description=f"{spec} weights", weight=QuantSpec.parse(spec))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two rows, no correlations (a smoke run)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tok, _ = load_minilm()
+    test_text = readme_sentences()
+    pool = calibration_sentences(CALIBRATION_FILES)
+    n = CALIBRATION_SENTENCES
+    calib_text = pool[:: max(len(pool) // n, 1)][:n]
+    assert not set(test_text) & set(calib_text)
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    calibration = [encode(calib_text[i:i + BATCH]) for i in range(0, len(calib_text), BATCH)]
+    test = encode(test_text)
+    with torch.no_grad():
+        ref = mean_pool(model(**test).last_hidden_state, test["attention_mask"])
+
+    rows: list[tuple[str, str, object, dict]] = [
+        ("uniform", "w4a16 (int4 g128 asym)", "w4a16", {}),
+        ("mixed", "budget bits ≤ 4.25", "w4a16", {"budget": {"bits": 4.25}}),
+    ]
+    if not args.quick:
+        rows = [
+            ("uniform", "w8a16 (int8 per channel)", "w8a16", {}),
+            ("uniform", "w4a16-g32 (int4 g32 asym)", "w4a16-g32", {}),
+            *rows,
+            ("uniform", "int3 g128 asym", _uniform("int3-g128-asym"), {}),
+            ("uniform", "int3 g64 asym", _uniform("int3-g64-asym"), {}),
+            ("mixed", "budget bits ≤ 3.25", "w4a16", {"budget": {"bits": 3.25}}),
+            ("mixed", "quality cosine ≥ 0.995", "w4a16", {"quality": {"cosine": 0.995}}),
+        ]
+    results = []
+    first_mixed = True
+    cache: dict = {}
+    for kind, label, recipe, mp in rows:
+        options: dict = {}
+        if kind == "mixed":
+            options = {"mixed_precision": {"correlation_assignments": CORRELATION_ASSIGNMENTS if first_mixed and not
+                                           args.quick else 0, "cache": cache}, **mp}
+            first_mixed = False
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cm = qcompile.compile(model, calibration[0], recipe=recipe, calibration=calibration, progress=False,
+                                  verify=False, **options)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            emb = mean_pool(cm(**test).last_hidden_state, test["attention_mask"])
+        score = embedding_agreement(ref, emb)
+        rec = cm.report().mixed_precision
+        results.append({"kind": kind, "label": label, "bits": _bits(cm), "mean": score["mean_cosine"],
+                        "min": score["min_cosine"], "seconds": seconds, "record": rec, "cm": cm})
+        print(f"{label:50s} {results[-1]['bits']:.3f} b/w  held-out mean cosine {score['mean_cosine']:.5f}  "
+              f"min {score['min_cosine']:.5f}  {seconds:.0f} s", flush=True)
+        if rec and "correlations" in rec:
+            for c in rec["correlations"]:
+                print(f"  proxy {c['proxy']:8s} Spearman {c['spearman']:.3f}  Pearson {c['pearson']:.3f}")
+    if args.no_write:
+        return
+    _write(results, len(calib_text), len(test_text))
+
+
+def _write(results: list[dict], n_calib: int, n_test: int) -> None:
+    lines = ["# Mixed precision on all-MiniLM-L6-v2 (CPU)", "",
+             f"Generated by `benchmarks/mixed_precision.py` on {_environment()}. Calibration: {n_calib} sentences of "
+             f"`benchmarks/data/calibration_*.txt` (every k-th) in batches of {BATCH}; test: the README's {n_test} prose sentences "
+             "(disjoint). RTN weights (recipe `w4a16`'s pipeline), default candidates "
+             "(int8, int4 g128/g64/g32, int3 g64/g32, int2 g32, all asymmetric but int8, and 16-bit), proxy `model`, "
+             "Q/K/V tied. Bits per weight: stored bytes of the 36 encoder linears over their weights (scales and "
+             "zero points included; 16 for a layer kept 16-bit).", "",
+             "| kind | what | bits/weight | held-out mean cosine | min cosine | compile s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['kind']} | {r['label']} | {r['bits']:.3f} | {r['mean']:.5f} | {r['min']:.5f} | "
+                     f"{r['seconds']:.0f} |")
+    for r in results:
+        rec = r["record"]
+        if not rec:
+            continue
+        lines += ["", f"## {r['label']}", "",
+                  f"Predicted output error {rec['predicted_error']:.3e}, measured {rec['measured_error']:.3e} (cosine "
+                  f"{rec['measured_cosine']:.5f} on the calibration set, last hidden state flattened); "
+                  f"{rec['forwards']} calibration forwards, {rec['seconds']['total']:.0f} s in the pass"
+                  + (" (sensitivities from the shared cache)." if rec.get("sensitivity_cached") else
+                     f", {rec['seconds']['sensitivity']:.0f} s of them measuring sensitivities.")]
+        if "correlations" in rec:
+            lines += ["", f"Proxies against the measured end-to-end error over {rec['correlations'][0]['assignments']} "
+                          "random assignments (calibration set):", "", "| proxy | Spearman | Pearson |", "|---|---:|---:|"]
+            lines += [f"| {c['proxy']} | {c['spearman']:.3f} | {c['pearson']:.3f} |" for c in rec["correlations"]]
+        if rec.get("iterations"):
+            lines += ["", "| round | error bound | bits | predicted | measured cosine | meets |", "|---:|---:|---:|---:|---:|---|"]
+            for i, it in enumerate(rec["iterations"], 1):
+                if "note" in it:
+                    lines.append(f"| {i} | {it['note']} | | | | |")
+                else:
+                    lines.append(f"| {i} | {it['error_bound']:.3e} | {it['bits']:.3f} | {it['predicted_error']:.3e} | "
+                                 f"{it['measured_cosine']:.5f} | {'yes' if it['meets_floor'] else 'no'} |")
+        counts: dict[str, int] = {}
+        for option in rec["choice"].values():
+            counts[option] = counts.get(option, 0) + 1
+        lines += ["", "Chosen options: " + ", ".join(f"{k} × {v}" for k, v in sorted(counts.items()))]
+    png = OUT.with_suffix(".png")
+    plotted = next((r for r in results if r["record"] and r["label"] == "budget bits ≤ 4.25"), None)
+    if plotted is not None:
+        try:
+            plotted["cm"].report().plot(png)
+            lines += ["", f"![error–size front, budget 4.25 bits]({png.name})"]
+        except ImportError as e:
+            print(f"no plot: {e}")
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
