@@ -166,7 +166,7 @@ def channel_order(index: torch.Tensor, in_features: int) -> torch.Tensor:
     """The permutation ``P`` of K that puts the outlier channels ``index`` last (the rest keep their
     order): ``x[..., P]`` and ``W[:, P]`` compute the same product, and the outliers share blocks with
     each other instead of with ordinary channels (ARCQuant's reordering). int32 ``[K]``."""
-    last = torch.zeros(in_features, dtype=torch.bool)
+    last = torch.zeros(in_features, dtype=torch.bool, device=index.device)
     last[index.long()] = True
     return torch.cat([torch.nonzero(~last).flatten(), index.long()]).to(INDEX_DTYPE)
 

@@ -115,6 +115,9 @@ def test_linear_weights_are_the_initializers_in_torch_layout(tiny_exports):
     assert torch.equal(module.get_parameter("model.embed_tokens.weight"), model.model.embed_tokens.weight)
 
 
+TORCH_BEFORE_2_12 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 12)
+
+
 def test_traced_graph_is_canonical_and_stays_dynamic(tiny_exports, legacy_bert):
     """torch.export traces the imported module into linears with weight attributes and module paths,
     norms the canonicalizer raises, and dynamic batch/sequence (checked against ONNX Runtime): for
@@ -122,7 +125,10 @@ def test_traced_graph_is_canonical_and_stays_dynamic(tiny_exports, legacy_bert):
     Shape/Gather/Unsqueeze/Concat/ConstantOfShape/Equal/Where/Expand, decomposed LayerNorm)."""
     for (model, path), norm_op, norms in ((tiny_exports["llama"], RMS_NORM, 3), (legacy_bert, LAYER_NORM, 3)):
         exported = export_model(import_onnx(path), (), token_inputs(2, 8))
-        assert exported.dynamic and exported.shape_fallback is None
+        assert exported.dynamic
+        # torch 2.11's symbolic shapes cannot prove min(16·s, 32·s) = 16·s in one of these graphs and fall
+        # back to a bounded sequence (measured on the H200 box); 2.12+ keep it unbounded
+        assert exported.shape_fallback is None or TORCH_BEFORE_2_12
         gm = exported.gm
         Canonicalize().run(gm, PassContext((), {}, get_target("cpu"), get_recipe("w4a16")))
         gm.recompile()
