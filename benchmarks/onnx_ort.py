@@ -66,6 +66,11 @@ from compiled_cache import compile_cached  # noqa: E402  (benchmarks/, on sys.pa
 import qcompile  # noqa: E402
 
 THREADS = 2
+SPIN = False
+"""ONNX Runtime's intra-op threads spin after each run by default; with the files' sessions timed in
+turns, the spinning threads of the session that just ran steal the cores from the next one (measured on
+MiniLM W8A8, 13 sessions in turns: one-sentence ratios to ``quantize_dynamic`` moved between 1.0x and
+1.5x from run to run). Off for every session alike (``--spin`` turns it back on)."""
 WARMUPS = 3
 
 # ------------------------------------------------------------------ qcompile's exports (plug-in point)
@@ -198,8 +203,16 @@ def export_float(m: Model, path: Path) -> float:
         program = torch.onnx.export(m.wrapper, (), kwargs=dict(m.example), dynamo=True,
                                     dynamic_shapes=m.dynamic_shapes, input_names=list(m.input_names),
                                     output_names=["output"], verbose=False)
+    _remove_stale(path)
     program.save(str(path))
     return time.perf_counter() - start
+
+
+def _remove_stale(path: Path) -> None:
+    """An ONNX file and its external data from an earlier run (``--keep``): onnx appends external data
+    to an existing ``.data`` file, which would inflate the measured size."""
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
 
 
 def ort_quantized(fp32: Path, out: Path) -> list[tuple[str, str, Path, float]]:
@@ -226,10 +239,12 @@ def ort_quantized(fp32: Path, out: Path) -> list[tuple[str, str, Path, float]]:
         start = time.perf_counter()
         q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=config.bits, algo_config=config)
         q.process()
+        _remove_stale(out / name)
         q.model.save_model_to_file(str(out / name), True)
         kind = "int4" if config.bits == 4 else "int8 weight-only"
         files.append((label, kind, out / name, time.perf_counter() - start))
     start = time.perf_counter()
+    _remove_stale(out / "dynamic_int8.onnx")
     quantize_dynamic(str(fp32), str(out / "dynamic_int8.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                      use_external_data_format=True)
     files.append(("quantize_dynamic int8 per channel (W8A8)", "int8 W8A8", out / "dynamic_int8.onnx",
@@ -286,6 +301,8 @@ def session(path: Path):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not SPIN:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -402,7 +419,7 @@ def environment() -> str:
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} "
             f"({len(os.sched_getaffinity(0))} CPUs available, load average {os.getloadavg()[0]:.1f}), "
             f"torch {torch.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, intra-op threads {THREADS}")
+            f"onnxruntime {onnxruntime.__version__}, intra-op threads {THREADS}, thread spinning {'on' if SPIN else 'off'}")
 
 
 def markdown(results: list[dict], repeats: int) -> str:
@@ -430,6 +447,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,decoder", help="comma-separated subset of minilm,decoder")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--spin", action="store_true", help="leave ONNX Runtime's thread spinning on (its default)")
     ap.add_argument("--qcompile-recipes", default=None,
                     help="comma-separated recipes for qcompile's rows (default: QCOMPILE_RECIPES per model)")
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks/onnx-ort-cpu.md")
@@ -439,6 +457,8 @@ def main() -> None:
                     help="reuse compiled models saved here (benchmarks/compiled_cache.py; accuracy.py shares it)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
+    global SPIN
+    SPIN = args.spin
     builders = {"minilm": minilm, "decoder": decoder}
     wanted = [m for m in args.models.split(",") if m]
     unknown = [m for m in wanted if m not in builders]
