@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.tiny_models import tiny_model
+from tests.tiny_models import VOCAB, tiny_model
 
 PAIRS = {  # producer -> consumer, by the module names of a Llama-family decoder layer
     "self_attn.v_proj": "self_attn.o_proj",
@@ -52,3 +52,15 @@ def _consumer_columns(idx: torch.Tensor, produced: int, consumed: int, head_dim:
 
 def outlier_llama(layers: int = 2) -> torch.nn.Module:
     return plant_outliers(tiny_model("llama", layers=layers))
+
+
+def outlier_setup() -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(outlier_llama(), 4 calibration batches, a distinct evaluation batch, its float logits)``: the
+    planted-outlier accuracy tests' shared data."""
+    model = outlier_llama()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, VOCAB, (4, 32), generator=g) for _ in range(4)]
+    evaluation = torch.randint(0, VOCAB, (4, 32), generator=g)  # distinct from the calibration batches
+    with torch.no_grad():
+        ref = model(evaluation).logits
+    return model, calib, evaluation, ref

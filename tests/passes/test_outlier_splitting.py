@@ -22,8 +22,8 @@ from qcompile.passes.outlier_splitting_math import (
     stored_weight_shape,
     validate_split,
 )
-from tests.outlier_models import outlier_llama
-from tests.tiny_models import VOCAB, tiny_inputs, tiny_model
+from tests.outlier_models import outlier_setup
+from tests.tiny_models import tiny_inputs, tiny_model
 
 QUANTIZE = ("quantize_weights", "lower")
 ARC_TAIL = ("quantize_weights", "residual_channels", "lower")
@@ -48,13 +48,7 @@ def _compile(model, x, recipe, split=None, tail=QUANTIZE, **kwargs):
 # ------------------------------------------------------------------------------ accuracy
 @pytest.fixture(scope="module")
 def outliers():
-    model = outlier_llama()
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, VOCAB, (4, 32), generator=g) for _ in range(4)]
-    evaluation = torch.randint(0, VOCAB, (4, 32), generator=g)  # distinct from the calibration batches
-    with torch.no_grad():
-        ref = model(evaluation).logits
-    return model, calib, evaluation, ref
+    return outlier_setup()
 
 
 def _loss(cm, ids, ref):

@@ -20,7 +20,7 @@ from qcompile.passes.norm_folding import FoldNormScales
 from qcompile.passes.rotation import RotateOnline, RotateResidual, RotationError
 from qcompile.passes.rotation_heads import RotateHeads
 from qcompile.recipes import get_recipe
-from tests.outlier_models import outlier_llama
+from tests.outlier_models import outlier_setup
 from tests.tiny_models import FAMILIES, VOCAB, _perturb_norms, tiny_inputs, tiny_model
 
 ROTATIONS = ("rotate_residual", "rotate_heads", "rotate_online")
@@ -196,13 +196,7 @@ def _loss(cm, ids, ref):
 
 @pytest.fixture(scope="module")
 def outliers():
-    model = outlier_llama()
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, VOCAB, (4, 32), generator=g) for _ in range(4)]
-    evaluation = torch.randint(0, VOCAB, (4, 32), generator=g)  # distinct from the calibration batches
-    with torch.no_grad():
-        ref = logits(model(evaluation))
-    return model, calib, evaluation, ref
+    return outlier_setup()
 
 
 def test_outlier_llama_w4a4_rotation_recovers_half_of_rtn_loss(outliers):
