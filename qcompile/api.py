@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ import qcompile.passes  # noqa: F401  (registers the built-in passes)
 from qcompile.artifact import ONNX_GRAPH
 from qcompile.compiled import CompiledModel, build_manifest
 from qcompile.formats import QuantSpec
+from qcompile.formats.kv import KVCacheSpec
 from qcompile.frontend.inputs import split_inputs
 from qcompile.frontend.onnx_import import OnnxModule, import_onnx
 from qcompile.frontend.torch_export import export_model
@@ -23,6 +25,7 @@ from qcompile.passes.calibration import make_calibration
 from qcompile.progress import CompileProgress
 from qcompile.recipes import Recipe, get_recipe
 from qcompile.report import LayerReport, Report, layer_reports
+from qcompile.runtime.decoder import kv_cache_spec
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
@@ -113,6 +116,7 @@ def compile(  # noqa: A001 - the public name is the point
     budget: Mapping[str, float] | None = None,
     quality: Mapping[str, float] | None = None,
     mixed_precision: Mapping[str, Any] | None = None,
+    kv_cache: str | KVCacheSpec | None = None,
 ) -> CompiledModel:
     """Quantize and lower ``model`` for ``target``.
 
@@ -150,10 +154,14 @@ def compile(  # noqa: A001 - the public name is the point
             dict shared between compiles: sensitivities measured once per model and calibration set).
             With ``budget``/``quality`` the recipe still provides the passes and the quantizer
             (RTN, GPTQ, AWQ's scales) and the excluded layers; docs/mixed-precision.md.
+        kv_cache: the KV-cache format of ``CompiledModel.generate`` (causal LMs): ``None``
+            (uncompressed, the model's dtype), ``"int8"``, ``"fp8"``, ``"int4"``, ``"int2"``,
+            ``"bf16"``, or a ``qcompile.runtime.KVCacheSpec``; docs/generate.md.
 
     The user's model is not modified.
     """
     tgt = get_target(target)
+    kv_spec = kv_cache_spec(kv_cache)
     rcp = get_recipe(recipe if recipe is not None else tgt.default_recipe)
     if overrides:
         rcp = rcp.with_overrides(dict(overrides))
@@ -202,8 +210,10 @@ def compile(  # noqa: A001 - the public name is the point
         manifest["transformers"] = hf  # what a standalone load rebuilds the architecture from
     if isinstance(model, OnnxModule):
         manifest["onnx"] = {"graph": ONNX_GRAPH}  # the artifact stores the weight-less graph to rebuild from
+    if kv_spec is not None:
+        manifest["kv_cache"] = dataclasses.asdict(kv_spec)
     cm = CompiledModel(gm, pinned_kwargs=exported.pinned_kwargs, target=tgt, recipe=rcp, report=report,
-                       manifest=manifest, model=model)
+                       manifest=manifest, model=model, kv_cache=kv_spec)
     report.notes[:0] = _shape_notes(exported, cm)
     return cm
 

@@ -101,10 +101,11 @@ SCHEMA = {
     "transformers": {"class": str, "init_kwargs": {str: (bool, int, float, str)}},
     "buffers": [str],
     "onnx": {"graph": OneOf(ONNX_GRAPH)},
+    "kv_cache": dict,
 }
 """The manifest's shape: objects (exact key sets), ``{str: v}`` maps, ``[v]`` lists, tuples of
 alternatives (``None`` = null), types and the leaves above."""
-OPTIONAL = {"source", "transformers", "buffers", "onnx", "recipe.activation_overrides"}
+OPTIONAL = {"source", "transformers", "buffers", "onnx", "recipe.activation_overrides", "kv_cache"}
 """Fields (paths below the manifest) an artifact may omit: written only by some models, or added
 after format 3 was fixed (older artifacts lack them and still load)."""
 
@@ -493,6 +494,7 @@ def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: tor
         recipe = Recipe.from_dict(manifest["recipe"])
     except ValueError as e:
         raise ArtifactError(f"manifest field manifest.target/recipe: {e}") from None
+    kv_cache = _kv_cache_spec(manifest.get("kv_cache"))
     passes = [_pass_for_load(entry) for entry in manifest["passes"]]
     exported = export_model(model, args, kwargs, dynamic=manifest["dynamic"])
     ctx = PassContext(exported.args, exported.kwargs, target, recipe,
@@ -503,7 +505,20 @@ def rebuild(manifest: dict[str, Any], state: dict[str, torch.Tensor], model: tor
                          manifest={k: v for k, v in manifest.items()
                                    if k not in ("format_version", "qcompile_version", "torch_version", "layers",
                                                 "buffers")},
-                         model=model)
+                         model=model, kv_cache=kv_cache)
+
+
+def _kv_cache_spec(record: dict[str, Any] | None) -> Any:
+    """The recorded ``compile(kv_cache=...)`` spec, or ``None``; a malformed record is an ArtifactError."""
+    if record is None:
+        return None
+    from qcompile.formats.kv import KVCacheSpec
+    from qcompile.runtime.decoder import kv_cache_spec
+
+    try:
+        return kv_cache_spec(KVCacheSpec(**record))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest field manifest.kv_cache: {e}") from None
 
 
 class _Skipped:

@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from qcompile.formats import QuantSpec
+from qcompile.formats.kv import KVCacheSpec
 from qcompile.frontend.graph_inputs import GraphInputs, traced_inputs
 from qcompile.frontend.signature import BoundCall, CallSignature
 from qcompile.frontend.skeleton import architecture_skeleton
@@ -44,8 +45,12 @@ class CompiledModel:
     """
 
     def __init__(self, gm: fx.GraphModule, *, pinned_kwargs: dict, target: Target, recipe: Recipe,
-                 report: Report | None, manifest: dict[str, Any], model: torch.nn.Module | None = None):
+                 report: Report | None, manifest: dict[str, Any], model: torch.nn.Module | None = None,
+                 kv_cache: KVCacheSpec | None = None):
         self.pinned_kwargs = pinned_kwargs
+        self.kv_cache = kv_cache
+        """The KV-cache format ``generate`` uses (``compile(kv_cache=...)``); ``None``: uncompressed."""
+        self._decoder: Any = None
         self.target = target
         self.recipe = recipe
         self._report = report
@@ -153,6 +158,32 @@ class CompiledModel:
             raise RuntimeError(f"{self._signature.owner}: the re-traced graph records no input structure")
         return gm, inputs
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, streamer: Any = None, max_length: int | None = None,
+                 prefill_chunk_size: int | None = None, generator: torch.Generator | None = None,
+                 return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Generate from a compiled causal LM over its static KV cache (``compile(kv_cache=...)``):
+        ``input_ids`` ``[B, T]`` followed by up to ``max_new_tokens`` tokens per row, as Hugging Face's
+        ``generate`` returns them. Batched prompts of different lengths take an ``attention_mask``
+        (left or right padding). Greedy by default; ``do_sample`` with ``temperature``, ``top_k``,
+        ``top_p``. ``streamer``: an object with ``put(tokens)`` and ``end()`` (transformers'
+        ``TextStreamer``). ``max_length``: tokens per row the cache holds (default: the longest
+        prompt plus ``max_new_tokens``). ``return_stats`` also returns a
+        ``runtime.generate.GenerationStats`` (prefill and decode times). docs/generate.md."""
+        from qcompile.runtime.generate import generate
+
+        if self._decoder is None:
+            from qcompile.runtime.decoder import CachedDecoder
+
+            self._decoder = CachedDecoder(self, self.kv_cache)
+        out, stats = generate(self._decoder, input_ids, max_new_tokens, attention_mask=attention_mask,
+                              do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,
+                              max_length=max_length, prefill_chunk_size=prefill_chunk_size, generator=generator)
+        return (out, stats) if return_stats else out
+
     def report(self) -> Report | None:
         """The compile report (per-layer formats, bytes, errors, pass records, notes); ``None`` for an
         artifact saved without one."""
@@ -163,6 +194,7 @@ class CompiledModel:
         self.graph_module.to(device)
         for gm, _ in self._graphs.values():
             gm.to(device)
+        self._decoder = None  # rebuilt (with its cache) on the new device
         return self
 
     def save(self, path: str | Path, *, compressed_tensors: bool = False) -> Path:

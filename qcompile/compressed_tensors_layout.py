@@ -90,6 +90,8 @@ def scheme_for(weight: QuantSpec, activation: QuantSpec | None) -> dict[str, Any
 def recipe_unmappable_reason(recipe: Any) -> str | None:
     """Why a model compiled with ``recipe`` (a :class:`~qcompile.Recipe`) cannot be written in
     the compressed-tensors layout, known before compiling; ``None`` if it may be."""
+    if recipe.weight is None:
+        return f"recipe {recipe.name} quantizes nothing: save the model itself"
     try:
         scheme_for(recipe.weight, recipe.activation)
     except UnmappableError as e:

@@ -30,7 +30,8 @@ class Recipe:
     options), patterns of layers kept float, and per-layer overrides (first match wins)."""
     name: str
     description: str
-    weight: QuantSpec
+    weight: QuantSpec | None
+    """``None``: no layer is quantized unless an override says so (the ``none`` recipe)."""
     activation: QuantSpec | None = None
     passes: tuple[str, ...] = DEFAULT_PASSES
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -118,7 +119,11 @@ def _derived(base: Recipe, suffix: str, what: str, passes: tuple[str, ...],
                    pass_options=dict(pass_options or {}))
 
 
+NO_QUANTIZATION = Recipe("none", "no quantization: every layer keeps the model's dtype (the lowered graph, its "
+                         "fusions and generate, with nothing rounded)", None)
+
 _RTN = (
+        NO_QUANTIZATION,
         Recipe("w8a16", "int8 per-channel weights, 16-bit activations", QuantSpec("int8")),
         Recipe("w4a16", "int4 group-128 asymmetric weights, 16-bit activations",
                QuantSpec("int4", group_size=128, symmetric=False)),

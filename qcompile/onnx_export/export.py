@@ -265,6 +265,8 @@ def precheck_recipe(rcp: Recipe, overrides: dict | None) -> None:
             specs.append((f"override {pattern!r}", text if isinstance(text, QuantSpec) else QuantSpec.parse(text),
                           rcp.activation))
     for where, weight, act in specs:
+        if weight is None:
+            continue
         reason = spec_unsupported_reason(weight, act)
         if reason is not None:
             raise OnnxExportError(f"recipe {rcp.name!r} ({where}): {reason}")
