@@ -28,14 +28,13 @@ from qcompile.formats.hadamard import rotate
 
 class CacheBinding:
     """What a generation graph's attention ops read at each call: the cache, and how many of the
-    call's ``T`` tokens are real in each row (``num_new``, ``[B]``; ``None``: all of them).
-    ``static``: attend over the cache's whole static length (a captured CUDA graph must not depend
-    on host-side lengths) instead of the longest row so far."""
+    call's ``T`` tokens are real in each row (``num_new``, ``[B]``; ``None``: all of them). The ops
+    attend over the cache's host-side length bound (``cache.full_bounds()``: the whole static
+    length, what a captured CUDA graph needs)."""
 
     def __init__(self) -> None:
         self.cache = None
         self.num_new: torch.Tensor | None = None
-        self.static = False
         self.paths: dict[str, int] = {}
         """How often each attention path ran (``empty``, ``kernel``, ``masked``): for reports and tests."""
 
@@ -70,7 +69,7 @@ class CachedAttention(torch.nn.Module):
         if cache is None:
             raise RuntimeError(f"cached attention of layer {layer}: no KV cache is bound (run the generation graph "
                                "through CompiledModel.generate or qcompile.runtime.CachedDecoder)")
-        empty = not self.binding.static and cache.max_length_bound(layer) == 0
+        empty = cache.max_length_bound(layer) == 0
         start = cache.lengths[layer].clone()
         cache.append(layer, k, v, num_new)
         if empty:
@@ -83,7 +82,7 @@ class CachedAttention(torch.nn.Module):
             self._count("kernel")
             return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=self.sm_scale).to(q.dtype)
         self._count("masked")
-        upto = cache.max_seq_len if self.binding.static else cache.max_length_bound(layer)
+        upto = cache.max_length_bound(layer)
         if cache.spec is None:
             keys, values = cache.keys_values(layer, upto)
         else:

@@ -9,7 +9,9 @@ The generation graph is the compiled graph traced again with ``position_ids`` as
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,12 +65,30 @@ def _storage_dtype(gm: fx.GraphModule) -> torch.dtype:
     return max(floats, key=lambda t: t.numel()).dtype if floats else torch.float32
 
 
+@dataclass
+class CapturedStep:
+    """One decode step captured as a CUDA graph: its static inputs and output."""
+
+    graph: torch.cuda.CUDAGraph
+    token: torch.Tensor
+    position: torch.Tensor
+    logits: torch.Tensor
+
+
 class CachedDecoder:
     """The generation graph of a compiled causal LM and its static cache (allocated per batch size
-    and length by :meth:`allocate`, reused while it fits)."""
+    and length by :meth:`allocate`, reused while it fits).
 
-    def __init__(self, compiled: Any, kv_cache: str | KVCacheSpec | None = None) -> None:
+    ``cuda_graphs``: on CUDA, :meth:`decode_step` captures the one-token step once per cache (batch
+    size and length) and replays it; ``False`` runs it eagerly (``QCOMPILE_CUDA_GRAPHS=0`` too)."""
+
+    def __init__(self, compiled: Any, kv_cache: str | KVCacheSpec | None = None, *,
+                 cuda_graphs: bool | None = None) -> None:
         self.compiled = compiled
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("QCOMPILE_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = cuda_graphs
+        self._captured: dict[int, CapturedStep] = {}
         self.spec = kv_cache_spec(kv_cache)
         self.binding = CacheBinding()
         gm = compiled.graph_module
@@ -97,6 +117,7 @@ class CachedDecoder:
         has exactly ``batch`` rows and room for ``max_length`` (reset), else a new one."""
         c = self.cache
         if c is None or c.batch != batch or c.max_seq_len < max_length:
+            self._captured.clear()   # graphs hold the old cache's addresses
             g = self.geometry
             if self.spec is None:
                 c = DenseKVCache(g.num_layers, batch, max_length, g.num_kv_heads, g.head_dim, self.device, self.dtype)
@@ -121,3 +142,38 @@ class CachedDecoder:
             return _logits(self.graph_module(*args, **kwargs))
 
     __call__ = forward
+
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` after appending one token per row (``token``, ``position``: ``[B]``): a
+        replay of the captured step on CUDA (captured on first use), else an eager forward."""
+        cache = self.binding.cache
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return self.forward(token[:, None], position[:, None].long())[:, -1]
+        step = self._captured.get(id(cache))
+        if step is None:
+            step = self._captured[id(cache)] = self._capture(token, position)
+        step.token.copy_(token[:, None])
+        step.position.copy_(position[:, None])
+        step.graph.replay()
+        cache.advance_bounds(1)
+        return step.logits
+
+    def _capture(self, token: torch.Tensor, position: torch.Tensor) -> CapturedStep:
+        """Capture the one-token step on the bound cache (warm-up runs on a side stream, then the
+        lengths they advanced restored)."""
+        cache = self.binding.cache
+        tok, pos = token[:, None].clone(), position[:, None].long().clone()
+        lengths = cache.lengths.clone()
+        with cache.full_bounds():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):   # Triton compiles and autotunes outside the capture
+                    self.forward(tok, pos)
+                    cache.lengths.copy_(lengths)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.forward(tok, pos)[:, -1]
+        cache.lengths.copy_(lengths)
+        return CapturedStep(graph, tok, pos, logits)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.runtime.kv_cache import HostLengthBounds
 
-class DenseKVCache:
+
+class DenseKVCache(HostLengthBounds):
     """Keys and values ``[num_layers, batch, num_kv_heads, max_seq_len, head_dim]`` in ``dtype``,
     with per-row lengths (right padding: row ``b`` holds positions ``0 .. lengths[layer, b]``)."""
 
@@ -30,16 +32,12 @@ class DenseKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=self.device)
-        self._len_bound = [0] * num_layers
-
-    def max_length_bound(self, layer: int) -> int:
-        """An upper bound of the longest row of ``layer``, known without a device sync."""
-        return self._len_bound[layer]
+        self._init_bounds()
 
     def reset(self) -> None:
         """Empty every row of every layer (the storage stays allocated)."""
         self.lengths.zero_()
-        self._len_bound = [0] * self.num_layers
+        self._init_bounds()
 
     def nbytes(self) -> int:
         """Bytes the cache's storage occupies on its device."""
@@ -56,7 +54,7 @@ class DenseKVCache:
             raise ValueError(f"append expects k and v of shape [batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
                              f"T, head_dim={self.head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
         start = self.lengths[layer].long()
-        if self._len_bound[layer] + T > self.max_seq_len:
+        if self._past_bound(layer, T):
             grown = start + (T if num_new is None else num_new.to(start.device).long())
             if int(grown.max()) > self.max_seq_len:
                 raise ValueError(f"append past max_seq_len: layer {layer} would hold {int(grown.max())} tokens in a "
@@ -74,7 +72,7 @@ class DenseKVCache:
             self.k[layer][rows, :, at] = k[rows, :, steps].to(self.dtype)
             self.v[layer][rows, :, at] = v[rows, :, steps].to(self.dtype)
             self.lengths[layer] += num_new
-        self._len_bound[layer] = min(self._len_bound[layer] + T, self.max_seq_len)
+        self._grew(layer, T)
 
     def keys_values(self, layer: int, upto: int | None = None, dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,8 +117,9 @@ def prefill(decoder: CachedDecoder, tokens: torch.Tensor, lengths: torch.Tensor,
 
 
 def decode_one_token(decoder: CachedDecoder, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Logits ``[B, V]`` after appending one token per row (``token``, ``position``: ``[B]``)."""
-    return decoder(token[:, None], position[:, None].long())[:, -1]
+    """Logits ``[B, V]`` after appending one token per row (``token``, ``position``: ``[B]``): a
+    captured CUDA graph's replay on CUDA (``CachedDecoder.decode_step``)."""
+    return decoder.decode_step(token, position)
 
 
 def decode_n_tokens(decoder: CachedDecoder, token: torch.Tensor, position: torch.Tensor, n: int, *,

@@ -12,6 +12,8 @@ quantize-on-append kernels on CUDA (or anywhere with ``impl="triton"`` under
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from qcompile.formats.hadamard import rotate
@@ -35,6 +37,47 @@ from qcompile.formats.kv import (
 IMPLS = ("auto", "triton", "torch")
 
 
+class HostLengthBounds:
+    """A host-side upper bound of each layer's longest row, so that launches and overflow checks
+    need no device sync; a captured CUDA graph advances the device lengths without Python, so the
+    runtime then advances the bounds itself (:meth:`advance_bounds`) and captures under
+    :meth:`full_bounds` (kernels sized for the whole static length, no host checks)."""
+
+    num_layers: int
+    max_seq_len: int
+
+    def _init_bounds(self) -> None:
+        self._len_bound = [0] * self.num_layers
+        self._checking = True
+
+    def max_length_bound(self, layer: int) -> int:
+        """An upper bound of the longest row of ``layer``, known without a device sync."""
+        return self._len_bound[layer]
+
+    def advance_bounds(self, tokens: int) -> None:
+        """Every layer grew by at most ``tokens`` per row (a replayed CUDA graph appended them)."""
+        self._len_bound = [min(b + tokens, self.max_seq_len) for b in self._len_bound]
+
+    def _past_bound(self, layer: int, tokens: int) -> bool:
+        """Whether appending ``tokens`` may overflow ``layer`` (then the caller syncs and checks)."""
+        return self._checking and self._len_bound[layer] + tokens > self.max_seq_len
+
+    def _grew(self, layer: int, tokens: int) -> None:
+        if self._checking:
+            self._len_bound[layer] = min(self._len_bound[layer] + tokens, self.max_seq_len)
+
+    @contextlib.contextmanager
+    def full_bounds(self):
+        """Within: every bound is the static length and appends do no host-side overflow check
+        (capturing a CUDA graph, whose caller checks lengths on the host). Restored after."""
+        saved = list(self._len_bound)
+        self._len_bound, self._checking = [self.max_seq_len] * self.num_layers, False
+        try:
+            yield
+        finally:
+            self._len_bound, self._checking = saved, True
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """``auto`` means Triton on CUDA and torch elsewhere; ``triton`` on CPU needs TRITON_INTERPRET=1."""
     if impl not in IMPLS:
@@ -44,7 +87,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(HostLengthBounds):
     """Preallocated KV cache for ``num_layers`` layers, compressed as ``spec`` says."""
 
     def __init__(self, num_layers: int, batch: int, max_seq_len: int, num_kv_heads: int,
@@ -96,17 +139,13 @@ class QuantizedKVCache:
             self._t["v_scale"] = torch.zeros(*lead, S, D // VG, dtype=torch.float16, device=dev)
             self._t["v_min"] = torch.zeros(*lead, S, D // VG, dtype=torch.float16, device=dev)
         self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=dev)
-        self._len_bound = [0] * num_layers   # host-side upper bound of max(lengths[layer])
+        self._init_bounds()
 
     # ------------------------------------------------------------------ bookkeeping
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
         """The stored tensors (codes, scales, ...) of ``layer``, as views."""
         self._check_layer(layer)
         return {k: (None if t is None else t[layer]) for k, t in self._t.items()}
-
-    def max_length_bound(self, layer: int) -> int:
-        """An upper bound of the longest row of ``layer``, known without a device sync."""
-        return self._len_bound[layer]
 
     def quantized_lengths(self, layer: int) -> torch.Tensor:
         """Per row, how many tokens are in the compressed store (the rest are in the residual)."""
@@ -119,7 +158,7 @@ class QuantizedKVCache:
     def reset(self) -> None:
         """Empty every row of every layer (the storage stays allocated)."""
         self.lengths.zero_()
-        self._len_bound = [0] * self.num_layers
+        self._init_bounds()
 
     def nbytes(self) -> int:
         """Bytes the cache's storage occupies on its device."""
@@ -149,7 +188,7 @@ class QuantizedKVCache:
             num_new = torch.full((self.batch,), T, dtype=torch.int32, device=self.device)
         else:
             num_new = torch.as_tensor(num_new, dtype=torch.int32).to(self.device)
-        if self._len_bound[layer] + T > self.max_seq_len:
+        if self._past_bound(layer, T):
             longest = int((self.lengths[layer] + num_new).max())   # sync only near the end
             if longest > self.max_seq_len:
                 raise ValueError(f"append past max_seq_len: layer {layer} would hold {longest} "
@@ -162,7 +201,7 @@ class QuantizedKVCache:
         else:
             self._append_torch(layer, k, v, num_new)
         self.lengths[layer] += num_new
-        self._len_bound[layer] = min(self._len_bound[layer] + T, self.max_seq_len)
+        self._grew(layer, T)
 
     def _store_rows(self, fmt: str, prefix: str, layer: int, b: int, p0: int, x: torch.Tensor) -> None:
         """Write per-token rows ``x`` ([H, n, D]) at positions ``p0..p0+n`` (torch path)."""

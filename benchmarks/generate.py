@@ -1,0 +1,178 @@
+"""End-to-end generation on a GPU: qcompile's generate against Hugging Face in the same run.
+
+A Llama-3-8B-shaped model (32 layers, hidden 4096, intermediate 14336, 32/8 heads, vocabulary
+128256, random bf16 weights), a prompt of ``--prompt`` tokens and ``--new`` generated tokens per
+row, at each batch size of ``--batches``. Rows:
+
+- Hugging Face ``generate``, eager, dynamic cache (batch 1 only: it is slow);
+- the anchor: Hugging Face's model with a static cache and one decode step captured in a CUDA graph
+  by hand (step time of the replay at the prompt's end);
+- qcompile: ``compile(model, recipe=R, kv_cache=C)`` then ``cm.generate`` (decode step captured in a
+  CUDA graph): time to first token (the prompt's prefill) and decode tokens/s;
+- the bandwidth floors: measured copy bandwidth over the bytes one decode step must read (weights,
+  plus the cache at the final length).
+
+    python benchmarks/generate.py                            # every row (on the device machine)
+    python benchmarks/generate.py --layers 4 --batches 1 --new 32 --configs none,w4a16:int4
+    python benchmarks/generate.py --json $OUT/generate.json  # raw numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+import transformers as tf
+from triton.testing import do_bench
+
+import qcompile
+from qcompile.runtime.decoder import CachedDecoder
+
+CONFIGS = ("none", "w4a16", "w4a16:int4", "fp8:fp8")
+"""``recipe[:kv cache]``: no cache format means uncompressed (bf16)."""
+
+
+def model_8b(layers: int) -> torch.nn.Module:
+    cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=65536,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1024 ** 3 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() * 2 / (ms * 1e-3)
+
+
+def hf_eager_tokps(model, ids, new: int) -> float:
+    def run(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+    run(2)
+    return (new - 1) / (run(new) - run(1))
+
+
+def hf_static_graph_ms(model, ids, max_len: int) -> float:
+    """One decode step of Hugging Face's model on a static cache, captured in a CUDA graph by hand."""
+    cache = tf.StaticCache(config=model.config, max_cache_len=max_len)
+    B, T = ids.shape
+    model(ids, past_key_values=cache, cache_position=torch.arange(T, device="cuda"), use_cache=True)
+    tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    cp = torch.tensor([T], device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model(tok, past_key_values=cache, cache_position=cp, use_cache=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model(tok, past_key_values=cache, cache_position=cp, use_cache=True)
+    ms = do_bench(g.replay, return_mode="median")
+    del g, cache
+    return ms
+
+
+def step_bytes(model, cm, decoder, batch: int, length: int) -> int:
+    """Bytes one decode step reads at least: the compiled weights (embedding: one row a token) and the
+    cache at ``length`` tokens per row."""
+    state = (cm.graph_module if cm is not None else model).state_dict()
+    emb = model.model.embed_tokens.weight
+    weights = sum(t.numel() * t.element_size() for t in state.values()) - emb.numel() * emb.element_size()
+    if decoder is None or decoder.cache is None:
+        kv = 2 * model.config.num_hidden_layers * batch * model.config.num_key_value_heads * 128 * length * 2
+    else:
+        kv = decoder.cache.nbytes() * length // decoder.cache.max_seq_len
+    return weights + kv
+
+
+def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int, bw: float) -> list[dict]:
+    recipe, _, kv = config.partition(":")
+    example = torch.randint(0, 32000, (2, 16), device="cuda")
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = qcompile.compile(model, example, target="hopper", recipe=recipe, kv_cache=kv or None, progress=False,
+                              verify=False)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    decoder = CachedDecoder(cm, cm.kv_cache)
+    cm._decoder = decoder
+    graph_s = time.perf_counter() - t
+    rows = []
+    for b in batches:
+        ids = torch.randint(0, 32000, (b, prompt), device="cuda")
+        cm.generate(ids, 3, max_length=prompt + new)                  # capture, compile kernels
+        out, stats = cm.generate(ids, new, return_stats=True, max_length=prompt + new)
+        floor = bw / step_bytes(model, cm, decoder, b, prompt + new // 2)
+        rows.append({"config": config, "batch": b, "ttft_ms": stats.prefill_s * 1e3,
+                     "tokps": stats.tokens_per_s, "step_ms": 1e3 * stats.decode_s / max(1, new - 1),
+                     "floor_steps_per_s": floor, "compile_s": compile_s, "generation_graph_s": graph_s,
+                     "paths": dict(decoder.binding.paths)})
+        print(json.dumps(rows[-1]), flush=True)
+    del cm, decoder
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    batches = [int(b) for b in args.batches.split(",")]
+    model = model_8b(args.layers)
+    bw = copy_bandwidth()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": tf.__version__,
+           "layers": args.layers, "prompt": args.prompt, "new": args.new, "copy_TBps": bw / 1e12, "rows": []}
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
+    with torch.no_grad():
+        if not args.no_hf:
+            ids = torch.randint(0, 32000, (1, args.prompt), device="cuda")
+            res["hf_eager_tokps_b1"] = hf_eager_tokps(model, ids, 32)
+            for b in batches:
+                ids = torch.randint(0, 32000, (b, args.prompt), device="cuda")
+                ms = hf_static_graph_ms(model, ids, args.prompt + args.new)
+                res["rows"].append({"config": "hf-static-graph", "batch": b, "step_ms": ms, "tokps": 1e3 * b / ms,
+                                    "floor_steps_per_s": bw / step_bytes(model, None, None, b, args.prompt)})
+                print(json.dumps(res["rows"][-1]), flush=True)
+            print(json.dumps({"hf_eager_tokps_b1": res["hf_eager_tokps_b1"]}), flush=True)
+        for config in args.configs.split(","):
+            try:
+                res["rows"] += qcompile_rows(model, config, batches, args.prompt, args.new, bw)
+            except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
+                res["rows"].append({"config": config, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(json.dumps(res["rows"][-1]), flush=True)
+    print(f"\n{res['device']}, torch {res['torch']}, transformers {res['transformers']}, {args.layers} layers, "
+          f"prompt {args.prompt}, {args.new} new; copy {bw / 1e12:.2f} TB/s; HF eager b1 "
+          f"{res.get('hf_eager_tokps_b1', float('nan')):.1f} tok/s")
+    print(f"{'config':18s} {'batch':>5s} {'TTFT ms':>8s} {'step ms':>8s} {'tok/s':>8s} {'floor tok/s':>11s}")
+    for r in res["rows"]:
+        if "error" in r:
+            print(f"{r['config']:18s} ERROR {r['error']}")
+            continue
+        print(f"{r['config']:18s} {r['batch']:5d} {r.get('ttft_ms', float('nan')):8.1f} {r['step_ms']:8.2f} "
+              f"{r['tokps']:8.1f} {r['floor_steps_per_s'] * r['batch']:11.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
