@@ -32,7 +32,8 @@ import qcompile
 from qcompile.runtime.decoder import CachedDecoder
 
 CONFIGS = ("none", "w4a16", "w4a16:int4", "fp8:fp8")
-"""``recipe[:kv cache]``: no cache format means uncompressed (bf16)."""
+"""``recipe[:kv cache][+tc]``: no cache format means uncompressed (bf16); ``+tc``: the decode step
+through ``torch.compile`` before its capture (``CachedDecoder(compile_step=True)``)."""
 
 
 def model_8b(layers: int) -> torch.nn.Module:
@@ -97,7 +98,8 @@ def step_bytes(model, cm, decoder, batch: int, length: int) -> int:
 
 
 def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int, bw: float) -> list[dict]:
-    recipe, _, kv = config.partition(":")
+    spec, plus, mode = config.partition("+")
+    recipe, _, kv = spec.partition(":")
     example = torch.randint(0, 32000, (2, 16), device="cuda")
     t = time.perf_counter()
     with warnings.catch_warnings():
@@ -106,18 +108,20 @@ def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int,
                               verify=False)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
-    decoder = CachedDecoder(cm, cm.kv_cache)
+    decoder = CachedDecoder(cm, cm.kv_cache, compile_step=mode == "tc")
     cm._decoder = decoder
     graph_s = time.perf_counter() - t
     rows = []
     for b in batches:
         ids = torch.randint(0, 32000, (b, prompt), device="cuda")
+        t = time.perf_counter()
         cm.generate(ids, 3, max_length=prompt + new)                  # capture, compile kernels
+        warm_s = time.perf_counter() - t
         out, stats = cm.generate(ids, new, return_stats=True, max_length=prompt + new)
         floor = bw / step_bytes(model, cm, decoder, b, prompt + new // 2)
         rows.append({"config": config, "batch": b, "ttft_ms": stats.prefill_s * 1e3,
                      "tokps": stats.tokens_per_s, "step_ms": 1e3 * stats.decode_s / max(1, new - 1),
-                     "floor_steps_per_s": floor, "compile_s": compile_s, "generation_graph_s": graph_s,
+                     "floor_steps_per_s": floor, "compile_s": compile_s, "generation_graph_s": graph_s, "warm_s": warm_s,
                      "paths": dict(decoder.binding.paths)})
         print(json.dumps(rows[-1]), flush=True)
     del cm, decoder

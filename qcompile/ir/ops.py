@@ -14,13 +14,19 @@ from qcompile.formats.orthogonal import hadamard_transform as _hadamard_referenc
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@torch.library.custom_op("qcompile::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm_math(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm as Llama-family models compute it: normalize in at least float32,
-    cast back to the input dtype, then scale by ``weight``."""
+    cast back to the input dtype, then scale by ``weight``. (The op's body, as a plain function
+    that ``torch.compile`` traces through and fuses.)"""
     xf = x.float() if x.dtype in _LOW_PRECISION else x
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y * weight if weight is not None else y.clone()
+
+
+@torch.library.custom_op("qcompile::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama-family models compute it (:func:`rms_norm_math`)."""
+    return rms_norm_math(x, weight, eps)
 
 
 @rms_norm.register_fake
@@ -29,12 +35,17 @@ def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=dtype)
 
 
+def layer_norm_math(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension (the op's body, for ``torch.compile`` to trace through)."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
 @torch.library.custom_op("qcompile::layer_norm", mutates_args=())
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """LayerNorm over the last dimension."""
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return layer_norm_math(x, weight, bias, eps)
 
 
 @layer_norm.register_fake

@@ -3,8 +3,9 @@ static KV cache.
 
 :class:`CacheAttention` rewrites every ``aten.scaled_dot_product_attention`` of a graph traced with
 ``position_ids`` (so that RoPE or learned positions come from the caller) into a
-``runtime.cached_attention.CachedAttention`` module, layer ``i`` for the ``i``-th attention in graph
-order. Rules:
+``qcompile::cached_attention`` op (``runtime/cached_attention.py``), layer ``i`` for the ``i``-th
+attention in graph order, all bound to one ``CacheBinding`` (held by the graph module as
+``kv_cache_binding``). Rules:
 
 - the keys and values the op appends are the model's own ``[B, Hkv, T, D]`` tensors: a GQA
   ``repeat_kv`` in front of SDPA (``unsqueeze`` → ``slice`` → ``expand`` → ``reshape``) is skipped,
@@ -28,7 +29,7 @@ import torch
 from torch import fx
 
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
-from qcompile.runtime.cached_attention import CacheBinding, CachedAttention
+from qcompile.runtime.cached_attention import CACHED_ATTENTION, CacheBinding
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _REPEAT_CHAIN = (torch.ops.aten.reshape.default, torch.ops.aten.expand.default)
@@ -68,7 +69,7 @@ def _before_repeat_kv(node: fx.Node) -> fx.Node:
 
 @register_pass("kv_cache_attention")
 class CacheAttention(Pass):
-    """Every SDPA → a :class:`CachedAttention` of ``binding`` (see the module docstring for the rules).
+    """Every SDPA → a ``qcompile::cached_attention`` of ``binding`` (see the module docstring for the rules).
     After ``run``, ``geometry`` says what the cache must hold."""
 
     exact = False
@@ -102,14 +103,14 @@ class CacheAttention(Pass):
                 raise ValueError(f"kv_cache_attention: layer {layer} ({node.name}) has {here}, layer 0 has {geometry}; "
                                  "one static cache needs every layer alike")
             geometry = here
-            name = f"cached_attention_{layer}"
-            gm.add_submodule(name, CachedAttention(layer, self.binding, node.kwargs.get("scale")))
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, (q, k, v))
+                new = gm.graph.call_function(CACHED_ATTENTION, (q, k, v, self.binding.key, layer,
+                                                                node.kwargs.get("scale")))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
         gm.graph.eliminate_dead_code()
+        gm.kv_cache_binding = self.binding
         self.geometry = geometry
         return PassResult(True, {"layers": len(sdpa), "num_kv_heads": geometry.num_kv_heads,
                                  "head_dim": geometry.head_dim})

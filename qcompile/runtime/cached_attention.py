@@ -1,7 +1,7 @@
 """The attention op of a generation graph: append this call's keys and values to a static cache
 layer, then attend this call's queries over everything the layer holds.
 
-``passes/kv_cache_attention.py`` puts one :class:`CachedAttention` module per layer in place of the
+``passes/kv_cache_attention.py`` puts one ``qcompile::cached_attention`` op per layer in place of the
 model's ``scaled_dot_product_attention``: the graph keeps computing RoPE (from its ``position_ids``
 input) and the projections; the op owns the cache update, GQA and the causal mask over the cache.
 The cache itself is bound at run time (:class:`CacheBinding`, one per generation graph), because its
@@ -19,6 +19,9 @@ Which attention runs (each a documented path, none a silent fallback):
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +33,21 @@ class CacheBinding:
     """What a generation graph's attention ops read at each call: the cache, and how many of the
     call's ``T`` tokens are real in each row (``num_new``, ``[B]``; ``None``: all of them). The ops
     attend over the cache's host-side length bound (``cache.full_bounds()``: the whole static
-    length, what a captured CUDA graph needs)."""
+    length, what a captured CUDA graph needs). Graphs name their binding by ``key`` (an op takes
+    no Python objects); the graph module holds the binding, the registry only a weak reference."""
+
+    _next_key = itertools.count()
 
     def __init__(self) -> None:
         self.cache = None
         self.num_new: torch.Tensor | None = None
         self.paths: dict[str, int] = {}
         """How often each attention path ran (``empty``, ``kernel``, ``masked``): for reports and tests."""
+        self.key = next(self._next_key)
+        _BINDINGS[self.key] = self
+
+
+_BINDINGS: weakref.WeakValueDictionary[int, CacheBinding] = weakref.WeakValueDictionary()
 
 
 def masked_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
@@ -53,44 +64,52 @@ def masked_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-class CachedAttention(torch.nn.Module):
-    """``scaled_dot_product_attention`` of one layer, over the bound cache: ``forward(q, k, v)`` with
-    ``q`` ``[B, Hq, T, D]`` (RoPE applied), ``k``, ``v`` ``[B, Hkv, T, D]``, returns ``[B, Hq, T, D]``."""
+@torch.library.custom_op("qcompile::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, binding: int, layer: int,
+                     sm_scale: float | None) -> torch.Tensor:
+    """Layer ``layer``'s attention over the cache bound to binding ``binding``: append ``k``, ``v``
+    (``[B, Hkv, T, D]``) and attend ``q`` (``[B, Hq, T, D]``, RoPE applied); returns ``q``'s shape.
+    Opaque to ``torch.compile`` (its cache is state the compiled graph does not see)."""
+    owner = _BINDINGS.get(binding)
+    if owner is None or owner.cache is None:
+        raise RuntimeError(f"cached attention of layer {layer}: no KV cache is bound (run the generation graph "
+                           "through CompiledModel.generate or qcompile.runtime.CachedDecoder)")
+    return _attend(owner, layer, q, k, v, sm_scale)
 
-    def __init__(self, layer: int, binding: CacheBinding, sm_scale: float | None) -> None:
-        super().__init__()
-        self.layer, self.binding, self.sm_scale = layer, binding, sm_scale
 
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, sm_scale={self.sm_scale}"
+@cached_attention.register_fake
+def _(q, k, v, binding, layer, sm_scale):
+    return torch.empty_like(q)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache, num_new, layer = self.binding.cache, self.binding.num_new, self.layer
-        if cache is None:
-            raise RuntimeError(f"cached attention of layer {layer}: no KV cache is bound (run the generation graph "
-                               "through CompiledModel.generate or qcompile.runtime.CachedDecoder)")
-        empty = cache.max_length_bound(layer) == 0
-        start = cache.lengths[layer].clone()
-        cache.append(layer, k, v, num_new)
-        if empty:
-            self._count("empty")
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.sm_scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
-        if cache.spec is not None and q.is_cuda and num_new is None and q.shape[2] <= MAX_QUERY_TOKENS:
-            from qcompile.codegen.attention import decode_attention
 
-            self._count("kernel")
-            return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=self.sm_scale).to(q.dtype)
-        self._count("masked")
-        upto = cache.max_length_bound(layer)
-        if cache.spec is None:
-            keys, values = cache.keys_values(layer, upto)
-        else:
-            keys, values = (t[:, :, :upto] for t in cache.dequantize(layer, torch.float32))
-            if cache.spec.rotate_keys:
-                q = rotate(q.float())
-        out = masked_cache_attention(q, keys, values, start, cache.lengths[layer], self.sm_scale)
-        return out.to(v.dtype)
+CACHED_ATTENTION = torch.ops.qcompile.cached_attention.default
 
-    def _count(self, path: str) -> None:
-        self.binding.paths[path] = self.binding.paths.get(path, 0) + 1
+
+def _attend(binding: CacheBinding, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            sm_scale: float | None) -> torch.Tensor:
+    cache, num_new = binding.cache, binding.num_new
+    empty = cache.max_length_bound(layer) == 0
+    start = cache.lengths[layer].clone()
+    cache.append(layer, k, v, num_new)
+    if empty:
+        _count(binding, "empty")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    if cache.spec is not None and q.is_cuda and num_new is None and q.shape[2] <= MAX_QUERY_TOKENS:
+        from qcompile.codegen.attention import decode_attention
+
+        _count(binding, "kernel")
+        return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=sm_scale).to(q.dtype)
+    _count(binding, "masked")
+    upto = cache.max_length_bound(layer)
+    if cache.spec is None:
+        keys, values = cache.keys_values(layer, upto)
+    else:
+        keys, values = (t[:, :, :upto] for t in cache.dequantize(layer, torch.float32))
+        if cache.spec.rotate_keys:
+            q = rotate(q.float())
+    return masked_cache_attention(q, keys, values, start, cache.lengths[layer], sm_scale).to(v.dtype)
+
+
+def _count(binding: CacheBinding, path: str) -> None:
+    binding.paths[path] = binding.paths.get(path, 0) + 1

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from qcompile.formats.kv import KV_FORMATS, KVCacheSpec
+from qcompile.ir.ops import LAYER_NORM, RMS_NORM, layer_norm_math, rms_norm_math
 from qcompile.passes.base import PassContext, PassManager
 from qcompile.passes.kv_cache_attention import CacheAttention, CacheGeometry
 from qcompile.runtime.cached_attention import CacheBinding
@@ -25,6 +26,8 @@ from qcompile.runtime.dense_cache import DenseKVCache
 from qcompile.runtime.kv_cache import QuantizedKVCache
 
 KV_CACHE_ALIASES = {"fp8": "fp8_e4m3"}
+_TRACEABLE = {RMS_NORM: rms_norm_math, LAYER_NORM: layer_norm_math}
+"""Canonical ops whose bodies ``torch.compile`` may see (they are exact torch code)."""
 """Short names ``compile(kv_cache=...)`` accepts besides ``formats.kv.KV_FORMATS``."""
 
 
@@ -80,14 +83,20 @@ class CachedDecoder:
     and length by :meth:`allocate`, reused while it fits).
 
     ``cuda_graphs``: on CUDA, :meth:`decode_step` captures the one-token step once per cache (batch
-    size and length) and replays it; ``False`` runs it eagerly (``QCOMPILE_CUDA_GRAPHS=0`` too)."""
+    size and length) and replays it; ``False`` runs it eagerly (``QCOMPILE_CUDA_GRAPHS=0`` too).
+    ``compile_step``: the one-token step runs the generation graph through ``torch.compile``
+    (Inductor fuses the elementwise ops, norms included; quantized linears and cached attention
+    stay opaque ops) before it is captured (``QCOMPILE_COMPILE_STEP=1`` too)."""
 
     def __init__(self, compiled: Any, kv_cache: str | KVCacheSpec | None = None, *,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, compile_step: bool | None = None) -> None:
         self.compiled = compiled
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("QCOMPILE_CUDA_GRAPHS", "1") != "0"
-        self.cuda_graphs = cuda_graphs
+        if compile_step is None:
+            compile_step = os.environ.get("QCOMPILE_COMPILE_STEP", "0") == "1"
+        self.cuda_graphs, self.compile_step = cuda_graphs, compile_step
+        self._step_fn: Any = None
         self._captured: dict[int, CapturedStep] = {}
         self.spec = kv_cache_spec(kv_cache)
         self.binding = CacheBinding()
@@ -131,15 +140,29 @@ class CachedDecoder:
         return c
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                num_new: torch.Tensor | None = None) -> torch.Tensor:
+                num_new: torch.Tensor | None = None, *, compiled: bool = False) -> torch.Tensor:
         """Logits ``[B, T, V]`` of ``input_ids`` ``[B, T]`` at ``position_ids``, appending their keys and
-        values to the cache: ``num_new`` (``[B]``) of the ``T`` are real per row (right padding)."""
+        values to the cache: ``num_new`` (``[B]``) of the ``T`` are real per row (right padding).
+        ``compiled``: through :meth:`compiled_graph` (``torch.compile``)."""
         if self.binding.cache is None:
             raise RuntimeError("CachedDecoder.forward before allocate(batch, max_length)")
         self.binding.num_new = num_new
         _, args, kwargs = self.compiled.graph_call((), {"input_ids": input_ids, "position_ids": position_ids})
+        graph = self.compiled_graph() if compiled else self.graph_module
         with torch.no_grad():
-            return _logits(self.graph_module(*args, **kwargs))
+            return _logits(graph(*args, **kwargs))
+
+    def compiled_graph(self) -> Any:
+        """The generation graph under ``torch.compile`` (static shapes; compiled per shape on first
+        call), its norms as plain torch code so that Inductor fuses them with their neighbours."""
+        if self._step_fn is None:
+            gm = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+            for node in gm.graph.nodes:
+                if node.target in _TRACEABLE:
+                    node.target = _TRACEABLE[node.target]
+            gm.recompile()
+            self._step_fn = torch.compile(gm, fullgraph=True, dynamic=False)
+        return self._step_fn
 
     __call__ = forward
 
@@ -148,7 +171,7 @@ class CachedDecoder:
         replay of the captured step on CUDA (captured on first use), else an eager forward."""
         cache = self.binding.cache
         if not (self.cuda_graphs and self.device.type == "cuda"):
-            return self.forward(token[:, None], position[:, None].long())[:, -1]
+            return self.forward(token[:, None], position[:, None].long(), compiled=self.compile_step)[:, -1]
         step = self._captured.get(id(cache))
         if step is None:
             step = self._captured[id(cache)] = self._capture(token, position)
@@ -168,12 +191,12 @@ class CachedDecoder:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(2):   # Triton compiles and autotunes outside the capture
-                    self.forward(tok, pos)
+                for _ in range(2):   # Triton (and torch.compile) compile and autotune outside the capture
+                    self.forward(tok, pos, compiled=self.compile_step)
                     cache.lengths.copy_(lengths)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = self.forward(tok, pos)[:, -1]
+                logits = self.forward(tok, pos, compiled=self.compile_step)[:, -1]
         cache.lengths.copy_(lengths)
         return CapturedStep(graph, tok, pos, logits)
