@@ -40,8 +40,10 @@ def _triton_path(x: torch.Tensor, w_spec: QuantSpec, a_spec: QuantSpec | None):
     if not gemm.use_triton(x):
         return None
     reason = gemm.unsupported_reason(w_spec, a_spec, x.device)
+    if reason is None and x.dtype not in (torch.bfloat16, torch.float16):
+        reason = f"activations are {x.dtype} (the kernels take bfloat16 or float16: cast the model before compiling)"
     if reason is not None:
-        key = f"{w_spec.short()}/{a_spec.short() if a_spec else 'a16'}"
+        key = f"{w_spec.short()}/{a_spec.short() if a_spec else 'a16'}/{x.dtype}"
         _warn_once(key, f"qcompile: no Triton kernel for {key} on {x.device}: {reason}; using the reference kernel")
         return None
     return gemm.triton_quantized_linear

@@ -38,6 +38,18 @@ def test_forced_triton_path_matches_reference():
     torch.testing.assert_close(out.float().cpu(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_float32_activations_run_the_reference_and_say_so():
+    """The Triton kernels take 16-bit activations: a float32 model on CUDA once raised a TypeError here."""
+    ql._warned.clear()
+    w, x = torch.randn(40, 64), torch.randn(3, 64)
+    qt = quantize(w, QuantSpec("int8"))
+    with gemm.force_triton(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _call(x.to(DEV), qt.to(DEV))
+    assert any("activations are torch.float32" in str(c.message) for c in caught)
+    torch.testing.assert_close(out.cpu(), ql.reference_quantized_linear(x, qt, None, None), rtol=1e-2, atol=1e-2)
+
+
 def test_fallback_is_announced_once():
     ql._warned.clear()
     w, x = torch.randn(16, 64), torch.randn(2, 64, dtype=torch.float16)
