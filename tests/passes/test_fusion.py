@@ -1,0 +1,64 @@
+"""FuseSiblingLinears: Q/K/V and gate/up merged into one quantized linear, exact in float64, the
+compiled graph it copies unchanged."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import fx
+
+import qcompile
+from qcompile.codegen.op_schema import quantized_linear_nodes
+from qcompile.passes import FuseSiblingLinears, PassContext, PassManager
+from tests.tiny_models import VOCAB, tiny_model
+
+
+def _compiled(family, recipe):
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qcompile.compile(tiny_model(family), {"input_ids": ids}, recipe=recipe, progress=False), ids
+
+
+def _fuse(cm, ids):
+    gm = fx.GraphModule(cm.graph_module, copy.deepcopy(cm.graph_module.graph))
+    ctx = PassContext((), {"input_ids": ids, **cm.pinned_kwargs}, cm.target, cm.recipe)
+    ctx.properties.add("lowered")
+    manager = PassManager([FuseSiblingLinears()], verify=True)
+    manager.run(gm, ctx)
+    return gm, manager.records[0]
+
+
+@pytest.mark.parametrize("family, recipe, groups", [("llama", "w4a16", 4), ("qwen2", "w8a8", 4), ("opt", "w4a16", 2),
+                                                    ("bert", "w8a16", 2)])
+def test_siblings_merge_exactly(family, recipe, groups):
+    cm, ids = _compiled(family, recipe)
+    before = {k: v.clone() for k, v in cm.graph_module.state_dict().items()}
+    n_before = len(quantized_linear_nodes(cm.graph_module))
+    gm, record = _fuse(cm, ids)
+    assert record.changed and record.verified_error is not None and record.verified_error <= 1e-6
+    assert len(record.stats["fused"]) == groups
+    merged = sum(len(g) for g in record.stats["fused"])
+    assert len(quantized_linear_nodes(gm)) == n_before - merged + groups
+    out, ref = gm(input_ids=ids, **cm.pinned_kwargs), cm(ids)
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+    after = cm.graph_module.state_dict()               # the compiled graph is untouched
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert len(quantized_linear_nodes(cm.graph_module)) == n_before
+
+
+def test_different_global_scales_are_left_alone_and_said():
+    cm, ids = _compiled("llama", "nvfp4")
+    _, record = _fuse(cm, ids)
+    assert not record.changed and record.stats["notes"][0].startswith("not fused (different global scales)")
+
+
+def test_generation_fuses_and_matches_unfused():
+    from qcompile.runtime.decoder import CachedDecoder
+
+    cm, ids = _compiled("llama", "w4a16")
+    fused = cm.generate(ids, 6)
+    assert len(cm._decoder.fusions) == 4
+    cm._decoder = CachedDecoder(cm, fuse=False)
+    assert cm._decoder.fusions == [] and torch.equal(cm.generate(ids, 6), fused)
