@@ -197,7 +197,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import qcompile
     from qcompile.demo import SMOLLM2_NAME, load_smollm2
-    from qcompile.models import check_model_dir, load_source
+    from qcompile.models import ModelSourceError, check_model_dir, load_source
     from qcompile.recipes import get_recipe
     from qcompile.runtime.decoder import kv_cache_spec
     from qcompile.targets import get_target
@@ -209,8 +209,12 @@ def _generate(args: argparse.Namespace) -> int:
         model, tok = load_smollm2()
     else:
         path = check_model_dir(args.model)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelSourceError(f"{path}: no tokenizer that transformers can load ({first})") from None
         model, _, _ = load_source(str(path))
-        tok = transformers.AutoTokenizer.from_pretrained(str(path))
     device = "cuda" if args.target not in ("cpu", "ort-cpu") and torch.cuda.is_available() else "cpu"
     model = model.to(device, dtype=torch.bfloat16 if device == "cuda" else model.dtype)
     prompt = args.prompt
