@@ -63,6 +63,19 @@ def _logits(out: Any) -> torch.Tensor:
     raise TypeError(f"the model returned {type(out).__name__}, not logits (generate needs a causal LM)")
 
 
+def attention_window(config: Any) -> int | None:
+    """The sliding window any layer of a transformers ``config`` attends within (``None``: none).
+    The cached attention op is full causal attention: the same as windowed attention while every
+    row holds at most the window's tokens."""
+    if config is None:
+        return None
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if any(t != "full_attention" for t in types) else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
 def _storage_dtype(gm: fx.GraphModule) -> torch.dtype:
     """The model's float dtype: that of its largest floating tensor (the embedding)."""
     floats = [t for t in gm.state_dict().values() if t.is_floating_point()]
@@ -124,6 +137,9 @@ class CachedDecoder:
         """The sibling linears merged into one GEMM each (``passes/fusion.py``), by module path."""
         if self.spec is not None:
             self.spec.check_head_dim(self.geometry.head_dim)
+        arch = compiled.architecture
+        self.window = attention_window(getattr(arch, "config", None))
+        """The model's sliding attention window: caches longer than it are refused."""
         self.cache: QuantizedKVCache | DenseKVCache | None = None
 
     @property
@@ -133,6 +149,10 @@ class CachedDecoder:
     def allocate(self, batch: int, max_length: int) -> QuantizedKVCache | DenseKVCache:
         """An empty cache for ``batch`` rows of up to ``max_length`` tokens: the current one when it
         has exactly ``batch`` rows and room for ``max_length`` (reset), else a new one."""
+        if self.window is not None and max_length > self.window:
+            raise ValueError(f"the model attends within a sliding window of {self.window} tokens, which the cached "
+                             f"attention does not implement: a cache of {max_length} tokens per row would need it "
+                             f"(keep prompt plus new tokens within {self.window})")
         c = self.cache
         if c is None or c.batch != batch or c.max_seq_len < max_length:
             self._captured.clear()   # graphs hold the old cache's addresses

@@ -40,15 +40,29 @@ def _hf_greedy(model, ids, mask, new=NEW):
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
 
+def _more_families(name):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    configs = {"qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config(**common, head_dim=16)),
+               "mistral": (tf.MistralForCausalLM, tf.MistralConfig(**common, sliding_window=None)),
+               "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config(**common, pad_token_id=0)),
+               "gemma": (tf.GemmaForCausalLM, tf.GemmaConfig(**common, head_dim=16))}
+    cls, config = configs[name]
+    return cls(config).eval()
+
+
 @pytest.fixture(scope="module")
 def llama():
     model = tiny_model("llama").to(DEV)
     return model, _compile(model)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "qwen3", "mistral", "phi3", "gemma"])
 def test_greedy_equals_hugging_face_without_quantization(family):
-    model = tiny_model(family).to(DEV)
+    model = (tiny_model(family) if family in ("llama", "qwen2", "gpt2", "opt") else _more_families(family)).to(DEV)
     cm = _compile(model)
     ids, mask = _prompts()
     ours = cm.generate(ids, NEW, attention_mask=mask)
@@ -113,6 +127,22 @@ def test_past_max_length_is_a_clear_error(llama):
     with pytest.raises(ValueError, match="append past max_seq_len"):
         decoder(ids[:, :5], torch.arange(5, device=DEV).expand(3, 5))
     assert decoder.cache.lengths.max() <= 4
+
+
+def test_a_sliding_window_bounds_the_cache():
+    import transformers as tf
+
+    model = tf.MistralForCausalLM(tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   sliding_window=12)).eval().to(DEV)
+    cm = _compile(model)
+    ids = torch.randint(3, VOCAB, (2, 9), device=DEV)
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(cm.generate(ids, 4), ref)                   # within the window: the same attention
+    with pytest.raises(ValueError, match="sliding window of 12 tokens.*a cache of 16 tokens per row"):
+        cm.generate(ids, 8)
 
 
 def test_eos_stops_and_pads(llama):
