@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from qcompile.codegen.attention import MAX_QUERY_TOKENS
 from qcompile.formats.hadamard import rotate
+from qcompile.formats.kv import apply_rope
 
 
 class CacheBinding:
@@ -101,14 +103,24 @@ def _attend(binding: CacheBinding, layer: int, q: torch.Tensor, k: torch.Tensor,
         _count(binding, "kernel")
         return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=sm_scale).to(q.dtype)
     _count(binding, "masked")
+    return attend_over_cache(q, cache, layer, start, sm_scale).to(v.dtype)
+
+
+def attend_over_cache(q: torch.Tensor, cache: Any, layer: int, start: torch.Tensor, sm_scale: float | None
+                      ) -> torch.Tensor:
+    """``q`` (``[B, Hq, T, D]``, query ``t`` of row ``b`` at position ``start_b + t``) over everything
+    ``layer`` holds, after the block was appended: the ``masked`` path. Compressed caches are
+    dequantized in float32 (rotated keys: the queries rotated alike; pre-RoPE keys: RoPE at their slot)."""
     upto = cache.max_length_bound(layer)
     if cache.spec is None:
         keys, values = cache.keys_values(layer, upto)
     else:
         keys, values = (t[:, :, :upto] for t in cache.dequantize(layer, torch.float32))
+        if cache.spec.pre_rope:
+            keys = apply_rope(keys, torch.arange(upto, device=keys.device), cache.spec.rope_theta)
         if cache.spec.rotate_keys:
             q = rotate(q.float())
-    return masked_cache_attention(q, keys, values, start, cache.lengths[layer], sm_scale).to(v.dtype)
+    return masked_cache_attention(q, keys, values, start, cache.lengths[layer], sm_scale)
 
 
 def _count(binding: CacheBinding, path: str) -> None:

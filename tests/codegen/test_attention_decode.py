@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from qcompile.codegen.attention import decode_attention, reference_decode_attention  # noqa: E402
+from qcompile.formats.hadamard import rotate  # noqa: E402
 from qcompile.formats.kv import KV_FORMATS, KVCacheSpec, apply_rope  # noqa: E402
 from qcompile.runtime import DecodeWorkspace, QuantizedKVCache, prefill_attention  # noqa: E402
 
@@ -216,8 +217,30 @@ def test_prefill_uses_sdpa_and_writes_cache():
     assert c.lengths[0].tolist() == [T, 10]
     kd, _ = c.dequantize(0)
     assert rel(kd[0, :, :T], k[0]) < 1e-2                              # stored before RoPE
-    with pytest.raises(NotImplementedError, match="chunked prefill"):
-        prefill_attention(q, k, v, c, 0)
+
+
+
+def test_chunked_prefill_onto_a_non_empty_layer_equals_one_block():
+    gen = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, T, D = 2, 4, 2, 24, 32
+    for spec in (KVCacheSpec("int8", pre_rope=True), KVCacheSpec("int4", group_size=8, rotate_keys=True)):
+        q = torch.randn(B, Hq, T, D, generator=gen).to(DEV)
+        k = torch.randn(B, Hkv, T, D, generator=gen).to(DEV)
+        v = torch.randn(B, Hkv, T, D, generator=gen).to(DEV)
+        chunked = QuantizedKVCache(1, B, 40, Hkv, D, spec, device=DEV)
+        first = prefill_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10], chunked, 0)
+        rest = prefill_attention(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], chunked, 0)
+        assert chunked.lengths[0].tolist() == [T, T]
+        kr = apply_rope(k, torch.arange(T, device=DEV), spec.rope_theta) if spec.pre_rope else k
+        ref = F.scaled_dot_product_attention(q, kr.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+        assert rel(first, ref[:, :, :10]) < 1e-5                          # the first block: exact SDPA
+        kd, vd = chunked.dequantize(0)                                     # the rest reads the compressed cache
+        kd = apply_rope(kd, torch.arange(40, device=DEV), spec.rope_theta) if spec.pre_rope else kd
+        qd = rotate(q) if spec.rotate_keys else q
+        on_cache = F.scaled_dot_product_attention(qd, kd[:, :, :T].repeat_interleave(2, 1),
+                                                  vd[:, :, :T].repeat_interleave(2, 1), is_causal=True)
+        assert rel(rest, on_cache[:, :, 10:]) < 1e-5
+        assert rel(rest, ref[:, :, 10:]) < (3e-2 if spec.key_format == "int8" else 0.15)
 
 
 def test_decode_rejects_bad_inputs():
