@@ -23,17 +23,24 @@ OP_NAME = "quantized_linear"
 _TYPES = {  # field -> schema type; the field order of QuantizedLinearCall is the op's argument order
     "x": "Tensor", "qdata": "Tensor", "scale": "Tensor", "zero": "Tensor?", "global_scale": "Tensor?",
     "bias": "Tensor?", "weight_spec": "str", "in_features": "int", "act_spec": "str",
+    "residual": "Tensor?", "epilogue": "str",
 }
+_DEFAULTS = {"residual": "None", "epilogue": '"none"'}
+EPILOGUES = ("none", "silu_mul")
+"""What the kernel computes after ``x · Wᵀ + bias``: nothing, or ``silu(y[..., :N/2]) · y[..., N/2:]`` on a
+merged gate/up weight (``passes/fusion.py``); ``residual`` is added after it."""
 TENSOR_FIELDS = ("qdata", "scale", "zero", "global_scale")
 """The packed weight's tensors, as QuantizedTensor names them (``qdata`` is its ``data``)."""
 
 
 @dataclass(frozen=True)
 class QuantizedLinearCall:
-    """``y = act_quant(x) @ dequant(W)ᵀ + bias`` with ``W`` stored as packed tensors.
+    """``y = epilogue(act_quant(x) @ dequant(W)ᵀ + bias) + residual`` with ``W`` stored as packed tensors.
 
     Tensor fields hold tensors (a call at run time) or fx nodes (a call in a graph).
-    ``act_spec`` ``None`` means 16-bit activations (weight-only).
+    ``act_spec`` ``None`` means 16-bit activations (weight-only). ``residual`` and ``epilogue``
+    (:data:`EPILOGUES`) are written by the fusion passes of execution graphs only; compiled graphs,
+    artifacts and the ONNX exporter see plain calls.
     """
 
     x: Any
@@ -45,10 +52,17 @@ class QuantizedLinearCall:
     weight_spec: QuantSpec
     in_features: int
     act_spec: QuantSpec | None
+    residual: Any = None
+    epilogue: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"{OP_NAMESPACE}::{OP_NAME}: epilogue must be one of {EPILOGUES}, got {self.epilogue!r}")
 
     @staticmethod
     def schema() -> str:
-        args = ", ".join(f"{_TYPES[f.name]} {f.name}" for f in fields(QuantizedLinearCall))
+        args = ", ".join(f"{_TYPES[f.name]} {f.name}" + (f"={_DEFAULTS[f.name]}" if f.name in _DEFAULTS else "")
+                         for f in fields(QuantizedLinearCall))
         return f"({args}) -> Tensor"
 
     def op_args(self) -> tuple:
@@ -61,8 +75,9 @@ class QuantizedLinearCall:
     @classmethod
     def from_op_args(cls, args: tuple | list) -> QuantizedLinearCall:
         names = [f.name for f in fields(cls)]
-        if len(args) != len(names):
-            raise ValueError(f"{OP_NAMESPACE}::{OP_NAME} takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
+        if not len(names) - 2 <= len(args) <= len(names):
+            raise ValueError(f"{OP_NAMESPACE}::{OP_NAME} takes {len(names) - 2} to {len(names)} arguments "
+                             f"({', '.join(names)}), got {len(args)}")
         values = dict(zip(names, args))
         values["weight_spec"] = QuantSpec.parse(values["weight_spec"])
         values["act_spec"] = QuantSpec.parse(values["act_spec"]) if values["act_spec"] else None
@@ -76,7 +91,13 @@ class QuantizedLinearCall:
 
     @property
     def out_features(self) -> int:
+        """Rows of the weight (``N``)."""
         return self.scale.shape[0]
+
+    @property
+    def output_features(self) -> int:
+        """The last dimension of the result: ``N``, or ``N / 2`` after the ``silu_mul`` epilogue."""
+        return self.out_features // 2 if self.epilogue == "silu_mul" else self.out_features
 
     def tensor_targets(self) -> dict[str, str | None]:
         """For a call in a graph: the attribute names holding the packed tensors."""

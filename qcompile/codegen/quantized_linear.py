@@ -59,18 +59,29 @@ def quantized_linear(*args: Any) -> torch.Tensor:
     qt = call.quantized_weight()
     kernel = _triton_path(call.x, qt.spec, call.act_spec)
     if kernel is not None:
-        return kernel(call.x, qt, call.bias, call.act_spec)
+        return kernel(call.x, qt, call.bias, call.act_spec, residual=call.residual, epilogue=call.epilogue)
     if call.x.device.type == "cpu":
         from qcompile.codegen.cpu import cpu_quantized_linear
 
-        return cpu_quantized_linear(call.x, qt, call.bias, call.act_spec, reference_quantized_linear)
-    return reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
+        y = cpu_quantized_linear(call.x, qt, call.bias, call.act_spec, reference_quantized_linear)
+    else:
+        y = reference_quantized_linear(call.x, qt, call.bias, call.act_spec)
+    return apply_epilogue(y, call.epilogue, call.residual)
+
+
+def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:
+    """What the Triton kernels fuse after the GEMM, in torch: ``silu(gate) · up`` on the halves of
+    ``y``'s last dimension (``silu_mul``), then ``+ residual``."""
+    if epilogue == "silu_mul":
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y + residual if residual is not None else y
 
 
 @torch.library.register_fake(_QUALNAME)
 def _(*args: Any) -> torch.Tensor:
     call = QuantizedLinearCall.from_op_args(args)
-    return call.x.new_empty((*call.x.shape[:-1], call.out_features))
+    return call.x.new_empty((*call.x.shape[:-1], call.output_features))
 
 
 def reference_quantized_linear(

@@ -28,7 +28,7 @@ class MLP(torch.nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("recipe", list(qcompile.RECIPES))
+@pytest.mark.parametrize("recipe", [name for name, r in qcompile.RECIPES.items() if r.weight is not None])
 def test_every_recipes_specs_survive_lowering_and_artifacts(recipe, tmp_path):
     rcp = qcompile.get_recipe(recipe)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def test_fp8_scale_dtype_and_activation_symmetry_are_kept():
 
 
 def test_wrong_argument_count_names_the_arguments():
-    with pytest.raises(ValueError, match="takes 9 arguments .*weight_spec"):
+    with pytest.raises(ValueError, match="takes 9 to 11 arguments .*weight_spec"):
         QuantizedLinearCall.from_op_args((1, 2, 3))
 
 

@@ -325,6 +325,8 @@ def _exportable_recipes() -> list[str]:
 
     names = []
     for name, rcp in sorted(RECIPES.items()):
+        if rcp.weight is None:      # "none": nothing to lower to ONNX Runtime's quantized ops
+            continue
         try:
             precheck_recipe(rcp, None)
         except OnnxExportError:
