@@ -23,7 +23,7 @@ from qcompile.passes.base import (
 )
 from qcompile.passes.calibration import ActivationStats, Calibration
 from qcompile.passes.clip_search import ClipSearch
-from qcompile.passes.fusion import FuseSiblingLinears
+from qcompile.passes.fusion import FuseEpilogues, FuseSiblingLinears
 from qcompile.passes.gptq import GPTQ
 from qcompile.passes.mixed_precision import MixedPrecision
 from qcompile.passes.norm_folding import FoldNormScales
@@ -35,7 +35,7 @@ from qcompile.passes.spec_assignment import AssignQuantSpecs
 from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer
 
 __all__ = [
-    "AWQ", "GPTQ", "AWQClip", "ClipSearch", "FuseSiblingLinears", "MixedPrecision", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual",
+    "AWQ", "GPTQ", "AWQClip", "ClipSearch", "FuseEpilogues", "FuseSiblingLinears", "MixedPrecision", "OSShift", "RotateHeads", "RotateOnline", "RotateResidual",
     "SmoothQuant", "ActivationStats", "AssignQuantSpecs", "Calibration", "Canonicalize", "FoldNormScales", "Lower",
     "OnLoad", "OutlierSplit", "Pass", "PassContext", "PassManager", "PassOrderError", "PassRequirementError",
     "PassResult", "QuantizeWeights", "ResidualChannels", "WeightQuantizer", "make_pass", "order_passes", "register_pass",

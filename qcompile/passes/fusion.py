@@ -1,4 +1,5 @@
-"""Fusion of sibling projections: quantized linears that read the same input become one GEMM.
+"""Fusion for execution graphs: sibling projections become one GEMM, and the ops after a GEMM
+become its epilogue.
 
 :class:`FuseSiblingLinears` (exact) merges Q/K/V (and gate/up, and any other siblings) of a lowered
 graph. Rules:
@@ -11,6 +12,18 @@ graph. Rules:
   scales do not depend on other rows, so the concatenation is the same quantized weight, never a
   re-quantization); a missing bias among biased members becomes zeros;
 - each member's output becomes a ``slice`` of the merged output, in graph order.
+
+:class:`FuseEpilogues` (exact) then moves work into the GEMM's epilogue (``op_schema.EPILOGUES``):
+
+- ``silu(y[..., :h]) * y[..., h:]`` over the two halves of one quantized linear's output (a merged
+  gate/up, rows gate then up: Llama-family MLPs) → that linear with ``epilogue="silu_mul"``;
+- ``y + r`` or ``r + y`` where ``y`` is a quantized linear's output (or an eval-mode dropout of it)
+  read by nothing else and ``r`` has its shape and dtype (the residual add after ``o_proj`` /
+  ``down_proj``) → that linear with ``residual=r``. A reshape in between (GPT-2's ``Conv1D``
+  views) is not crossed.
+
+The bias is already the kernels' epilogue. The Triton kernels compute both epilogues in
+registers; the reference and CPU paths apply them in torch, the same ops as the graph had.
 
 Dynamic activation quantization is per token over ``x``, which the members share: quantizing
 once is the same as quantizing three times. The pass runs on execution graphs (the generation
@@ -32,6 +45,7 @@ from torch import fx
 from qcompile.codegen.op_schema import (
     TENSOR_FIELDS,
     QuantizedLinearCall,
+    is_quantized_linear,
     quantized_linear_nodes,
     quantized_linear_overload,
 )
@@ -113,3 +127,98 @@ class FuseSiblingLinears(Pass):
 def fused_weight_bytes(gm: fx.GraphModule) -> int:
     """Bytes of the tensors :class:`FuseSiblingLinears` added to ``gm``."""
     return sum(t.numel() * t.element_size() for n, t in gm.named_buffers() if n.startswith("fused_"))
+
+
+def _val(node: object) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _half(node: object, linear: fx.Node, n: int) -> int | None:
+    """0 or 1 if ``node`` is ``linear``'s output sliced to its first or second half (of ``n``)."""
+    if not (isinstance(node, fx.Node) and node.target == torch.ops.aten.slice.Tensor and node.args[0] is linear):
+        return None
+    dim, start, end = (list(node.args[1:]) + [0, None, None])[:3]
+    if dim not in (-1, 2) or len(node.users) != 1:
+        return None
+    if (start, end) == (0, n // 2):
+        return 0
+    return 1 if (start, end) == (n // 2, n) else None
+
+
+def _out_features(gm: fx.GraphModule, call: QuantizedLinearCall) -> int:
+    """Rows of a graph call's weight (its scale's first dimension, read from the graph module)."""
+    return int(get_attr(gm, call.scale.target).shape[0])
+
+
+def _rebuild(gm: fx.GraphModule, linear: fx.Node, at: fx.Node, **changes: object) -> fx.Node:
+    """A copy of the quantized-linear call ``linear`` with ``changes``, inserted before ``at``; it
+    replaces ``at``'s uses and both old nodes go."""
+    call = replace(QuantizedLinearCall.from_node(linear), **changes)
+    with gm.graph.inserting_before(at):
+        node = gm.graph.call_function(quantized_linear_overload(), call.op_args())
+    node.meta = dict(at.meta)
+    at.replace_all_uses_with(node)
+    gm.graph.erase_node(at)
+    return node
+
+
+@register_pass("fuse_epilogues")
+class FuseEpilogues(Pass):
+    """SiLU·mul and residual adds → quantized-linear epilogues (rules in the module docstring)."""
+
+    exact = True
+    requires = ("lowered",)
+    runs_after = ("fuse_sibling_linears",)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        silu, residual = [], []
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target == torch.ops.aten.mul.Tensor:
+                path = self._silu_mul(gm, node)
+                if path:
+                    silu.append(path)
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target == torch.ops.aten.add.Tensor and len(node.args) == 2 \
+                    and not node.kwargs:
+                path = self._residual(gm, node)
+                if path:
+                    residual.append(path)
+        gm.graph.eliminate_dead_code()
+        return PassResult(bool(silu or residual), {"silu_mul": silu, "residual": residual})
+
+    @staticmethod
+    def _silu_mul(gm: fx.GraphModule, mul: fx.Node) -> str | None:
+        a, b = mul.args[:2] if len(mul.args) == 2 else (None, None)
+        for act, other in ((a, b), (b, a)):
+            if not (isinstance(act, fx.Node) and act.target == torch.ops.aten.silu.default and len(act.users) == 1):
+                continue
+            gate = act.args[0]
+            linear = gate.args[0] if isinstance(gate, fx.Node) and gate.args else None
+            if not (isinstance(linear, fx.Node) and is_quantized_linear(linear)):
+                continue
+            call = QuantizedLinearCall.from_node(linear)
+            n = _out_features(gm, call)
+            if call.epilogue != "none" or call.residual is not None or n % 2 or len(linear.users) != 2:
+                continue
+            if _half(gate, linear, n) == 0 and _half(other, linear, n) == 1:
+                _rebuild(gm, linear, mul, epilogue="silu_mul")
+                return module_path(linear) or linear.name
+        return None
+
+    @staticmethod
+    def _residual(gm: fx.GraphModule, add: fx.Node) -> str | None:
+        for y, r in (add.args, add.args[::-1]):
+            if isinstance(y, fx.Node) and y.target == torch.ops.aten.dropout.default and len(y.users) == 1 \
+                    and len(y.args) > 2 and y.args[2] is False:
+                y = y.args[0]                      # dropout in eval mode: the identity (OPT)
+            if not (isinstance(y, fx.Node) and is_quantized_linear(y) and len(y.users) == 1 and isinstance(r, fx.Node)):
+                continue
+            call = QuantizedLinearCall.from_node(y)
+            vy, vr = _val(y), _val(r)
+            if call.residual is not None or vy is None or vr is None or vy.shape != vr.shape or vy.dtype != vr.dtype:
+                continue
+            path = module_path(y) or y.name
+            _rebuild(gm, y, add, residual=r)
+            return path
+        return None

@@ -20,7 +20,7 @@ from torch import fx
 from qcompile.formats.kv import KV_FORMATS, KVCacheSpec
 from qcompile.ir.ops import LAYER_NORM, RMS_NORM, layer_norm_math, rms_norm_math
 from qcompile.passes.base import PassContext, PassManager
-from qcompile.passes.fusion import FuseSiblingLinears
+from qcompile.passes.fusion import FuseEpilogues, FuseSiblingLinears
 from qcompile.passes.kv_cache_attention import CacheAttention, CacheGeometry
 from qcompile.runtime.cached_attention import CacheBinding
 from qcompile.runtime.dense_cache import DenseKVCache
@@ -98,9 +98,9 @@ class CachedDecoder:
 
     ``cuda_graphs``: on CUDA, :meth:`decode_step` captures the one-token step once per cache (batch
     size and length) and replays it; ``False`` runs it eagerly (``QCOMPILE_CUDA_GRAPHS=0`` too).
-    ``fuse``: merge sibling quantized linears (Q/K/V, gate/up) into one GEMM each
-    (``passes/fusion.py``; the merged tensors are copies, about the attention and MLP input
-    projections' bytes again).
+    ``fuse``: merge sibling quantized linears (Q/K/V, gate/up) into one GEMM each and move SiLU·mul
+    and residual adds into the GEMMs' epilogues (``passes/fusion.py``; the merged tensors are
+    copies, about the attention and MLP input projections' bytes again).
     ``compile_step``: the one-token step runs the generation graph through ``torch.compile``
     (Inductor fuses the elementwise ops, norms included; quantized linears and cached attention
     stay opaque ops) before it is captured (``QCOMPILE_COMPILE_STEP=1`` too)."""
@@ -129,12 +129,15 @@ class CachedDecoder:
         attention = CacheAttention(self.binding)
         ctx = PassContext((), {}, compiled.target, compiled.recipe)
         ctx.properties.add("lowered")
-        manager = PassManager([attention, *([FuseSiblingLinears()] if fuse else [])], verify=False)
+        manager = PassManager([attention, *([FuseSiblingLinears(), FuseEpilogues()] if fuse else [])], verify=False)
         manager.run(self.graph_module, ctx)
         self.geometry: CacheGeometry = attention.geometry
         self.fusions: list[list[str]] = next((r.stats["fused"] for r in manager.records
                                               if r.name == FuseSiblingLinears.name), [])
         """The sibling linears merged into one GEMM each (``passes/fusion.py``), by module path."""
+        self.epilogues: dict[str, list[str]] = next(({k: v for k, v in r.stats.items() if k != "notes"}
+                                                     for r in manager.records if r.name == FuseEpilogues.name), {})
+        """The linears that took the SiLU·mul or the residual add as their epilogue, by kind."""
         if self.spec is not None:
             self.spec.check_head_dim(self.geometry.head_dim)
         arch = compiled.architecture

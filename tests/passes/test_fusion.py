@@ -62,3 +62,56 @@ def test_generation_fuses_and_matches_unfused():
     assert len(cm._decoder.fusions) == 4
     cm._decoder = CachedDecoder(cm, fuse=False)
     assert cm._decoder.fusions == [] and torch.equal(cm.generate(ids, 6), fused)
+
+
+def _fuse_all(cm, ids):
+    from qcompile.passes import FuseEpilogues
+
+    gm = fx.GraphModule(cm.graph_module, copy.deepcopy(cm.graph_module.graph))
+    ctx = PassContext((), {"input_ids": ids, **cm.pinned_kwargs}, cm.target, cm.recipe)
+    ctx.properties.add("lowered")
+    manager = PassManager([FuseSiblingLinears(), FuseEpilogues()], verify=True)
+    manager.run(gm, ctx)
+    return gm, manager.records[1]
+
+
+@pytest.mark.parametrize("family, recipe, silu, residual", [("llama", "w4a16", 2, 4), ("qwen2", "w8a8", 2, 4),
+                                                            ("opt", "w8a16", 0, 4), ("gpt2", "w8a16", 0, 0)])
+def test_epilogues_fuse_exactly(family, recipe, silu, residual):
+    from qcompile.codegen.op_schema import QuantizedLinearCall
+
+    cm, ids = _compiled(family, recipe)
+    gm, record = _fuse_all(cm, ids)
+    assert not record.changed or record.verified_error is not None and record.verified_error <= 1e-6
+    assert len(record.stats["silu_mul"]) == silu and len(record.stats["residual"]) == residual
+    calls = [QuantizedLinearCall.from_node(n) for n in quantized_linear_nodes(gm)]
+    assert sum(c.epilogue == "silu_mul" for c in calls) == silu
+    assert sum(c.residual is not None for c in calls) == residual
+    torch.testing.assert_close(gm(input_ids=ids, **cm.pinned_kwargs)[0], cm(ids)[0], rtol=0, atol=0)
+
+
+def test_epilogues_on_the_triton_path_match_the_graph():
+    """The fused graph with the Triton kernels (the interpreter on CPU), bf16: the same logits as the
+    unfused graph on the same kernels, to bf16 rounding."""
+    from qcompile.codegen import gemm
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = qcompile.compile(model, {"input_ids": ids}, recipe="w4a16", progress=False, verify=False)
+    gm, record = _fuse_all_no_verify(cm, ids)
+    with gemm.force_triton():
+        ref, out = cm(ids)[0].float(), gm(input_ids=ids, **cm.pinned_kwargs)[0].float()
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.9999
+
+
+def _fuse_all_no_verify(cm, ids):
+    from qcompile.passes import FuseEpilogues
+
+    gm = fx.GraphModule(cm.graph_module, copy.deepcopy(cm.graph_module.graph))
+    ctx = PassContext((), {"input_ids": ids, **cm.pinned_kwargs}, cm.target, cm.recipe)
+    ctx.properties.add("lowered")
+    manager = PassManager([FuseSiblingLinears(), FuseEpilogues()], verify=False)
+    manager.run(gm, ctx)
+    return gm, manager.records[1]
