@@ -1,6 +1,7 @@
 """CompiledModel.generate over the static KV cache: greedy equality with Hugging Face, quantized
 weights and caches, padding, chunked prefill, sampling, stopping, limits and bad input."""
 
+import shutil
 import warnings
 
 import pytest
@@ -242,3 +243,18 @@ def test_a_model_without_sdpa_has_no_cache_to_give():
     cm = _compile(NoAttention().to(DEV))
     with pytest.raises(ValueError, match="no scaled_dot_product_attention"):
         cm.generate(torch.randint(0, VOCAB, (1, 4), device=DEV), 2)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("gcc")) and DEV == "cpu",
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_step_gives_the_same_tokens(llama):
+    _, cm = llama
+    ids, mask = _prompts()
+    eager = cm.generate(ids, 6, attention_mask=mask)
+    compiled = CachedDecoder(cm, compile_step=True)
+    saved, cm._decoder = cm._decoder, compiled
+    try:
+        assert torch.equal(cm.generate(ids, 6, attention_mask=mask), eager)
+        assert compiled._step_fn is not None
+    finally:
+        cm._decoder = saved
