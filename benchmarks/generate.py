@@ -15,6 +15,7 @@ row, at each batch size of ``--batches``. Rows:
     python benchmarks/generate.py                            # every row (on the device machine)
     python benchmarks/generate.py --layers 4 --batches 1 --new 32 --configs none,w4a16:int4
     python benchmarks/generate.py --json $OUT/generate.json  # raw numbers
+    python benchmarks/generate.py --memory-context 32768     # plus peak memory at 32k context
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def step_bytes(model, cm, decoder, batch: int, length: int) -> int:
     return weights + kv
 
 
-def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int, bw: float) -> list[dict]:
+def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int, bw: float,
+                  memory_context: int = 0) -> list[dict]:
     spec, plus, mode = config.partition("+")
     recipe, _, kv = spec.partition(":")
     example = torch.randint(0, 32000, (2, 16), device="cuda")
@@ -124,6 +126,15 @@ def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int,
                      "floor_steps_per_s": floor, "compile_s": compile_s, "generation_graph_s": graph_s, "warm_s": warm_s,
                      "paths": dict(decoder.binding.paths)})
         print(json.dumps(rows[-1]), flush=True)
+    if memory_context:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, 32000, (1, memory_context - 8), device="cuda")
+        cm.generate(ids, 8, prefill_chunk_size=2048)
+        rows.append({"config": config, "batch": 1, "context": memory_context,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+                     "cache_gib": decoder.cache.nbytes() / 2 ** 30})
+        print(json.dumps(rows[-1]), flush=True)
     del cm, decoder
     torch.cuda.empty_cache()
     return rows
@@ -137,6 +148,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
+    ap.add_argument("--memory-context", type=int, default=0, metavar="T",
+                    help="also the peak GPU memory of a batch-1 generation at T tokens of context (e.g. 32768)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -159,7 +172,7 @@ def main() -> None:
             print(json.dumps({"hf_eager_tokps_b1": res["hf_eager_tokps_b1"]}), flush=True)
         for config in args.configs.split(","):
             try:
-                res["rows"] += qcompile_rows(model, config, batches, args.prompt, args.new, bw)
+                res["rows"] += qcompile_rows(model, config, batches, args.prompt, args.new, bw, args.memory_context)
             except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
                 res["rows"].append({"config": config, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 print(json.dumps(res["rows"][-1]), flush=True)
@@ -170,6 +183,9 @@ def main() -> None:
     for r in res["rows"]:
         if "error" in r:
             print(f"{r['config']:18s} ERROR {r['error']}")
+            continue
+        if "peak_gib" in r:
+            print(f"{r['config']:18s} context {r['context']}: peak {r['peak_gib']:.1f} GiB, cache {r['cache_gib']:.2f} GiB")
             continue
         print(f"{r['config']:18s} {r['batch']:5d} {r.get('ttft_ms', float('nan')):8.1f} {r['step_ms']:8.2f} "
               f"{r['tokps']:8.1f} {r['floor_steps_per_s'] * r['batch']:11.1f}")
