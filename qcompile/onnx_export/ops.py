@@ -232,7 +232,10 @@ def _translate_hadamard(x, signs, left, right, rank):
     y = op.Mul(x, signs) if signs is not None else x
     if left is None:
         return op.MatMul(y, right)
-    a, c = left.shape[0], right.shape[0]
+    shapes = [v.shape if v.shape is not None else getattr(v.const_value, "shape", None) for v in (left, right)]
+    if any(shape is None for shape in shapes):
+        raise ValueError(f"qcompile_onnx::hadamard: the factors {left.name}, {right.name} have no static shape")
+    a, c = int(shapes[0][0]), int(shapes[1][0])
     keep = [0] * (rank - 1)  # Reshape's 0: copy that axis from the input (batch, sequence stay dynamic)
     y = op.Reshape(y, _const(keep + [a, c], np.int64))
     y = op.MatMul(op.MatMul(left, y), right)
