@@ -17,9 +17,10 @@ which:
   16-bit columns); residual channels' reorder and widening are ``Gather``/``Concat``/``Slice``
   already. ``qcompile::sparse_residual`` and ``qcompile::activation_residual`` raise
   :class:`OnnxExportError` naming the layer and the split;
-- ``qcompile::hadamard_transform`` → ``Mul`` by the signs, a chain of ``MatMul``s by small
-  Sylvester matrices (``2^c × 2^c``, ``c ≤ 6``) over reshaped views, the optional ``m × m`` block,
-  and ``Mul`` by the scale: ``O(n log n)`` work, never a dense ``n × n`` matrix.
+- ``qcompile::hadamard_transform`` → ``hadamard`` (``ops.py``): ``Q = diag(signs) · (H_p ⊗ B) · scale``
+  regrouped as ``diag(signs) · (H_a ⊗ R)``, ``H_p = H_a ⊗ H_{p/a}`` and ``R = (H_{p/a} ⊗ B) · scale``
+  (:func:`hadamard_factors`: ``c = p/a · m`` the smallest with ``c² ≥ n``); five ONNX nodes, ``O(n √n)``
+  work, never a dense ``n × n`` matrix (but for ``n = m``: the block alone).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from qcompile.ir.ops import CHANNEL_SCALE, HADAMARD_TRANSFORM, LAYER_NORM, RMS_N
 from qcompile.onnx_export import repack
 from qcompile.onnx_export.ops import (
     DEQUANTIZE_MATMUL,
+    HADAMARD,
     INT8_DYNAMIC_MATMUL,
     MATMUL_NBITS,
     UINT8_PER_TENSOR_MATMUL,
@@ -62,8 +64,6 @@ UNSUPPORTED_WEIGHTS = {
 SUPPORTED_ACTIVATIONS = ("int8 per-token symmetric dynamic (int8-pc-dynamic) and per-tensor asymmetric dynamic with "
                          "float32 scales (int8-pt-asym-scale:float32-dynamic, ONNX's DynamicQuantizeLinear); W8A8 "
                          "with symmetric per-channel int8 weights")
-SYLVESTER_CHUNK_BITS = 6
-"""The online Hadamard's power-of-two part is applied in factors of up to ``2^6 = 64``."""
 
 
 class OnnxExportError(ValueError):
@@ -147,26 +147,6 @@ def channel_scale_onnx(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * scale.to(x.dtype)
 
 
-def hadamard_onnx(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float,
-                  *sylvester: torch.Tensor) -> torch.Tensor:
-    """``qcompile::hadamard_transform`` (``formats.orthogonal.hadamard_transform``): ``sylvester`` are the
-    ±1 factors ``H_{2^c}`` of ``H_p``, applied from the lowest digit up."""
-    n = x.shape[-1]
-    m = block.shape[0] if block is not None else 1
-    y = x.float()
-    if signs is not None:
-        y = y * signs.float()
-    done = 1
-    for h in sylvester:
-        s = h.shape[0]
-        y = torch.matmul(h, y.reshape(-1, s, done * m))
-        done *= s
-    y = y.reshape(-1, n // m, m)
-    if block is not None:
-        y = torch.matmul(y, block.float())
-    return (y * scale).reshape(x.shape).to(x.dtype)
-
-
 def outlier_columns_onnx(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``qcompile::outlier_columns``: Gather the kept columns, MatMul by their 16-bit weight."""
     return torch.nn.functional.linear(torch.index_select(x, -1, index), weight.to(x.dtype))
@@ -193,13 +173,15 @@ NO_ONNX_SPLIT = {  # run-time ops of outlier splits without an ONNX Runtime expo
 }
 
 
-def _sylvester_factors(p: int) -> list[int]:
-    bits, sizes = p.bit_length() - 1, []
-    while bits > 0:
-        c = min(SYLVESTER_CHUNK_BITS, bits)
-        sizes.append(1 << c)
-        bits -= c
-    return sizes
+def hadamard_factors(n: int, m: int) -> tuple[int, int]:
+    """``(a, c)`` with ``n = a · c``: the online Hadamard's Sylvester order ``a`` (applied from the left)
+    and dense right factor order ``c = m · 2^j``, the smallest such ``c`` with ``c² ≥ n`` (``a ≈ c ≈ √n``:
+    the fewest multiply-adds of the two MatMuls; MiniLM's 384 → 16 · 24, 1536 → 32 · 48, Llama's 4096 →
+    64 · 64). ``m`` is the block's order (1 without one); ``n / m`` must be a power of two."""
+    c = m
+    while c * c < n and n % (2 * c) == 0:
+        c *= 2
+    return n // c, c
 
 
 def _last_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
@@ -211,26 +193,62 @@ def _last_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
     return int(val.shape[-1]) if val is not None else None
 
 
+def hadamard_operands(n: int, block: torch.Tensor | None, scale: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(L, R)`` of ``ops.hadamard`` for ``qcompile::hadamard_transform(x, signs, block, scale)`` over ``n``:
+    ``L = H_a`` (``±1``, ``None`` for ``a = 1``) and ``R = (H_{c/m} ⊗ block) · scale``, float32
+    (:func:`hadamard_factors`); ``R`` is computed in float64, then rounded once."""
+    m = block.shape[0] if block is not None else 1
+    a, c = hadamard_factors(n, m)
+    low = hadamard_matrix(c // m)
+    right = torch.kron(low, block.double()) if block is not None else low
+    return (hadamard_matrix(a).float() if a > 1 else None), (right * float(scale)).float()
+
+
+def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """A get_attr of ``onnx_export.<name>`` holding ``value``: shared with the transforms that need the same
+    tensor (the Sylvester factors; the right factors of equal blocks, orders and scales)."""
+    holder = getattr(gm, "onnx_export", None)
+    existing = getattr(holder, name, None) if holder is not None else None
+    if existing is None:
+        return add_get_attr(gm, f"onnx_export.{name}", value, before=before)
+    if not torch.equal(existing, value):
+        raise OnnxExportError(f"onnx_export.{name}: two different tensors under one name")
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(f"onnx_export.{name}")
+
+
+def _right_factor_name(gm: fx.GraphModule, c: int, right: torch.Tensor) -> str:
+    holder = getattr(gm, "onnx_export", None)
+    i = 0
+    while holder is not None and hasattr(holder, f"hadamard_right_{c}_{i}"):
+        if torch.equal(getattr(holder, f"hadamard_right_{c}_{i}"), right):
+            break
+        i += 1
+    return f"hadamard_right_{c}_{i}"
+
+
 def _lower_hadamard(gm: fx.GraphModule, node: fx.Node) -> None:
     x, signs, block, scale = node.args
     n = _last_dim(gm, node) or _last_dim(gm, x)
     m = _last_dim(gm, block) if isinstance(block, fx.Node) else 1
-    if not n or not m:
+    val = node.meta.get("val")
+    if val is None and isinstance(x, fx.Node):
+        val = x.meta.get("val")
+    if not n or not m or val is None:
         raise OnnxExportError(f"node {node.name}: hadamard_transform whose input or block size is unknown (no shape "
                               f"recorded on the node)")
     p = n // m
     if n % m or not is_power_of_two(p):
         raise OnnxExportError(f"node {node.name}: hadamard_transform over {n} with block {m} (not a power of two times the block)")
-    factors = []
-    for s in _sylvester_factors(p):
-        target = f"onnx_export.sylvester_{s}"
-        if not hasattr(gm, "onnx_export") or not hasattr(gm.onnx_export, f"sylvester_{s}"):
-            factors.append(add_get_attr(gm, target, hadamard_matrix(s).float(), before=node))
-        else:
-            with gm.graph.inserting_before(node):
-                factors.append(gm.graph.get_attr(target))
-    node.target = hadamard_onnx
-    node.args = (x, signs, block, scale, *factors)
+    if isinstance(block, fx.Node) and block.op != "get_attr":
+        raise OnnxExportError(f"node {node.name}: hadamard_transform whose block {block.name} is computed, not a "
+                              "constant")
+    left, right = hadamard_operands(n, get_attr(gm, block.target) if isinstance(block, fx.Node) else None, scale)
+    if left is not None:
+        left = _constant(gm, f"sylvester_{left.shape[0]}", left, node)
+    right_node = _constant(gm, _right_factor_name(gm, right.shape[0], right), right, node)
+    node.target = HADAMARD
+    node.args = (x, signs, left, right_node, val.dim())
 
 
 # ----------------------------------------------------------------------------- quantized linears

@@ -15,6 +15,11 @@ onnxscript translation (:data:`TRANSLATIONS`, handed to ``torch.onnx.export``).
   bias in, which ORT 1.32's kernel then multiplies by the per-token scale. The ``+128`` offset keeps
   ORT on its u8×s8 kernel (its s8×s8 path was 8× slower, docs/onnx-export.md); the integer products
   are the same.
+- ``qcompile_onnx::hadamard`` → the online Hadamard ``x · diag(signs) · (L ⊗ R)`` in at most five
+  nodes: ``Mul`` (signs), ``Reshape`` to ``[0, …, 0, a, c]`` (a constant: the leading axes are copied),
+  ``MatMul(L, ·)`` by the ``±1`` Sylvester ``L = H_a``, ``MatMul(·, R)`` by the dense ``c × c`` ``R``
+  (the low Sylvester digits ⊗ the block, times the scale), ``Reshape`` to ``[0, …, 0, n]``.
+  ``O(n (a + c))`` work with ``a ≈ c ≈ √n``; no ``Shape`` ops (``lowering.hadamard_factors``).
 - ``qcompile_onnx::uint8_per_tensor_matmul`` → W8A8 with per-tensor asymmetric uint8 activations
   (``int8-pt-asym`` specs): ``DynamicQuantizeLinear``, ``MatMulInteger(q, B, z)``, ``Cast · (s · b_scale)
   + bias``: the form ``quantize_dynamic`` writes, which ONNX Runtime fuses into
@@ -200,11 +205,49 @@ def _translate_uint8_per_tensor_matmul(x, b, b_scale, bias):
     return op.Add(y, bias) if bias is not None else y
 
 
+# ------------------------------------------------------------------------- online Hadamard
+@torch.library.custom_op("qcompile_onnx::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, signs: torch.Tensor | None, left: torch.Tensor | None, right: torch.Tensor,
+             rank: int) -> torch.Tensor:
+    """``x · diag(signs) · (left ⊗ right)`` along the last dimension (see the module docstring): the
+    last axis viewed as ``[a, c]`` (``a`` = ``left``'s order, 1 without it, ``c`` = ``right``'s),
+    ``left`` applied from the left, ``right`` from the right; ``rank`` is ``x``'s (for the translation's
+    constant shapes)."""
+    c = right.shape[0]
+    y = x.float()
+    if signs is not None:
+        y = y * signs.float()
+    if left is None:
+        return (y @ right.float()).to(x.dtype)
+    y = torch.matmul(left.float(), y.reshape(*x.shape[:-1], x.shape[-1] // c, c)) @ right.float()
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@hadamard.register_fake
+def _(x, signs, left, right, rank):
+    return torch.empty_like(x)
+
+
+def _translate_hadamard(x, signs, left, right, rank):
+    y = op.Mul(x, signs) if signs is not None else x
+    if left is None:
+        return op.MatMul(y, right)
+    shapes = [v.shape if v.shape is not None else getattr(v.const_value, "shape", None) for v in (left, right)]
+    if any(shape is None for shape in shapes):
+        raise ValueError(f"qcompile_onnx::hadamard: the factors {left.name}, {right.name} have no static shape")
+    a, c = int(shapes[0][0]), int(shapes[1][0])
+    keep = [0] * (rank - 1)  # Reshape's 0: copy that axis from the input (batch, sequence stay dynamic)
+    y = op.Reshape(y, _const(keep + [a, c], np.int64))
+    y = op.MatMul(op.MatMul(left, y), right)
+    return op.Reshape(y, _const(keep + [a * c], np.int64))
+
+
 TRANSLATIONS = {
     torch.ops.qcompile_onnx.matmul_nbits.default: _translate_matmul_nbits,
     torch.ops.qcompile_onnx.dequantize_matmul.default: _translate_dequantize_matmul,
     torch.ops.qcompile_onnx.int8_dynamic_matmul.default: _translate_int8_dynamic_matmul,
     torch.ops.qcompile_onnx.uint8_per_tensor_matmul.default: _translate_uint8_per_tensor_matmul,
+    torch.ops.qcompile_onnx.hadamard.default: _translate_hadamard,
 }
 """``custom_translation_table`` for ``torch.onnx.export``."""
 
@@ -212,3 +255,4 @@ MATMUL_NBITS = torch.ops.qcompile_onnx.matmul_nbits.default
 DEQUANTIZE_MATMUL = torch.ops.qcompile_onnx.dequantize_matmul.default
 INT8_DYNAMIC_MATMUL = torch.ops.qcompile_onnx.int8_dynamic_matmul.default
 UINT8_PER_TENSOR_MATMUL = torch.ops.qcompile_onnx.uint8_per_tensor_matmul.default
+HADAMARD = torch.ops.qcompile_onnx.hadamard.default

@@ -157,19 +157,3 @@ def test_w8a8_is_bit_exact_in_onnxruntime(with_bias):
     act = QuantSpec("int8", dynamic=True)
     ref = fake_quantize(x, act).double() @ dequantize(qt, torch.float64).t() + (bias.double() if with_bias else 0)
     assert _rel(got, ref) < 1e-5
-
-
-@pytest.mark.parametrize("n", [64, 128, 384, 1536, 4096])
-def test_hadamard_lowering_equals_the_reference(n):
-    """The online Hadamard as the export writes it (signs, Sylvester factors of at most 64 x 64, the
-    block) equals formats.orthogonal.hadamard_transform, for n = 2^k and 2^k * 12 (MiniLM's 384, 1536)."""
-    from qcompile.formats.orthogonal import hadamard_matrix, hadamard_transform, rotation_factors
-    from qcompile.onnx_export.lowering import _sylvester_factors, hadamard_onnx
-
-    rot = rotation_factors(n, seed=3)
-    factors = [hadamard_matrix(s).float() for s in _sylvester_factors(rot.p)]
-    assert all(f.shape[0] <= 64 for f in factors)
-    x = torch.randn(2, 5, n)
-    ref = hadamard_transform(x, rot.signs, rot.block, rot.scale)
-    got = hadamard_onnx(x, rot.signs, rot.block.float() if rot.block is not None else None, rot.scale, *factors)
-    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
