@@ -83,3 +83,27 @@ def test_cpu_install_needs_no_triton():
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_generate_needs_no_triton():
+    """With triton unimportable (transformers itself imports scipy), a causal LM compiles and generates."""
+    script = textwrap.dedent("""
+        import importlib.abc, importlib.machinery, sys
+        class Absent(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "triton":
+                    return importlib.machinery.ModuleSpec(name, self)
+            def create_module(self, spec):
+                raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+        sys.meta_path.insert(0, Absent())
+        import torch, transformers as tf, qcompile
+        llm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2)).eval()
+        ids = torch.randint(0, 64, (2, 5))
+        out = qcompile.compile(llm, ids, recipe="w8a16", kv_cache="int8", progress=False).generate(ids, 3)
+        assert out.shape == (2, 8)
+        assert "triton" not in sys.modules or sys.modules["triton"] is None
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

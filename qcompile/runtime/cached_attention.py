@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qcompile.codegen.attention import MAX_QUERY_TOKENS
 from qcompile.formats.hadamard import rotate
 from qcompile.formats.kv import apply_rope
 
@@ -97,11 +96,12 @@ def _attend(binding: CacheBinding, layer: int, q: torch.Tensor, k: torch.Tensor,
         _count(binding, "empty")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    if cache.spec is not None and q.is_cuda and num_new is None and q.shape[2] <= MAX_QUERY_TOKENS:
-        from qcompile.codegen.attention import decode_attention
+    if cache.spec is not None and q.is_cuda and num_new is None:
+        from qcompile.codegen.attention import MAX_QUERY_TOKENS, decode_attention  # noqa: I001 (Triton: CUDA only)
 
-        _count(binding, "kernel")
-        return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=sm_scale).to(q.dtype)
+        if q.shape[2] <= MAX_QUERY_TOKENS:
+            _count(binding, "kernel")
+            return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=sm_scale).to(q.dtype)
     _count(binding, "masked")
     return attend_over_cache(q, cache, layer, start, sm_scale).to(v.dtype)
 
