@@ -89,7 +89,7 @@ def test_in_features_not_divisible_by_group():
 def test_unknown_target_and_recipe_list_valid_names():
     with pytest.raises(ValueError, match="valid targets: cpu, ampere, hopper, blackwell"):
         qcompile.compile(Odd(), torch.randn(2, 100), target="tpu")
-    with pytest.raises(ValueError, match="valid recipes: w8a16, w4a16"):
+    with pytest.raises(ValueError, match="valid recipes: none, w8a16, w4a16"):
         qcompile.compile(Odd(), torch.randn(2, 100), recipe="w5a5")
 
 

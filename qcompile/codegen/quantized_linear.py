@@ -59,7 +59,10 @@ def quantized_linear(*args: Any) -> torch.Tensor:
     qt = call.quantized_weight()
     kernel = _triton_path(call.x, qt.spec, call.act_spec)
     if kernel is not None:
-        return kernel(call.x, qt, call.bias, call.act_spec, residual=call.residual, epilogue=call.epilogue)
+        fused = {"residual": call.residual} if call.residual is not None else {}
+        if call.epilogue != "none":
+            fused["epilogue"] = call.epilogue
+        return kernel(call.x, qt, call.bias, call.act_spec, **fused)
     if call.x.device.type == "cpu":
         from qcompile.codegen.cpu import cpu_quantized_linear
 
