@@ -53,7 +53,10 @@ from qcompile.ir.graph import get_attr, module_path
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 
 
-def _key(call: QuantizedLinearCall) -> tuple:
+def _key(call: QuantizedLinearCall) -> tuple | None:
+    """What siblings share; ``None`` for a call that already has an epilogue (it is not merged)."""
+    if call.epilogue != "none" or call.residual is not None:
+        return None
     return (call.x, call.weight_spec.encode(), call.act_spec.encode() if call.act_spec else "", call.in_features)
 
 
@@ -67,8 +70,10 @@ class FuseSiblingLinears(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         groups: dict[tuple, list[fx.Node]] = defaultdict(list)
         for node in quantized_linear_nodes(gm):
-            groups[_key(QuantizedLinearCall.from_node(node))].append(node)
+            if (key := _key(QuantizedLinearCall.from_node(node))) is not None:
+                groups[key].append(node)
         fused, notes = [], []
+        first_index = sum(1 for name, _ in gm.named_buffers(recurse=False) if name.endswith("_qdata"))
         for members in (g for g in groups.values() if len(g) > 1):
             calls = [QuantizedLinearCall.from_node(n).resolve(gm) for n in members]
             paths = [module_path(n) or n.name for n in members]
@@ -80,7 +85,7 @@ class FuseSiblingLinears(Pass):
             if scales[0] is not None and not all(torch.equal(scales[0], s) for s in scales[1:]):
                 notes.append(f"not fused (different global scales): {', '.join(paths)}")
                 continue
-            fused.append(self._merge(gm, members, calls, len(fused)))
+            fused.append(self._merge(gm, members, calls, first_index + len(fused)))
             fused[-1]["layers"] = paths
         gm.graph.eliminate_dead_code()
         stats: dict[str, Any] = {"fused": [f["layers"] for f in fused]}
@@ -122,11 +127,6 @@ class FuseSiblingLinears(Pass):
         for member in members:
             gm.graph.erase_node(member)
         return {"out_features": start}
-
-
-def fused_weight_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of the tensors :class:`FuseSiblingLinears` added to ``gm``."""
-    return sum(t.numel() * t.element_size() for n, t in gm.named_buffers() if n.startswith("fused_"))
 
 
 def _val(node: object) -> torch.Tensor | None:
