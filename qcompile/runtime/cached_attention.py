@@ -88,21 +88,26 @@ CACHED_ATTENTION = torch.ops.qcompile.cached_attention.default
 
 def _attend(binding: CacheBinding, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             sm_scale: float | None) -> torch.Tensor:
+    """The path is chosen before the append (it depends on what the layer held), so that only the
+    masked path pays for a copy of the row lengths (a captured decode step runs this once a layer)."""
     cache, num_new = binding.cache, binding.num_new
-    empty = cache.max_length_bound(layer) == 0
-    start = cache.lengths[layer].clone()
+    path = "masked"
+    if cache.max_length_bound(layer) == 0:
+        path = "empty"
+    elif cache.spec is not None and q.is_cuda and num_new is None:
+        from qcompile.codegen.attention import MAX_QUERY_TOKENS  # noqa: I001 (Triton: CUDA only)
+
+        path = "kernel" if q.shape[2] <= MAX_QUERY_TOKENS else path
+    start = cache.lengths[layer].clone() if path == "masked" else None
     cache.append(layer, k, v, num_new)
-    if empty:
-        _count(binding, "empty")
+    _count(binding, path)
+    if path == "empty":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    if cache.spec is not None and q.is_cuda and num_new is None:
-        from qcompile.codegen.attention import MAX_QUERY_TOKENS, decode_attention  # noqa: I001 (Triton: CUDA only)
+    if path == "kernel":
+        from qcompile.codegen.attention import decode_attention
 
-        if q.shape[2] <= MAX_QUERY_TOKENS:
-            _count(binding, "kernel")
-            return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=sm_scale).to(q.dtype)
-    _count(binding, "masked")
+        return decode_attention(q.to(cache.dtype), cache, layer, sm_scale=sm_scale).to(q.dtype)
     return attend_over_cache(q, cache, layer, start, sm_scale).to(v.dtype)
 
 

@@ -114,7 +114,7 @@ class CachedDecoder:
             compile_step = os.environ.get("QCOMPILE_COMPILE_STEP", "0") == "1"
         self.cuda_graphs, self.compile_step = cuda_graphs, compile_step
         self._step_fn: Any = None
-        self._captured: dict[int, CapturedStep] = {}
+        self._captured: CapturedStep | None = None   # the step captured on the current cache
         self.spec = kv_cache_spec(kv_cache)
         self.binding = CacheBinding()
         gm = compiled.graph_module
@@ -145,10 +145,6 @@ class CachedDecoder:
         """The model's sliding attention window: caches longer than it are refused."""
         self.cache: QuantizedKVCache | DenseKVCache | None = None
 
-    @property
-    def num_layers(self) -> int:
-        return self.geometry.num_layers
-
     def allocate(self, batch: int, max_length: int) -> QuantizedKVCache | DenseKVCache:
         """An empty cache for ``batch`` rows of up to ``max_length`` tokens: the current one when it
         has exactly ``batch`` rows and room for ``max_length`` (reset), else a new one."""
@@ -158,7 +154,7 @@ class CachedDecoder:
                              f"(keep prompt plus new tokens within {self.window})")
         c = self.cache
         if c is None or c.batch != batch or c.max_seq_len < max_length:
-            self._captured.clear()   # graphs hold the old cache's addresses
+            self._captured = None   # a graph holds the old cache's addresses
             g = self.geometry
             if self.spec is None:
                 c = DenseKVCache(g.num_layers, batch, max_length, g.num_kv_heads, g.head_dim, self.device, self.dtype)
@@ -204,9 +200,9 @@ class CachedDecoder:
         cache = self.binding.cache
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return self.forward(token[:, None], position[:, None].long(), compiled=self.compile_step)[:, -1]
-        step = self._captured.get(id(cache))
-        if step is None:
-            step = self._captured[id(cache)] = self._capture(token, position)
+        if self._captured is None:
+            self._captured = self._capture(token, position)
+        step = self._captured
         step.token.copy_(token[:, None])
         step.position.copy_(position[:, None])
         step.graph.replay()

@@ -74,10 +74,8 @@ class DenseKVCache(HostLengthBounds):
             self.lengths[layer] += num_new
         self._grew(layer, T)
 
-    def keys_values(self, layer: int, upto: int | None = None, dtype: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, layer: int, upto: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``layer`` over positions ``0 .. upto`` (default: the whole static length),
         ``[B, Hkv, upto, D]``; positions at or past a row's length hold stale values (mask them)."""
         upto = self.max_seq_len if upto is None else upto
-        k, v = self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
-        return (k, v) if dtype in (None, self.dtype) else (k.to(dtype), v.to(dtype))
+        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]

@@ -10,7 +10,7 @@ from torch import fx
 
 import qcompile
 from qcompile.codegen.op_schema import quantized_linear_nodes
-from qcompile.passes import FuseSiblingLinears, PassContext, PassManager
+from qcompile.passes import FuseEpilogues, FuseSiblingLinears, PassContext, PassManager
 from tests.tiny_models import VOCAB, tiny_model
 
 
@@ -21,13 +21,15 @@ def _compiled(family, recipe):
         return qcompile.compile(tiny_model(family), {"input_ids": ids}, recipe=recipe, progress=False), ids
 
 
-def _fuse(cm, ids):
+def _fuse(cm, ids, epilogues=False, verify=True):
+    """A copy of the compiled graph through FuseSiblingLinears (and FuseEpilogues): the copy and the
+    last pass's record."""
     gm = fx.GraphModule(cm.graph_module, copy.deepcopy(cm.graph_module.graph))
     ctx = PassContext((), {"input_ids": ids, **cm.pinned_kwargs}, cm.target, cm.recipe)
     ctx.properties.add("lowered")
-    manager = PassManager([FuseSiblingLinears()], verify=True)
+    manager = PassManager([FuseSiblingLinears(), *([FuseEpilogues()] if epilogues else [])], verify=verify)
     manager.run(gm, ctx)
-    return gm, manager.records[0]
+    return gm, manager.records[-1]
 
 
 @pytest.mark.parametrize("family, recipe, groups", [("llama", "w4a16", 4), ("qwen2", "w8a8", 4), ("opt", "w4a16", 2),
@@ -64,24 +66,13 @@ def test_generation_fuses_and_matches_unfused():
     assert cm._decoder.fusions == [] and torch.equal(cm.generate(ids, 6), fused)
 
 
-def _fuse_all(cm, ids):
-    from qcompile.passes import FuseEpilogues
-
-    gm = fx.GraphModule(cm.graph_module, copy.deepcopy(cm.graph_module.graph))
-    ctx = PassContext((), {"input_ids": ids, **cm.pinned_kwargs}, cm.target, cm.recipe)
-    ctx.properties.add("lowered")
-    manager = PassManager([FuseSiblingLinears(), FuseEpilogues()], verify=True)
-    manager.run(gm, ctx)
-    return gm, manager.records[1]
-
-
 @pytest.mark.parametrize("family, recipe, silu, residual", [("llama", "w4a16", 2, 4), ("qwen2", "w8a8", 2, 4),
                                                             ("opt", "w8a16", 0, 4), ("gpt2", "w8a16", 0, 0)])
 def test_epilogues_fuse_exactly(family, recipe, silu, residual):
     from qcompile.codegen.op_schema import QuantizedLinearCall
 
     cm, ids = _compiled(family, recipe)
-    gm, record = _fuse_all(cm, ids)
+    gm, record = _fuse(cm, ids, epilogues=True)
     assert not record.changed or record.verified_error is not None and record.verified_error <= 1e-6
     assert len(record.stats["silu_mul"]) == silu and len(record.stats["residual"]) == residual
     calls = [QuantizedLinearCall.from_node(n) for n in quantized_linear_nodes(gm)]
@@ -100,18 +91,7 @@ def test_epilogues_on_the_triton_path_match_the_graph():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = qcompile.compile(model, {"input_ids": ids}, recipe="w4a16", progress=False, verify=False)
-    gm, record = _fuse_all_no_verify(cm, ids)
+    gm, _ = _fuse(cm, ids, epilogues=True, verify=False)
     with gemm.force_triton():
         ref, out = cm(ids)[0].float(), gm(input_ids=ids, **cm.pinned_kwargs)[0].float()
     assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.9999
-
-
-def _fuse_all_no_verify(cm, ids):
-    from qcompile.passes import FuseEpilogues
-
-    gm = fx.GraphModule(cm.graph_module, copy.deepcopy(cm.graph_module.graph))
-    ctx = PassContext((), {"input_ids": ids, **cm.pinned_kwargs}, cm.target, cm.recipe)
-    ctx.properties.add("lowered")
-    manager = PassManager([FuseSiblingLinears(), FuseEpilogues()], verify=False)
-    manager.run(gm, ctx)
-    return gm, manager.records[1]
