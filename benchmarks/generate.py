@@ -33,8 +33,10 @@ import qcompile
 from qcompile.runtime.decoder import CachedDecoder
 
 CONFIGS = ("none", "w4a16", "w4a16:int4", "fp8:fp8")
-"""``recipe[:kv cache][+tc]``: no cache format means uncompressed (bf16); ``+tc``: the decode step
-through ``torch.compile`` before its capture (``CachedDecoder(compile_step=True)``)."""
+"""``recipe[:kv cache][+tc][+head]``: no cache format means uncompressed (``DenseKVCache``, masked
+SDPA; ``:bf16`` is the same bytes through the Triton decode kernel); ``+tc``: the decode step through
+``torch.compile`` before its capture (``CachedDecoder(compile_step=True)``); ``+head``: the LM head
+quantized too, with the recipe's weight format (``overrides={"lm_head": ...}``; recipes keep it 16-bit)."""
 
 
 def model_8b(layers: int) -> torch.nn.Module:
@@ -98,19 +100,91 @@ def step_bytes(model, cm, decoder, batch: int, length: int) -> int:
     return weights + kv
 
 
-def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int, bw: float,
-                  memory_context: int = 0) -> list[dict]:
-    spec, plus, mode = config.partition("+")
+KERNEL_KINDS = (("gemm", ("int_mma", "weight_only", "gemm", "gemv", "cublas", "nvjet", "xmma", "cutlass", "splitk",
+                          "w4a8", "fp8_", "act_quant")),
+                ("attention", ("attention", "decode", "append", "flash", "sdpa", "merge")),
+                ("other", ("",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next(kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys))
+
+
+def profile_decode(cm, decoder, ids: torch.Tensor, new: int, steps: int = 8) -> dict:
+    """GPU time of ``steps`` captured decode steps by kernel kind (``torch.profiler``): kernels per step,
+    the GEMM / attention / other shares, and the gap (wall time minus the kernels' sum)."""
+    from torch.profiler import ProfilerActivity, profile
+    B, T = ids.shape
+    cm.generate(ids, 3, max_length=T + new)            # prefill, capture; the cache holds T + 3 tokens per row
+    token = torch.zeros(B, dtype=torch.long, device=ids.device)
+    position = torch.full((B,), T + 3, dtype=torch.long, device=ids.device)
+    decoder.decode_step(token, position)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for i in range(steps):
+            decoder.decode_step(token, position + 1 + i)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6
+    by_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name.setdefault(e.name, []).append(e.device_time_total)
+    by_kind: dict[str, float] = {}
+    for name, times in by_name.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times) / steps
+    kernel_us = sum(by_kind.values())
+    top = sorted(((sum(v) / steps, len(v) / steps, n) for n, v in by_name.items()), reverse=True)[:25]
+    return {"kernels_per_step": sum(len(v) for v in by_name.values()) / steps, "step_us": wall_us / steps,
+            "kernel_us_per_step": kernel_us, "gap_us_per_step": wall_us / steps - kernel_us, "by_kind_us": by_kind,
+            "top": [{"us": us, "calls": c, "name": n[:120]} for us, c, n in top]}
+
+
+def parse_config(config: str) -> tuple[str, str | None, bool, bool]:
+    """``recipe[:kv][+tc][+head]`` as (recipe, kv cache, torch.compile step, quantized LM head)."""
+    spec, *flags = config.split("+")
     recipe, _, kv = spec.partition(":")
+    unknown = set(flags) - {"tc", "head"}
+    if unknown:
+        raise ValueError(f"config {config!r}: unknown flags {sorted(unknown)} (known: +tc, +head)")
+    return recipe, kv or None, "tc" in flags, "head" in flags
+
+
+def compile_model(model, recipe: str, head: bool):
+    overrides = {"lm_head": qcompile.recipes.get_recipe(recipe).weight.short()} if head else None
     example = torch.randint(0, 32000, (2, 16), device="cuda")
-    t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cm = qcompile.compile(model, example, target="hopper", recipe=recipe, kv_cache=kv or None, progress=False,
-                              verify=False)
-    compile_s = time.perf_counter() - t
+        return qcompile.compile(model, example, target="hopper", recipe=recipe, progress=False, verify=False,
+                                overrides=overrides)
+
+
+def long_context_row(decoder, batch: int, context: int, steps: int = 16) -> dict:
+    """Decode tokens/s at ``context`` tokens per row: the cache's lengths are set to ``context`` without a
+    prefill (its contents are whatever the storage holds: the time does not depend on the values)."""
+    cache = decoder.allocate(batch, context + steps + 2)
+    cache.lengths.fill_(context)
+    cache.advance_bounds(context)
+    token = torch.zeros(batch, dtype=torch.long, device="cuda")
+    position = torch.full((batch,), context, dtype=torch.long, device="cuda")
+    decoder.decode_step(token, position)                  # capture
+    torch.cuda.synchronize()
     t = time.perf_counter()
-    decoder = CachedDecoder(cm, cm.kv_cache, compile_step=mode == "tc")
+    for i in range(steps):
+        decoder.decode_step(token, position + 1 + i)
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t) * 1e3 / steps
+    return {"batch": batch, "context": context, "step_ms": step_ms, "tokps": 1e3 * batch / step_ms,
+            "cache_gib": cache.nbytes() / 2 ** 30}
+
+
+def qcompile_rows(model, config: str, cm, compile_s: float, batches: list[int], prompt: int, new: int, bw: float,
+                  memory_context: int = 0, profile: bool = False, prefill_tokens: int = 0,
+                  long_context: tuple[int, int] | None = None) -> list[dict]:
+    _, kv, tc, _ = parse_config(config)
+    t = time.perf_counter()
+    decoder = CachedDecoder(cm, kv, compile_step=tc)
     cm._decoder = decoder
     graph_s = time.perf_counter() - t
     rows = []
@@ -126,7 +200,20 @@ def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int,
                      "floor_steps_per_s": floor, "compile_s": compile_s, "generation_graph_s": graph_s, "warm_s": warm_s,
                      "paths": dict(decoder.binding.paths)})
         print(json.dumps(rows[-1]), flush=True)
+        if profile and b == batches[0]:
+            rows[-1]["profile"] = profile_decode(cm, decoder, ids, new)
+            print(json.dumps(rows[-1]["profile"]), flush=True)
+    if prefill_tokens:
+        ids = torch.randint(0, 32000, (1, prefill_tokens), device="cuda")
+        cm.generate(ids, 1)
+        _, stats = cm.generate(ids, 1, return_stats=True)
+        rows.append({"config": config, "batch": 1, "prefill_tokens": prefill_tokens, "ttft_ms": stats.prefill_s * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+    if long_context:
+        rows.append({"config": config, **long_context_row(decoder, *long_context)})
+        print(json.dumps(rows[-1]), flush=True)
     if memory_context:
+        decoder.cache = None
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, 32000, (1, memory_context - 8), device="cuda")
@@ -135,9 +222,16 @@ def qcompile_rows(model, config: str, batches: list[int], prompt: int, new: int,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
                      "cache_gib": decoder.cache.nbytes() / 2 ** 30})
         print(json.dumps(rows[-1]), flush=True)
-    del cm, decoder
+    decoder.cache = None
+    del decoder
+    cm._decoder = None
     torch.cuda.empty_cache()
     return rows
+
+
+def hf_prefill_ms(model, tokens: int) -> float:
+    ids = torch.randint(0, 32000, (1, tokens), device="cuda")
+    return do_bench(lambda: model(ids, use_cache=False), warmup=2, rep=10, return_mode="median")
 
 
 def main() -> None:
@@ -150,6 +244,12 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
     ap.add_argument("--memory-context", type=int, default=0, metavar="T",
                     help="also the peak GPU memory of a batch-1 generation at T tokens of context (e.g. 32768)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the prefill and 8 decode steps at the first batch size (kernel kinds, top kernels)")
+    ap.add_argument("--prefill-tokens", type=int, default=0, metavar="T",
+                    help="also the time to first token of one T-token prompt (e.g. 2048), and Hugging Face's forward")
+    ap.add_argument("--long-context", default="", metavar="B,T",
+                    help="also decode tokens/s at batch B with T tokens of context per row (e.g. 32,8192)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -170,12 +270,28 @@ def main() -> None:
                                     "floor_steps_per_s": bw / step_bytes(model, None, None, b, args.prompt)})
                 print(json.dumps(res["rows"][-1]), flush=True)
             print(json.dumps({"hf_eager_tokps_b1": res["hf_eager_tokps_b1"]}), flush=True)
-        for config in args.configs.split(","):
-            try:
-                res["rows"] += qcompile_rows(model, config, batches, args.prompt, args.new, bw, args.memory_context)
-            except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
-                res["rows"].append({"config": config, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(json.dumps(res["rows"][-1]), flush=True)
+        if args.prefill_tokens and not args.no_hf:
+            res["hf_prefill_ms"] = hf_prefill_ms(model, args.prefill_tokens)
+            print(json.dumps({"hf_prefill_ms": res["hf_prefill_ms"], "tokens": args.prefill_tokens}), flush=True)
+        long_context = tuple(int(v) for v in args.long_context.split(",")) if args.long_context else None
+        configs = args.configs.split(",")
+        groups: dict[tuple[str, bool], list[str]] = {}
+        for config in configs:
+            recipe, _, _, head = parse_config(config)
+            groups.setdefault((recipe, head), []).append(config)
+        for (recipe, head), members in groups.items():   # one compile() per recipe, a decoder per config
+            t = time.perf_counter()
+            cm = compile_model(model, recipe, head)
+            compile_s = time.perf_counter() - t
+            for config in members:
+                try:
+                    res["rows"] += qcompile_rows(model, config, cm, compile_s, batches, args.prompt, args.new, bw,
+                                                 args.memory_context, args.profile, args.prefill_tokens, long_context)
+                except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
+                    res["rows"].append({"config": config, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    print(json.dumps(res["rows"][-1]), flush=True)
+            del cm
+            torch.cuda.empty_cache()
     print(f"\n{res['device']}, torch {res['torch']}, transformers {res['transformers']}, {args.layers} layers, "
           f"prompt {args.prompt}, {args.new} new; copy {bw / 1e12:.2f} TB/s; HF eager b1 "
           f"{res.get('hf_eager_tokps_b1', float('nan')):.1f} tok/s")
@@ -186,6 +302,14 @@ def main() -> None:
             continue
         if "peak_gib" in r:
             print(f"{r['config']:18s} context {r['context']}: peak {r['peak_gib']:.1f} GiB, cache {r['cache_gib']:.2f} GiB")
+            continue
+        if "prefill_tokens" in r:
+            print(f"{r['config']:18s} prefill {r['prefill_tokens']} tokens: {r['ttft_ms']:.1f} ms "
+                  f"(HF forward {res.get('hf_prefill_ms', float('nan')):.1f} ms)")
+            continue
+        if "context" in r:
+            print(f"{r['config']:18s} batch {r['batch']} at {r['context']} context: {r['step_ms']:.2f} ms/step, "
+                  f"{r['tokps']:.1f} tok/s, cache {r['cache_gib']:.1f} GiB")
             continue
         print(f"{r['config']:18s} {r['batch']:5d} {r.get('ttft_ms', float('nan')):8.1f} {r['step_ms']:8.2f} "
               f"{r['tokps']:8.1f} {r['floor_steps_per_s'] * r['batch']:11.1f}")

@@ -20,6 +20,7 @@ from qcompile.frontend.skeleton import architecture_skeleton
 from qcompile.frontend.torch_export import ExportError
 from qcompile.recipes import Recipe
 from qcompile.report import Report
+from qcompile.runtime.captured_forward import CapturedForward
 from qcompile.targets import Target
 
 MAX_RETRACED = 8
@@ -51,6 +52,7 @@ class CompiledModel:
         self.kv_cache = kv_cache
         """The KV-cache format ``generate`` uses (``compile(kv_cache=...)``); ``None``: uncompressed."""
         self._decoder: Any = None
+        self._captured = CapturedForward()
         self.target = target
         self.recipe = recipe
         self._report = report
@@ -94,10 +96,36 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled model: the original model's arguments, positional or keyword, bound to its
         ``forward`` signature (a new call structure is re-traced once, with a warning); under
-        ``torch.no_grad``."""
+        ``torch.no_grad``. On CUDA a call shape seen twice is captured as a CUDA graph and replayed
+        from then on (``runtime/captured_forward.py``; :attr:`cuda_graphs`)."""
         gm, call_args, call_kwargs = self.graph_call(args, kwargs)
         with torch.no_grad():
-            return gm(*call_args, **call_kwargs)
+            return self._captured(gm, call_args, call_kwargs)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether CUDA calls are captured and replayed per call shape (default ``True``; the
+        environment's ``QCOMPILE_CUDA_GRAPHS=0`` turns it off for every model). Setting it ``False``
+        drops the captured graphs."""
+        return self._captured.enabled
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        self._captured.enabled = bool(enabled)
+        if not enabled:
+            self._captured.clear()
+
+    @property
+    def compile_forward(self) -> bool:
+        """Whether CUDA calls run the graph through ``torch.compile`` (Inductor fuses the elementwise ops
+        around the quantized GEMMs; compiled once per call shape, seconds to minutes each) before the
+        capture. Default ``False`` (``QCOMPILE_COMPILE_FORWARD=1`` turns it on)."""
+        return self._captured.compile
+
+    @compile_forward.setter
+    def compile_forward(self, enabled: bool) -> None:
+        self._captured.compile = bool(enabled)
+        self._captured.clear()
 
     def graph_call(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, tuple, dict]:
         """The graph that serves a call of the model with ``(args, kwargs)`` and the call in that

@@ -6,7 +6,10 @@ compiled tensors are restored from the compiled graph). Holding the user's model
 second copy of the weights alive and would see later changes to it; the skeleton is a deep copy
 taken at compile time whose parameters and persistent buffers live on the meta device (no
 memory). Non-persistent buffers (rotary frequencies, position ids) are copied: they are not in
-a state dict, so the re-traced graph takes them from the skeleton; they are small.
+a state dict, so the re-traced graph takes them from the skeleton; they are small. A 0-dim one
+off the CPU (Gemma's ``embed_scale`` on CUDA) is copied to the CPU: traced against meta weights, a
+0-dim CUDA tensor is a device mismatch, a 0-dim CPU tensor is a scalar; the re-traced graph moves it
+back with the other buffers.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ def architecture_skeleton(model: torch.nn.Module) -> torch.nn.Module:
             memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for module in model.modules():
         for name, b in module._buffers.items():
-            if b is not None and not b.is_meta and name not in module._non_persistent_buffers_set:
+            if b is None or b.is_meta:
+                continue
+            if name not in module._non_persistent_buffers_set:
                 memo[id(b)] = torch.empty_like(b, device="meta")
+            elif b.dim() == 0 and b.device.type != "cpu":
+                memo[id(b)] = b.detach().cpu().clone()
     if not memo:
         return model
     return copy.deepcopy(model, memo)

@@ -250,11 +250,13 @@ def test_a_model_without_sdpa_has_no_cache_to_give():
 def test_compiled_decode_step_gives_the_same_tokens(llama):
     _, cm = llama
     ids, mask = _prompts()
-    eager = cm.generate(ids, 6, attention_mask=mask)
+    batches = (3, 2, 1)             # batch 3, then one symbolic recompile for batch 2, then batch 1
+    eager = [cm.generate(ids[-b:], 6, attention_mask=mask[-b:]) for b in batches]
     compiled = CachedDecoder(cm, compile_step=True)
     saved, cm._decoder = cm._decoder, compiled
     try:
-        assert torch.equal(cm.generate(ids, 6, attention_mask=mask), eager)
-        assert compiled._step_fn is not None
+        for b, tokens in zip(batches, eager, strict=True):
+            assert torch.equal(cm.generate(ids[-b:], 6, attention_mask=mask[-b:]), tokens)
+        assert compiled._step_fn is not None and compiled.compile_step
     finally:
         cm._decoder = saved
