@@ -40,10 +40,30 @@ def timed(cm, ids, mode: str) -> float:
     return do_bench(lambda: cm(ids), return_mode="median")
 
 
+def top_kernels(fn, calls: int = 3, top: int = 8) -> list[str]:
+    """The ``top`` kernels by GPU time per call of ``fn`` (``torch.profiler``), as printable lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times.setdefault(e.name, []).append(e.device_time_total)
+    total = sum(sum(v) for v in times.values()) / calls
+    rows = sorted(((sum(v) / calls, len(v) // calls, n) for n, v in times.items()), reverse=True)[:top]
+    return [f"   kernels {total:8.1f} us/call in all"] + [f"   {us:8.1f} us {c:4d}x {n[:90]}" for us, c, n in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--profile", action="store_true", help="top kernels of the 512-token forward, per recipe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -58,6 +78,9 @@ def main() -> None:
         t_dec = do_bench(lambda: model(decode, use_cache=False), return_mode="median")
         t_pre = do_bench(lambda: model(prefill, use_cache=False), return_mode="median")
     modes = args.modes.split(",")
+    if args.profile:
+        with torch.no_grad():
+            print("bf16 model, 512 tokens:", *top_kernels(lambda: model(prefill, use_cache=False)), sep="\n")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_1tok_ms": t_dec,
            "bf16_512tok_ms": t_pre, "rows": []}
     print(f"{res['device']} torch {torch.__version__}; bf16 model (eager): 1 token {t_dec:.3f} ms, "
@@ -86,6 +109,9 @@ def main() -> None:
                   f"{q_pre:10.3f} {q_pre / t_pre:7.2f}", flush=True)
         for f in fallbacks:
             print("   fallback:", f)
+        if args.profile:
+            cm.cuda_graphs, cm.compile_forward = True, False
+            print(f"{name}, 512 tokens (graph):", *top_kernels(lambda cm=cm: cm(prefill)), sep="\n")
         del cm
         torch.cuda.empty_cache()
     if args.json:

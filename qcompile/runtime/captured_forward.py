@@ -10,8 +10,10 @@ output a caller keeps is never overwritten by the next call).
 
 Shapes are keyed exactly (no padding to buckets: padding would change an encoder's outputs). The
 graphs share one memory pool and the least recently used is dropped past ``max_graphs``. A graph
-that cannot be captured (a host synchronisation in the graph, a CPU tensor input) is run eagerly
-from then on, with a warning naming the reason. ``QCOMPILE_CUDA_GRAPHS=0`` (or
+that cannot be captured runs eagerly, with a warning naming the reason: one whose nodes need the
+host (:func:`capture_blocker`: data-dependent shapes, ``.item()``, CPU constants) is refused
+before any capture, since a capture that fails part-way can leave PyTorch's allocator in a state
+later CUDA work trips over; any other capture error is caught as a last resort. ``QCOMPILE_CUDA_GRAPHS=0`` (or
 ``CompiledModel.cuda_graphs = False``) runs every call eagerly.
 
 ``compile=True`` (``QCOMPILE_COMPILE_FORWARD=1``, ``CompiledModel.compile_forward``) runs the graph
@@ -47,6 +49,40 @@ def cuda_graphs_enabled() -> bool:
     """``QCOMPILE_CUDA_GRAPHS`` unset or anything but ``0``: the one switch for captured forwards and
     the captured decode step."""
     return os.environ.get("QCOMPILE_CUDA_GRAPHS", "1") != "0"
+
+
+HOST_OPS = frozenset({
+    "aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default", "aten.nonzero_static.default",
+    "aten.masked_select.default", "aten.unique.default", "aten._unique2.default", "aten.unique_consecutive.default",
+    "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.bincount.default", "aten.histc.default",
+    "aten.masked_scatter.default", "aten._assert_async.msg",
+})
+"""ATen ops that read device values on the host (a sync, or an output shape that depends on data):
+not capturable in a CUDA graph."""
+
+
+def capture_blocker(fn: Any) -> str | None:
+    """Why ``fn`` (an FX graph module) cannot be captured in a CUDA graph, or ``None``: a node in
+    :data:`HOST_OPS`, a boolean-mask index, or a non-scalar tensor constant on the CPU (its copy to
+    the GPU inside the graph is a host transfer). Functions that are not graph modules are not
+    inspected."""
+    from torch import fx
+
+    if not isinstance(fn, fx.GraphModule):
+        return None
+    for node in fn.graph.nodes:
+        if node.op == "call_function" and str(node.target) in HOST_OPS:
+            return f"node {node.name} ({node.target}) needs the host"
+        if node.op == "call_function" and str(node.target) == "aten.index.Tensor":
+            for index in node.args[1] if len(node.args) > 1 else ():
+                value = index.meta.get("val") if isinstance(index, fx.Node) else None
+                if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+                    return f"node {node.name} indexes with a boolean mask (a data-dependent shape)"
+        if node.op == "get_attr":
+            value = getattr(fn, str(node.target), None)
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() > 0:
+                return f"tensor constant {node.target} is on the CPU"
+    return None
 
 
 @dataclass
@@ -109,6 +145,10 @@ class CapturedForward:
             self._calls[key] = self._calls.get(key, 0) + 1
             if self._calls[key] < CAPTURE_AFTER:
                 return fn(*args, **kwargs)
+            blocker = capture_blocker(fn)
+            if blocker is not None:
+                self._refuse(key, blocker)
+                return fn(*args, **kwargs)
             captured = self._capture(key, fn, leaves, spec)
             if captured is None:
                 return fn(*args, **kwargs)
@@ -144,11 +184,7 @@ class CapturedForward:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any capture failure: this shape runs eagerly, said once
-            torch.cuda.synchronize(device)
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            self._eager[key] = reason
-            warnings.warn(f"the compiled forward could not be captured as a CUDA graph for this call shape; it "
-                          f"runs eagerly ({reason})", stacklevel=4)
+            self._refuse(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
             return None
         out_leaves = pytree.tree_leaves(output)
         if not any(isinstance(x, torch.Tensor) for x in out_leaves):
@@ -159,6 +195,11 @@ class CapturedForward:
         if len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return captured
+
+    def _refuse(self, key: tuple, reason: str) -> None:
+        self._eager[key] = reason
+        warnings.warn(f"the compiled forward is not captured as a CUDA graph for this call shape; it runs "
+                      f"eagerly ({reason})", stacklevel=4)
 
     def clear(self) -> None:
         """Drop every captured graph (their memory returns to the pool)."""

@@ -61,18 +61,44 @@ def test_replays_equal_the_eager_graph_and_outputs_are_not_overwritten():
     assert other["y"].shape == (3, 64) and runner.replays == 3
 
 
+def _graph(fn):
+    return torch.fx.symbolic_trace(fn)
+
+
+def test_graphs_that_need_the_host_are_refused_before_any_capture():
+    from qcompile.runtime.captured_forward import capture_blocker
+
+    exported = torch.export.export(_NonZero(), (torch.ones(4),)).module()
+    assert "needs the host" in capture_blocker(exported)
+    assert capture_blocker(_graph(lambda x: torch.relu(x) * 2)) is None
+    assert capture_blocker(lambda x: x) is None                         # not a graph: not inspected
+    with_constant = _graph(_WithConstant())
+    assert "on the CPU" in capture_blocker(with_constant)
+
+
+class _NonZero(torch.nn.Module):
+    def forward(self, x):
+        return torch.nonzero(x)
+
+
+class _WithConstant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0))
+
+    def forward(self, x):
+        return x + self.table
+
+
 @cuda
-def test_a_call_that_cannot_be_captured_warns_and_runs_eagerly():
+def test_a_graph_that_needs_the_host_warns_and_runs_eagerly():
     runner = CapturedForward()
-
-    def fn(x):
-        return x * x.sum().item()                  # a host synchronisation: not capturable
-
-    x = torch.ones(4, device="cuda")
+    fn = torch.export.export(_NonZero(), (torch.ones(4, device="cuda"),)).module()
+    x = torch.tensor([0.0, 1.0, 0.0, 2.0], device="cuda")
     runner(fn, (x,), {})
-    with pytest.warns(UserWarning, match="could not be captured"):
-        assert torch.equal(runner(fn, (x,), {}), x * 4)
-    assert torch.equal(runner(fn, (x,), {}), x * 4) and runner.replays == 0 and runner.reasons
+    with pytest.warns(UserWarning, match="not captured"):
+        assert torch.equal(runner(fn, (x,), {}), torch.nonzero(x))
+    assert runner.replays == 0 and runner.reasons
 
 
 @cuda
