@@ -137,7 +137,7 @@ class CapturedForward:
             return fn(*args, **kwargs)
         captured = self._graphs.get(key)
         if captured is not None and captured.fn is not fn:
-            del self._graphs[key]
+            self._drop(key)
             captured = None
         if captured is None:
             if len(self._calls) >= MAX_COUNTED:
@@ -193,8 +193,15 @@ class CapturedForward:
         captured = _Captured(fn, graph, [x for x in static if isinstance(x, torch.Tensor)], output)
         self._graphs[key] = captured
         if len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+            self._drop(next(iter(self._graphs)))
         return captured
+
+    def _drop(self, key: tuple) -> None:
+        """Forget one graph; with the last one the pool goes too (a pool no live graph holds is freed
+        by PyTorch, and capturing into its stale handle trips an allocator assertion)."""
+        del self._graphs[key]
+        if not self._graphs:
+            self._pool = None
 
     def _refuse(self, key: tuple, reason: str) -> None:
         self._eager[key] = reason
@@ -204,5 +211,6 @@ class CapturedForward:
     def clear(self) -> None:
         """Drop every captured graph (their memory returns to the pool)."""
         self._graphs.clear()
+        self._pool = None
         self._calls.clear()
         self._compiled.clear()

@@ -196,7 +196,8 @@ class CachedDecoder:
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` after appending one token per row (``token``, ``position``: ``[B]``): a
-        replay of the captured step on CUDA (captured on first use), else an eager forward."""
+        replay of the captured step on CUDA (captured on first use), else an eager forward. A replay
+        returns the graph's static output: the next step overwrites it (clone what you keep)."""
         cache = self.binding.cache
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return self.forward(token[:, None], position[:, None].long(), compiled=self.compile_step)[:, -1]

@@ -113,3 +113,19 @@ def test_compiled_model_replays_equal_eager_calls(recipe):
     assert cm._captured.replays == 2
     for r in replayed:
         torch.testing.assert_close(r, eager)
+
+
+@cuda
+def test_clearing_and_capturing_again_works():
+    runner = CapturedForward()
+    w = torch.randn(16, 16, device="cuda")
+    x = torch.randn(4, 16, device="cuda")
+
+    def fn(x):
+        return x @ w
+
+    for _ in range(2):                        # the pool goes with the last graph: the next capture works
+        for _ in range(3):
+            torch.testing.assert_close(runner(fn, (x,), {}), x @ w)
+        runner.clear()
+    assert runner.replays == 4

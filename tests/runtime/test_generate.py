@@ -100,7 +100,7 @@ def _teacher_forced_logits(decoder, tokens):
     decoder.allocate(B, T)
     out = [prefill(decoder, tokens[:, :half], torch.full((B,), half, dtype=torch.int32, device=DEV))]
     for t in range(half, T - 1):
-        out.append(decoder.decode_step(tokens[:, t], torch.full((B,), t, device=DEV)))
+        out.append(decoder.decode_step(tokens[:, t], torch.full((B,), t, device=DEV)).clone())  # a static buffer
     return torch.stack(out, 1)                       # logits predicting positions half .. T-1
 
 
