@@ -114,11 +114,13 @@ def _swapped_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor]) -> It
 
 class OutputProbe:
     """The model's output error on the calibration set for any set of substituted layers
-    (the float outputs computed once)."""
+    (the float outputs computed once). ``batches``: only the first that many calibration batches
+    (the model proxy costs one forward of them per layer and option; the Hessians and the
+    quantizer still see every batch)."""
 
-    def __init__(self, gm: fx.GraphModule, calibration: Calibration):
+    def __init__(self, gm: fx.GraphModule, calibration: Calibration, batches: int | None = None):
         self.gm = gm
-        self.batches = list(calibration.batches)
+        self.batches = list(calibration.batches)[:batches]
         self.inputs = [flat_inputs(gm, args, kwargs) for args, kwargs in self.batches]
         self.weight_of = {n.name: n.args[1].target for n in gm.graph.nodes
                           if n.op == "call_function" and len(n.args) > 1 and getattr(n.args[1], "op", "") == "get_attr"}

@@ -69,6 +69,16 @@ def test_model_proxy_is_the_output_error_with_one_layer_quantized(setup):
     assert (m[:, 4] == 0).all() and (table.proxy("layer")[:, 4] == 0).all()
 
 
+def test_a_probe_on_fewer_batches_measures_only_those(setup):
+    model, batches, gm, nodes, stats, probe, options, table = setup
+    first = OutputProbe(gm, Calibration([((b,), {}) for b in batches]), batches=1)
+    assert len(first.batches) == 1 and len(probe.batches) == 2
+    product = table.products[1][options.index(parse_option("int2-g32-asym"))]
+    err = first.measure({nodes[1].name: product})[0]
+    assert err == pytest.approx(_eager_error(model, batches[:1], 1, parse_option("int2-g32-asym")), rel=1e-4)
+    assert err != pytest.approx(probe.measure({nodes[1].name: product})[0], rel=1e-4)
+
+
 def test_layer_and_hessian_proxies_match_their_formulas(setup):
     model, _, _, nodes, stats, _, options, table = setup
     lin = [mod for mod in model if isinstance(mod, nn.Linear)][2]
