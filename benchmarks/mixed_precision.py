@@ -6,8 +6,8 @@ end-to-end error best.
     python benchmarks/mixed_precision.py --quick --no-write   # a smoke run: 1 calibration batch, 2 rows
 
 Protocol (benchmarks/accuracy.py's): calibrate on sentences of ``benchmarks/data/calibration_*.txt``
-(evenly spaced, ``--sentences`` of them, fewer than accuracy.py's 981 texts so that the run stays
-under 40 minutes on one CPU thread), test on the model README's 26 prose sentences, never
+(evenly spaced, ``--sentences`` of them, all 736 by default: accuracy.py's 981 texts less its
+paragraphs, so that the run stays under 40 minutes on one CPU thread), test on the model README's 26 prose sentences, never
 calibrated on. Metric: mean-pooled sentence embeddings against float32 (mean and min cosine).
 Pipeline: ``w4a16-rotate-gptq-fit`` (online Hadamards, GPTQ on error-minimising grids fitted to the
 float model) for the mixed rows and the uniform int3 rows; the mixed rows choose among
@@ -41,8 +41,9 @@ import qcompile  # noqa: E402
 from qcompile.demo import embedding_agreement, load_minilm, mean_pool, readme_sentences  # noqa: E402
 from qcompile.formats import QuantSpec  # noqa: E402
 
-CALIBRATION_SENTENCES = 256
-"""Eight batches: the Hessians and GPTQ see all of them."""
+CALIBRATION_SENTENCES = 736
+"""Every calibration sentence (23 batches; accuracy.py adds 245 paragraphs of them): the Hessians
+and GPTQ see all of them, the model proxy the first ``PROXY_BATCHES``."""
 BATCH = 32
 PROXY_BATCHES = 1
 """The model proxy's forwards (37 per layer: 9 options × 36 layers + the checks) run on one batch."""

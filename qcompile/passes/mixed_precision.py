@@ -288,6 +288,9 @@ class MixedPrecision(Pass):
         stats_out["sensitivity_cached"] = cached
         stats_out["forwards"] = probe.runs
         stats_out["proxy_batches"] = len(probe.batches)
+        if probe.suffix_runs:
+            stats_out["prefix_reused"] = {"forwards": probe.suffix_runs,
+                                          "mean_nodes_rerun": round(probe.rerun_fraction / probe.suffix_runs, 4)}
         return PassResult(False, stats_out)
 
     def _costs(self, options: list[PrecisionOption], shapes: list[tuple[int, int]], ctx: PassContext,
