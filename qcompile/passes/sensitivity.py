@@ -141,12 +141,13 @@ class OutputProbe:
         with torch.no_grad():
             if prefix_cache:
                 self.envs = []
-                for inp in self.inputs:
+                for inp in self.inputs:  # stop as soon as the values outgrow the limit
                     interp = fx.Interpreter(gm, garbage_collect_values=False)
                     interp.run(*inp)
                     self.envs.append(interp.env)
-                if _env_bytes(self.envs) > PREFIX_CACHE_BYTES:
-                    self.envs = None
+                    if _env_bytes(self.envs) > PREFIX_CACHE_BYTES:
+                        self.envs = None
+                        break
             if self.envs is not None:
                 out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
                 self.reference = [_first_float(_output_value(env, out_node)) for env in self.envs]
