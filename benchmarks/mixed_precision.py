@@ -46,7 +46,7 @@ CALIBRATION_SENTENCES = 736
 and GPTQ see all of them, the model proxy the first ``PROXY_BATCHES``."""
 BATCH = 32
 PROXY_BATCHES = 1
-"""The model proxy's forwards (37 per layer: 9 options × 36 layers + the checks) run on one batch."""
+"""The model proxy's forwards (8 quantized options × 36 layers, and the checks) run on one batch."""
 OUT = ROOT / "docs" / "benchmarks" / "mixed-precision-minilm.md"
 CORRELATION_ASSIGNMENTS = 24
 PIPELINE = "w4a16-rotate-gptq-fit"
