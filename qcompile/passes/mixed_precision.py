@@ -110,6 +110,9 @@ class MixedPrecision(Pass):
       (and any budget), verify the choice end to end on the calibration set, tighten when the
       proxy was optimistic and loosen when it was pessimistic (bisection between the two), up to
       :data:`MAX_ITERATIONS` rounds; the smallest verified choice wins and the rounds are reported.
+    - ``proxy_batches``: the model proxy, the quality rounds, the measured output error and the
+      correlations run on the first that many calibration batches (each sensitivity is one forward
+      of them); the Hessians and the quantizer still see every batch. Default: all.
     - ``cache``: a dict shared between compiles: a sensitivity table measured for the same
       weights, options, quantizer and calibration batches (a SHA-256 of them) is reused, so
       re-solving for another budget or floor does not re-measure.
@@ -135,7 +138,7 @@ class MixedPrecision(Pass):
                  candidates: Sequence[Any] | None = None, proxy: str = "model", tie: bool = True,
                  prefill_tokens: int = PREFILL_TOKENS, quantizer: str | None = None,
                  correlation_assignments: int = 0, max_iterations: int = MAX_ITERATIONS,
-                 cache: dict | None = None):
+                 cache: dict | None = None, proxy_batches: int | None = None):
         self.budget = _check_mapping(budget, BUDGET_KEYS, "budget")
         self.quality = _check_mapping(quality, QUALITY_KEYS, "quality")
         if not self.budget and not self.quality:
@@ -161,6 +164,11 @@ class MixedPrecision(Pass):
             raise MixedPrecisionError(f"mixed_precision cache must be a dict (shared between compiles), got "
                                       f"{type(cache).__name__}")
         self.cache = cache
+        if proxy_batches is not None and (isinstance(proxy_batches, bool) or not isinstance(proxy_batches, int)
+                                          or proxy_batches < 1):
+            raise MixedPrecisionError(f"mixed_precision proxy_batches must be an int >= 1 (the calibration batches "
+                                      f"the model proxy and the quality checks run on), got {proxy_batches!r}")
+        self.proxy_batches = proxy_batches
 
     def options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"proxy": self.proxy, "tie": self.tie, "prefill_tokens": self.prefill_tokens}
@@ -172,6 +180,8 @@ class MixedPrecision(Pass):
             out["candidates"] = list(self.candidates)
         if self.quantizer is not None:
             out["quantizer"] = self.quantizer
+        if self.proxy_batches is not None:
+            out["proxy_batches"] = self.proxy_batches
         return out
 
     def check_candidates(self, activation: Any, method: str, quantizer: str) -> list[PrecisionOption]:
@@ -232,8 +242,8 @@ class MixedPrecision(Pass):
         proxies = list(PROXIES) if self.correlation_assignments else sorted({self.proxy, "layer"}, key=PROXIES.index)
         need_hessian = quantizer.needs_hessian or "hessian" in proxies
         stats = ctx.activation_stats(gm, [*nodes, *fixed], hessian=need_hessian)
-        probe = OutputProbe(gm, ctx.calibration)
-        key = _fingerprint(gm, nodes, options, quantizer, ctx) if self.cache is not None else None
+        probe = OutputProbe(gm, ctx.calibration, self.proxy_batches)
+        key = _fingerprint(gm, nodes, options, quantizer, ctx, self.proxy_batches) if self.cache is not None else None
         table = self.cache.get(key) if key is not None else None
         cached = table is not None and set(proxies) <= set(table.proxies)
         if not cached:
@@ -277,6 +287,10 @@ class MixedPrecision(Pass):
                                 "total": round(time.perf_counter() - start, 3)}
         stats_out["sensitivity_cached"] = cached
         stats_out["forwards"] = probe.runs
+        stats_out["proxy_batches"] = len(probe.batches)
+        if probe.suffix_runs:
+            stats_out["prefix_reused"] = {"forwards": probe.suffix_runs,
+                                          "mean_nodes_rerun": round(probe.rerun_fraction / probe.suffix_runs, 4)}
         return PassResult(False, stats_out)
 
     def _costs(self, options: list[PrecisionOption], shapes: list[tuple[int, int]], ctx: PassContext,
@@ -434,16 +448,17 @@ class MixedPrecision(Pass):
 
 
 def _fingerprint(gm: fx.GraphModule, nodes: list[fx.Node], options: list[PrecisionOption], quantizer: Pass,
-                 ctx: PassContext) -> str:
+                 ctx: PassContext, proxy_batches: int | None = None) -> str:
     """What a sensitivity table depends on: the layers' weights, the options, the quantizer and its
-    options, the calibration batches (a cache hit must be the same measurement)."""
+    options, the calibration batches and how many of them the model proxy ran on (a cache hit must
+    be the same measurement)."""
     import hashlib
 
     import torch
 
     h = hashlib.sha256()
     h.update(repr(([module_path(n) for n in nodes], [o.to_dict() for o in options], quantizer.name,
-                   quantizer.options())).encode())
+                   quantizer.options(), proxy_batches)).encode())
     for n in nodes:
         h.update(get_attr(gm, n.args[1].target).detach().float().contiguous().numpy().tobytes())
     for args, kwargs in ctx.calibration.batches:

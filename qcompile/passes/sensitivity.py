@@ -112,21 +112,93 @@ def _swapped_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor]) -> It
             table[name] = old
 
 
+PREFIX_CACHE_BYTES = 2 << 30
+"""The most memory the probe keeps for the float model's intermediate values (every node's, per
+proxy batch); above it each measurement reruns the whole model."""
+
+
 class OutputProbe:
     """The model's output error on the calibration set for any set of substituted layers
-    (the float outputs computed once)."""
+    (the float outputs computed once). ``batches``: only the first that many calibration batches
+    (the model proxy costs one forward of them per layer and option; the Hessians and the
+    quantizer still see every batch).
 
-    def __init__(self, gm: fx.GraphModule, calibration: Calibration):
+    With one layer substituted (the model proxy), only the nodes that depend on it are rerun: the
+    float model's value of every node is kept from one interpreted forward (``prefix_cache``, when
+    it fits in :data:`PREFIX_CACHE_BYTES`), so a layer late in the model costs a fraction of a
+    forward. The ops are the same, so the errors are the full forward's."""
+
+    def __init__(self, gm: fx.GraphModule, calibration: Calibration, batches: int | None = None,
+                 prefix_cache: bool = True):
         self.gm = gm
-        self.batches = list(calibration.batches)
+        self.batches = list(calibration.batches)[:batches]
         self.inputs = [flat_inputs(gm, args, kwargs) for args, kwargs in self.batches]
         self.weight_of = {n.name: n.args[1].target for n in gm.graph.nodes
                           if n.op == "call_function" and len(n.args) > 1 and getattr(n.args[1], "op", "") == "get_attr"}
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.envs: list[dict[fx.Node, object]] | None = None
+        """Every node's float value, per batch (``None``: not kept, too large or not asked)."""
         with torch.no_grad():
-            self.reference = [_first_float(gm(*args, **kwargs)) for args, kwargs in self.batches]
+            if prefix_cache:
+                self.envs = []
+                for inp in self.inputs:  # stop as soon as the values outgrow the limit
+                    interp = fx.Interpreter(gm, garbage_collect_values=False)
+                    interp.run(*inp)
+                    self.envs.append(interp.env)
+                    if _env_bytes(self.envs) > PREFIX_CACHE_BYTES:
+                        self.envs = None
+                        break
+            if self.envs is not None:
+                out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+                self.reference = [_first_float(_output_value(env, out_node)) for env in self.envs]
+            else:
+                self.reference = [_first_float(gm(*args, **kwargs)) for args, kwargs in self.batches]
         self.energy = sum(float((r * r).sum()) for r in self.reference)
         self.runs = 0
         """Forwards of the calibration set so far (the report's cost of measuring)."""
+        self.rerun_fraction = 0.0
+        """Summed fraction of the graph's nodes rerun by the measurements that reused the prefix."""
+        self.suffix_runs = 0
+        """Measurements that reused the float prefix."""
+        self._descendants: dict[tuple[str, ...], set[fx.Node]] = {}
+
+    def _downstream(self, seeds: Sequence[fx.Node]) -> set[fx.Node]:
+        key = tuple(sorted(n.name for n in seeds))
+        if key not in self._descendants:
+            out: set[fx.Node] = set()
+            todo = [u for n in seeds for u in n.users]
+            while todo:
+                n = todo.pop()
+                if n not in out:
+                    out.add(n)
+                    todo.extend(n.users)
+            self._descendants[key] = out
+        return self._descendants[key]
+
+    def _suffix(self, name: str, product: Product, w_hat: torch.Tensor | None) -> list[torch.Tensor]:
+        """The first floating output per batch with one layer substituted, rerunning only what
+        depends on it (a weight-only product replaces the weight attribute's value everywhere it is
+        read, as the full forward's swap does)."""
+        node = next(n for n in self.order if n.name == name)
+        if product.weight_only:
+            target = self.weight_of[name]
+            seeds = [n for n in self.order if n.op == "get_attr" and n.target == target]
+        else:
+            seeds = [node]
+        rerun = self._downstream(seeds)
+        self.rerun_fraction += len(rerun) / max(len(self.order), 1)
+        self.suffix_runs += 1
+        outs = []
+        for env, inp in zip(self.envs, self.inputs):
+            start = {n: v for n, v in env.items() if n not in rerun and n.op != "output"}
+            if product.weight_only:
+                for seed in seeds:
+                    start[seed] = w_hat
+                outs.append(_first_float(fx.Interpreter(self.gm).run(*inp, initial_env=start)))
+            else:
+                del start[node]
+                outs.append(_first_float(_Substituted(self.gm, {name: product}).run(*inp, initial_env=start)))
+        return outs
 
     def measure(self, products: dict[str, Product],
                 dequantized: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
@@ -140,15 +212,42 @@ class OutputProbe:
         given = dequantized or {}
         weights = {self.weight_of[name]: given[name] if name in given else dequantize(p.qt)
                    for name, p in products.items()} if swap else {}
-        with torch.no_grad(), _swapped_weights(self.gm, weights):
-            for ref, inp, (args, kwargs) in zip(self.reference, self.inputs, self.batches):
-                out = _first_float(self.gm(*args, **kwargs) if swap else _Substituted(self.gm, products).run(*inp))
+        with torch.no_grad():
+            if self.envs is not None and len(products) == 1:
+                (name, product), = products.items()
+                outs = self._suffix(name, product, weights.get(self.weight_of.get(name)) if swap else None)
+            else:
+                with _swapped_weights(self.gm, weights):
+                    outs = [_first_float(self.gm(*args, **kwargs) if swap else
+                                         _Substituted(self.gm, products).run(*inp))
+                            for inp, (args, kwargs) in zip(self.inputs, self.batches)]
+            for ref, out in zip(self.reference, outs):
                 err += float(((out - ref) ** 2).sum())
                 dot += float((out * ref).sum())
                 norm += float((out * out).sum())
         self.runs += 1
         cosine = dot / math.sqrt(max(norm * self.energy, 1e-300))
         return err / max(self.energy, 1e-300), cosine
+
+
+def _output_value(env: dict[fx.Node, object], out_node: fx.Node) -> object:
+    """The graph's output from a full environment (as the output node would return it)."""
+    return fx.node.map_arg(out_node.args[0], lambda n: env[n])
+
+
+def _env_bytes(envs: list[dict[fx.Node, object]]) -> int:
+    """Bytes of the distinct tensor storages in ``envs`` (views counted once, the module's own
+    weights not counted: they are held anyway)."""
+    seen: dict[int, int] = {}
+    for env in envs:
+        for n, v in env.items():
+            if n.op == "get_attr":
+                continue
+            for t in pytree.tree_leaves(v):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 @dataclass

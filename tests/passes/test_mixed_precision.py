@@ -140,6 +140,30 @@ def test_bad_budgets_and_floors_name_the_number(kwargs, message):
         MixedPrecision(**kwargs)
 
 
+def test_proxy_batches_measure_on_the_first_batches_and_key_the_cache(llama, monkeypatch):
+    torch.manual_seed(2)
+    batches = [tiny_inputs(2, 16) for _ in range(3)]
+    cache: dict = {}
+    cm = _compile(llama, batches, budget={"bits": 5.0},
+                  mixed_precision={"candidates": CANDIDATES, "cache": cache, "proxy_batches": 1})
+    rec = _record(cm)
+    assert rec["proxy_batches"] == 1
+    # The measured output error is on the first batch alone (RTN: the compiled weights are the measured ones).
+    assert rec["measured_cosine"] == pytest.approx(_cosine(cm, llama, batches[:1]), abs=1e-6)
+    assert rec["measured_cosine"] != pytest.approx(_cosine(cm, llama, batches), abs=1e-6)
+    measured = []
+    real = mp_pass.measure_sensitivity
+    monkeypatch.setattr(mp_pass, "measure_sensitivity", lambda *a, **k: measured.append(1) or real(*a, **k))
+    again = _compile(llama, batches, budget={"bits": 5.0}, mixed_precision={"candidates": CANDIDATES, "cache": cache})
+    assert measured and _record(again)["proxy_batches"] == 3  # all batches: another measurement, not the cached one
+
+
+@pytest.mark.parametrize("value", [0, 1.5, True])
+def test_bad_proxy_batches_name_the_value(value):
+    with pytest.raises(MixedPrecisionError, match=f"proxy_batches must be an int >= 1.*got {value!r}"):
+        MixedPrecision(budget={"bits": 4.0}, proxy_batches=value)
+
+
 def test_floor_above_the_best_option_names_what_is_reachable(llama, calibration):
     with pytest.raises(MixedPrecisionError, match=r"quality cosine 0.99999 is above what the best option per layer "
                                                   r"reaches on the calibration set: 0\.9\d+"):

@@ -69,6 +69,45 @@ def test_model_proxy_is_the_output_error_with_one_layer_quantized(setup):
     assert (m[:, 4] == 0).all() and (table.proxy("layer")[:, 4] == 0).all()
 
 
+def test_a_probe_on_fewer_batches_measures_only_those(setup):
+    model, batches, gm, nodes, stats, probe, options, table = setup
+    first = OutputProbe(gm, Calibration([((b,), {}) for b in batches]), batches=1)
+    assert len(first.batches) == 1 and len(probe.batches) == 2
+    product = table.products[1][options.index(parse_option("int2-g32-asym"))]
+    err = first.measure({nodes[1].name: product})[0]
+    assert err == pytest.approx(_eager_error(model, batches[:1], 1, parse_option("int2-g32-asym")), rel=1e-4)
+    assert err != pytest.approx(probe.measure({nodes[1].name: product})[0], rel=1e-4)
+
+
+def test_rerunning_only_what_follows_a_layer_equals_the_full_forward(setup):
+    model, batches, gm, nodes, stats, probe, options, table = setup
+    full = OutputProbe(gm, Calibration([((b,), {}) for b in batches]), prefix_cache=False)
+    assert probe.envs is not None and full.envs is None
+    for i in (0, 3):  # the first layer reruns (almost) everything, the last only itself and the output
+        for j in range(len(options)):
+            if table.products[i][j] is None:
+                continue
+            before = probe.rerun_fraction
+            got = probe.measure({nodes[i].name: table.products[i][j]})
+            assert got == pytest.approx(full.measure({nodes[i].name: table.products[i][j]}), rel=1e-9, abs=1e-15)
+            assert 0 < probe.rerun_fraction - before < 1
+    assert probe.suffix_runs and full.suffix_runs == 0
+    last = probe._downstream([nodes[3]])
+    assert len(last) < len(probe._downstream([nodes[0]]))
+
+
+def test_a_probe_falls_back_to_full_forwards_when_the_values_do_not_fit(setup, monkeypatch):
+    import qcompile.passes.sensitivity as sens_mod
+
+    model, batches, gm, nodes, stats, probe, options, table = setup
+    monkeypatch.setattr(sens_mod, "PREFIX_CACHE_BYTES", 1024)
+    small = OutputProbe(gm, Calibration([((b,), {}) for b in batches]))
+    assert small.envs is None
+    product = table.products[2][1]
+    assert small.measure({nodes[2].name: product}) == pytest.approx(probe.measure({nodes[2].name: product}), rel=1e-9)
+    assert small.suffix_runs == 0
+
+
 def test_layer_and_hessian_proxies_match_their_formulas(setup):
     model, _, _, nodes, stats, _, options, table = setup
     lin = [mod for mod in model if isinstance(mod, nn.Linear)][2]
