@@ -9,6 +9,7 @@ activation the rows are tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -100,9 +101,11 @@ class QuantSpec:
         return "-".join(parts)
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)
     def parse(cls, text: str) -> QuantSpec:
         """``"int4"``, ``"int4-g32"``, ``"int4-g128-asym"``, ``"nvfp4"``, ``"int8-pc"``,
-        ``"fp8_e4m3-pc-scale:float32-dynamic"`` → QuantSpec (the inverse of :meth:`encode`)."""
+        ``"fp8_e4m3-pc-scale:float32-dynamic"`` → QuantSpec (the inverse of :meth:`encode`). Cached:
+        every call of a lowered op parses its spec strings, and specs are immutable."""
         if not isinstance(text, str) or not text:
             raise ValueError(f"a spec is a non-empty string like 'int4-g128-asym', got {text!r}")
         fmt, *tokens = text.split("-")
