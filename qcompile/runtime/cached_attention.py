@@ -42,6 +42,8 @@ class CacheBinding:
     def __init__(self) -> None:
         self.cache = None
         self.num_new: torch.Tensor | None = None
+        self.logit_rows: torch.Tensor | None = None
+        """``[B]``: the one position per row whose logits a prefill graph computes (``qcompile::logit_rows``)."""
         self.paths: dict[str, int] = {}
         """How often each attention path ran (``empty``, ``kernel``, ``masked``): for reports and tests."""
         self.key = next(self._next_key)
@@ -126,6 +128,25 @@ def attend_over_cache(q: torch.Tensor, cache: Any, layer: int, start: torch.Tens
         if cache.spec.rotate_keys:
             q = rotate(q.float())
     return masked_cache_attention(q, keys, values, start, cache.lengths[layer], sm_scale)
+
+
+@torch.library.custom_op("qcompile::logit_rows", mutates_args=())
+def logit_rows(hidden: torch.Tensor, binding: int) -> torch.Tensor:
+    """``hidden`` ``[B, T, H]`` at one position per row, ``[B, 1, H]``: the positions the binding's
+    ``logit_rows`` names (``passes/last_logits.py`` puts this op in front of the LM head)."""
+    owner = _BINDINGS.get(binding)
+    if owner is None or owner.logit_rows is None:
+        raise RuntimeError("logit_rows: no rows are bound (CachedDecoder.forward(..., logit_rows=...) sets them)")
+    rows = owner.logit_rows.to(device=hidden.device, dtype=torch.long)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), rows][:, None]
+
+
+@logit_rows.register_fake
+def _(hidden, binding):
+    return hidden.new_empty((hidden.shape[0], 1, *hidden.shape[2:]))
+
+
+LOGIT_ROWS = torch.ops.qcompile.logit_rows.default
 
 
 def _count(binding: CacheBinding, path: str) -> None:

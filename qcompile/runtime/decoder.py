@@ -21,6 +21,7 @@ from qcompile.formats.kv import KV_FORMATS, KVCacheSpec
 from qcompile.passes.base import PassContext, PassManager
 from qcompile.passes.fusion import FuseEpilogues, FuseSiblingLinears
 from qcompile.passes.kv_cache_attention import CacheAttention, CacheGeometry
+from qcompile.passes.last_logits import LastLogits
 from qcompile.runtime.cached_attention import CacheBinding
 from qcompile.runtime.captured_forward import cuda_graphs_enabled
 from qcompile.runtime.dense_cache import DenseKVCache
@@ -137,6 +138,13 @@ class CachedDecoder:
         manager = PassManager([attention, *([FuseSiblingLinears(), FuseEpilogues()] if fuse else [])], verify=False)
         manager.run(self.graph_module, ctx)
         self.geometry: CacheGeometry = attention.geometry
+        self.prefill_graph = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+        """The generation graph with the LM head at one position per row (``passes/last_logits.py``):
+        what a prefill runs, so that it never computes ``[B, T, vocabulary]`` logits."""
+        last = PassManager([LastLogits(self.binding)], verify=False)
+        last.run(self.prefill_graph, ctx)
+        self.last_logits = bool(last.records[-1].stats.get("found"))
+        """Whether the LM head was found (else a prefill computes every position's logits and picks)."""
         self.fusions: list[list[str]] = next((r.stats["fused"] for r in manager.records
                                               if r.name == FuseSiblingLinears.name), [])
         """The sibling linears merged into one GEMM each (``passes/fusion.py``), by module path."""
@@ -173,17 +181,28 @@ class CachedDecoder:
         return c
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                num_new: torch.Tensor | None = None, *, compiled: bool = False) -> torch.Tensor:
+                num_new: torch.Tensor | None = None, *, compiled: bool = False,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, V]`` of ``input_ids`` ``[B, T]`` at ``position_ids``, appending their keys and
         values to the cache: ``num_new`` (``[B]``) of the ``T`` are real per row (right padding).
-        ``compiled``: through :meth:`compiled_graph` (``torch.compile``)."""
+        ``compiled``: through :meth:`compiled_graph` (``torch.compile``). ``logit_rows`` (``[B]``):
+        only the logits at that position of each row, ``[B, V]`` (:attr:`prefill_graph`)."""
         if self.binding.cache is None:
             raise RuntimeError("CachedDecoder.forward before allocate(batch, max_length)")
         self.binding.num_new = num_new
         _, args, kwargs = self.compiled.graph_call((), {"input_ids": input_ids, "position_ids": position_ids})
-        graph = self.compiled_graph() if compiled else self.graph_module
         with torch.no_grad():
-            return _logits(graph(*args, **kwargs))
+            if logit_rows is None:
+                graph = self.compiled_graph() if compiled else self.graph_module
+                return _logits(graph(*args, **kwargs))
+            rows = logit_rows.to(device=input_ids.device, dtype=torch.long)
+            if not self.last_logits:
+                return _logits(self.graph_module(*args, **kwargs))[torch.arange(len(rows), device=rows.device), rows]
+            self.binding.logit_rows = rows
+            try:
+                return _logits(self.prefill_graph(*args, **kwargs))[:, 0]
+            finally:
+                self.binding.logit_rows = None
 
     def compiled_graph(self) -> Any:
         """The generation graph under ``torch.compile`` (``runtime/inductor.py``; automatic dynamic

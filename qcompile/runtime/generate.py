@@ -108,9 +108,8 @@ def prefill(decoder: CachedDecoder, tokens: torch.Tensor, lengths: torch.Tensor,
         positions = (c0 + torch.arange(n, device=tokens.device)).expand(B, n)
         num_new = (lengths - c0).clamp(0, n).to(torch.int32)
         full = bool((num_new == n).all())
-        logits = decoder(chunk, positions, None if full else num_new)
         mine = (lengths - 1 - c0).clamp(0, n - 1).long()
-        here = logits[torch.arange(B, device=tokens.device), mine]
+        here = decoder(chunk, positions, None if full else num_new, logit_rows=mine)
         inside = ((lengths - 1 >= c0) & (lengths - 1 < c0 + n))[:, None]
         last = here if last is None else torch.where(inside, here, last)
     return last

@@ -260,3 +260,20 @@ def test_compiled_decode_step_gives_the_same_tokens(llama):
         assert compiled._step_fn is not None and compiled.compile_step
     finally:
         cm._decoder = saved
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_prefill_computes_the_lm_head_at_one_position_per_row(family):
+    model = tiny_model(family).to(DEV)
+    cm = _compile(model, "w8a16")
+    decoder = CachedDecoder(cm)
+    assert decoder.last_logits
+    ids, _ = _prompts()
+    positions = torch.arange(PROMPT, device=DEV).expand(3, PROMPT)
+    rows = torch.tensor([PROMPT - 1, 3, 0], device=DEV)
+    decoder.allocate(3, PROMPT)
+    full = decoder(ids, positions)
+    decoder.allocate(3, PROMPT)
+    picked = decoder(ids, positions, logit_rows=rows)
+    assert picked.shape == (3, VOCAB)
+    torch.testing.assert_close(picked, full[torch.arange(3, device=DEV), rows], rtol=1e-5, atol=1e-5)
