@@ -105,7 +105,7 @@ class CachedDecoder:
     (Inductor fuses the elementwise ops, norms included; quantized linears and cached attention
     stay opaque ops; ``runtime/inductor.py``) before it is captured. Default: on for CUDA graphs
     (the H200 decode step of an 8B W4A16 model went from 4.74 to 3.35 ms,
-    docs/benchmarks/generate-h200.md), at a one-time compile per batch bucket (about 25 s there);
+    docs/benchmarks/generate-h200.md), at a one-time compile per batch bucket (23–44 s there);
     ``QCOMPILE_COMPILE_STEP=0`` / ``1`` overrides the default. If compiling fails, a warning says
     why and the step is captured without it."""
 
