@@ -24,6 +24,7 @@ import warnings
 
 import torch
 import transformers as tf
+from profiling import kernel_times, top_kernels
 from triton.testing import do_bench
 
 import qcompile
@@ -40,23 +41,14 @@ def timed(cm, ids, mode: str) -> float:
     return do_bench(lambda: cm(ids), return_mode="median")
 
 
-def top_kernels(fn, calls: int = 3, top: int = 8) -> list[str]:
-    """The ``top`` kernels by GPU time per call of ``fn`` (``torch.profiler``), as printable lines."""
-    from torch.profiler import ProfilerActivity, profile
-
+def kernel_lines(fn, calls: int = 3, top: int = 8) -> list[str]:
+    """The ``top`` kernels by GPU time per call of ``fn`` (``benchmarks/profiling.py``), as printable lines."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            times.setdefault(e.name, []).append(e.device_time_total)
+    times = kernel_times(lambda: [fn() for _ in range(calls)])
     total = sum(sum(v) for v in times.values()) / calls
-    rows = sorted(((sum(v) / calls, len(v) // calls, n) for n, v in times.items()), reverse=True)[:top]
-    return [f"   kernels {total:8.1f} us/call in all"] + [f"   {us:8.1f} us {c:4d}x {n[:90]}" for us, c, n in rows]
+    return [f"   kernels {total:8.1f} us/call in all"] + [f"   {us:8.1f} us {c:4.0f}x {n[:90]}"
+                                                         for us, c, n in top_kernels(times, calls, top)]
 
 
 def main() -> None:
@@ -80,7 +72,7 @@ def main() -> None:
     modes = args.modes.split(",")
     if args.profile:
         with torch.no_grad():
-            print("bf16 model, 512 tokens:", *top_kernels(lambda: model(prefill, use_cache=False)), sep="\n")
+            print("bf16 model, 512 tokens:", *kernel_lines(lambda: model(prefill, use_cache=False)), sep="\n")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_1tok_ms": t_dec,
            "bf16_512tok_ms": t_pre, "rows": []}
     print(f"{res['device']} torch {torch.__version__}; bf16 model (eager): 1 token {t_dec:.3f} ms, "
@@ -111,7 +103,7 @@ def main() -> None:
             print("   fallback:", f)
         if args.profile:
             cm.cuda_graphs, cm.compile_forward = True, False
-            print(f"{name}, 512 tokens (graph):", *top_kernels(lambda cm=cm: cm(prefill)), sep="\n")
+            print(f"{name}, 512 tokens (graph):", *kernel_lines(lambda cm=cm: cm(prefill)), sep="\n")
         del cm
         torch.cuda.empty_cache()
     if args.json:

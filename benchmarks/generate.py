@@ -27,6 +27,7 @@ import warnings
 
 import torch
 import transformers as tf
+from profiling import kernel_times, top_kernels
 from triton.testing import do_bench
 
 import qcompile
@@ -114,31 +115,22 @@ def kernel_kind(name: str) -> str:
 def profile_decode(cm, decoder, ids: torch.Tensor, new: int, steps: int = 8) -> dict:
     """GPU time of ``steps`` captured decode steps by kernel kind (``torch.profiler``): kernels per step,
     the GEMM / attention / other shares, and the gap (wall time minus the kernels' sum)."""
-    from torch.profiler import ProfilerActivity, profile
     B, T = ids.shape
     cm.generate(ids, 3, max_length=T + new)            # prefill, capture; the cache holds T + 3 tokens per row
     token = torch.zeros(B, dtype=torch.long, device=ids.device)
     position = torch.full((B,), T + 3, dtype=torch.long, device=ids.device)
     decoder.decode_step(token, position)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        for i in range(steps):
-            decoder.decode_step(token, position + 1 + i)
-        torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t) * 1e6
-    by_name: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            by_name.setdefault(e.name, []).append(e.device_time_total)
+    t = time.perf_counter()
+    by_name = kernel_times(lambda: [decoder.decode_step(token, position + 1 + i) for i in range(steps)])
+    wall_us = (time.perf_counter() - t) * 1e6
     by_kind: dict[str, float] = {}
     for name, times in by_name.items():
         by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times) / steps
     kernel_us = sum(by_kind.values())
-    top = sorted(((sum(v) / steps, len(v) / steps, n) for n, v in by_name.items()), reverse=True)[:25]
     return {"kernels_per_step": sum(len(v) for v in by_name.values()) / steps, "step_us": wall_us / steps,
             "kernel_us_per_step": kernel_us, "gap_us_per_step": wall_us / steps - kernel_us, "by_kind_us": by_kind,
-            "top": [{"us": us, "calls": c, "name": n[:120]} for us, c, n in top]}
+            "top": [{"us": us, "calls": c, "name": n[:120]} for us, c, n in top_kernels(by_name, steps, 25)]}
 
 
 def parse_config(config: str) -> tuple[str, str | None, bool, bool]:

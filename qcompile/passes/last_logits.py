@@ -19,9 +19,8 @@ checks the logits against the full graph's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from qcompile.codegen.op_schema import is_quantized_linear
@@ -33,18 +32,10 @@ _LINEAR = torch.ops.aten.linear.default
 
 def _first_tensor_output(gm: fx.GraphModule) -> fx.Node | None:
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    for leaf in _leaves(out.args[0]):
+    for leaf in pytree.tree_leaves(out.args[0]):
         if isinstance(leaf, fx.Node) and isinstance(leaf.meta.get("val"), torch.Tensor):
             return leaf
     return None
-
-
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, (tuple, list)):
-        return [x for v in value for x in _leaves(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _leaves(v)]
-    return [value]
 
 
 def lm_head(gm: fx.GraphModule) -> fx.Node | None:

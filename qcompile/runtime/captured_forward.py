@@ -188,7 +188,7 @@ class CapturedForward:
             return None
         out_leaves = pytree.tree_leaves(output)
         if not any(isinstance(x, torch.Tensor) for x in out_leaves):
-            self._eager[key] = f"its output ({type(output).__name__}) holds no tensor that pytree can see"
+            self._refuse(key, f"its output ({type(output).__name__}) holds no tensor that pytree can see")
             return None
         captured = _Captured(fn, graph, [x for x in static if isinstance(x, torch.Tensor)], output)
         self._graphs[key] = captured

@@ -229,7 +229,9 @@ class CachedDecoder:
         cache.advance_bounds(1)
         return step.logits
 
-    def _warm_up(self, tok: torch.Tensor, pos: torch.Tensor) -> None:
+    def _warm_up(self, tok: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor) -> None:
+        """One forward before the capture, through ``torch.compile`` when asked; a failed compile is
+        said, the cache's ``lengths`` restored and the forward run without it."""
         if self.compile_step:
             try:
                 self.forward(tok, pos, compiled=True)
@@ -240,7 +242,7 @@ class CachedDecoder:
                               "(QCOMPILE_COMPILE_STEP=0 skips the attempt)", RuntimeWarning, stacklevel=4)
                 self.compile_step = False
                 self._step_fn = None
-                self.binding.cache.lengths.copy_(self._lengths_before)
+                self.binding.cache.lengths.copy_(lengths)
         self.forward(tok, pos)
 
     def _capture(self, token: torch.Tensor, position: torch.Tensor) -> CapturedStep:
@@ -249,13 +251,12 @@ class CachedDecoder:
         cache = self.binding.cache
         tok, pos = token[:, None].clone(), position[:, None].long().clone()
         lengths = cache.lengths.clone()
-        self._lengths_before = lengths
         with cache.full_bounds():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):   # Triton (and torch.compile) compile and autotune outside the capture
-                    self._warm_up(tok, pos)
+                    self._warm_up(tok, pos, lengths)
                     cache.lengths.copy_(lengths)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
