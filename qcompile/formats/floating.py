@@ -7,6 +7,8 @@ to ``E2M1_TABLE[c]``; Triton kernels decode the same codes with the same table.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E2M1_MAGNITUDES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -36,6 +38,13 @@ def _e2m1_bounds() -> torch.Tensor:
 
 E2M1_BOUNDS = _e2m1_bounds()
 
+
+@functools.cache
+def _e2m1_bounds_on(device: torch.device) -> torch.Tensor:
+    """:data:`E2M1_BOUNDS` on ``device``, copied once: a host-to-device copy on every encode would
+    cost a synchronising transfer per call and break CUDA-graph capture."""
+    return E2M1_BOUNDS.to(device)
+
 FP8_DTYPES: dict[str, torch.dtype] = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
@@ -52,7 +61,7 @@ def fp4_e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     code 8 (-0), as hardware conversions do; NaN input is not defined.
     """
     x = x.float()
-    mag = torch.bucketize(x.abs(), E2M1_BOUNDS.to(x.device), out_int32=True)
+    mag = torch.bucketize(x.abs(), _e2m1_bounds_on(x.device), out_int32=True)
     sign = torch.signbit(x).to(torch.int32) << 3
     return (mag | sign).to(torch.uint8)
 

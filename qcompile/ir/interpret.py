@@ -99,3 +99,120 @@ def to_float64(gm: fx.GraphModule) -> fx.GraphModule:
 def inputs_to_float64(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else t  # noqa: E731
     return pytree.tree_map(up, args), pytree.tree_map(up, kwargs)
+
+
+RESUMABLE_MAX_BYTES = 4 << 30
+"""Live activations a :class:`ResumableRun` keeps between stages (all batches together) before it
+falls back to re-running each stage from the inputs."""
+
+
+class ResumableRun:
+    """Runs ``gm`` over a list of input batches in stages, never computing a node twice.
+
+    ``advance(names)`` executes, for every batch, the nodes after the previous stop up to the last
+    of ``names`` and returns those nodes' values; between stages it keeps only the values that later
+    nodes read. A sequential pass (GPTQ: measure a layer's inputs, quantize it, measure the next
+    layer's) so costs one pass over the graph in all instead of one per layer.
+
+    Rules:
+    - Attribute reads (weights) are fetched afresh at every stage, so a weight written between
+      stages is what the nodes of later stages see; a node already executed is not re-run, so a
+      caller may only write weights that no executed node has read (GPTQ writes the weights of the
+      linears after the stop: their inputs were the stop).
+    - ``weights`` (attribute target → tensor) are bound in place of the module's attributes.
+    - Asking for a node before the previous stop returns its value if it is still live, else raises.
+    - Past ``max_bytes`` of live values (all batches), it frees them and re-runs each later stage
+      from the inputs (the old cost, same results); ``note`` then says so.
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple[tuple, dict]],
+                 weights: dict[str, torch.Tensor] | None = None, max_bytes: int | None = None) -> None:
+        self.gm, self.batches, self.weights = gm, batches, weights
+        self.max_bytes = RESUMABLE_MAX_BYTES if max_bytes is None else max_bytes
+        self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        last = len(self.nodes)  # read by the output: live to the end
+        self.last_use = {n: max((self.position.get(u, last) for u in n.users), default=-1) for n in self.nodes}
+        self.stop = -1
+        self.restart = False
+        self.note: str | None = None
+        self._envs: list[dict[fx.Node, Any]] = [self._bound_inputs(a, k) for a, k in batches]
+        self._interp = _BoundAttrInterpreter(gm, weights)
+
+    def _bound_inputs(self, args: tuple, kwargs: dict) -> dict[fx.Node, Any]:
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        return dict(zip(placeholders, flat_inputs(self.gm, args, kwargs), strict=True))
+
+    def advance(self, names: Iterable[str]) -> list[dict[str, Any]]:
+        """Per batch, ``{name: value}`` of the nodes ``names`` (run up to the last of them)."""
+        by_name = {n.name: n for n in self.nodes}
+        wanted = [by_name[name] for name in names]
+        end = max(self.position[n] for n in wanted)
+        start = self.stop + 1
+        if self.restart:
+            start = 0
+        elif end < self.stop:
+            end = self.stop
+        out = []
+        with torch.no_grad():
+            for i, (env, (args, kwargs)) in enumerate(zip(self._envs, self.batches, strict=True)):
+                if self.restart:
+                    env = self._bound_inputs(args, kwargs)
+                else:
+                    for n in env:
+                        if n.op == "get_attr":
+                            env[n] = self._interp.fetch_attr(n.target)
+                self._interp.env = env
+                try:
+                    for node in self.nodes[start:end + 1]:
+                        if node.op != "placeholder":  # bound from the batch
+                            env[node] = self._interp.run_node(node)
+                except Exception as e:
+                    shapes = [tuple(t.shape) for t in flat_inputs(self.gm, args, kwargs) if isinstance(t, torch.Tensor)]
+                    raise ValueError(f"calibration batch {i} (input shapes {shapes}) does not run through the graph "
+                                     f"at node {node.name}: {type(e).__name__}: {e}") from e
+                missing = [n.name for n in wanted if n not in env]
+                if missing:
+                    raise RuntimeError(f"node(s) {', '.join(missing)} ran before stage {self.stop} and are no longer "
+                                       "kept: ask for nodes in graph order")
+                out.append({n.name: env[n] for n in wanted})
+                for n in [n for n in env if self.last_use[n] <= end and n.op != "placeholder"]:
+                    del env[n]
+                if self.restart:
+                    self._envs[i] = {}
+        self.stop = end
+        if not self.restart and self._live_bytes() > self.max_bytes:
+            self.restart_from_inputs(f"live activations passed {self.max_bytes / 2**30:.1f} GiB after node "
+                                     f"{self.nodes[end].name}: later stages re-run the graph from the inputs")
+        return out
+
+    def executed(self, node: fx.Node) -> bool:
+        """Whether ``node`` already ran (a weight it reads, written now, would not reach it)."""
+        return not self.restart and self.position[node] <= self.stop
+
+    def restart_from_inputs(self, reason: str) -> None:
+        """From now on, every stage re-runs the graph from the inputs (``note`` says why)."""
+        self.restart, self.note = True, reason
+        self._envs = [{} for _ in self._envs]
+
+    def _live_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for env in self._envs:
+            for n, v in env.items():
+                if n.op == "get_attr" or not isinstance(v, torch.Tensor) or id(v) in seen:
+                    continue
+                seen.add(id(v))
+                total += v.numel() * v.element_size()
+        return total
+
+
+class _BoundAttrInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, weights: dict[str, torch.Tensor] | None):
+        super().__init__(gm)
+        self.weights = weights
+
+    def fetch_attr(self, target: str) -> Any:
+        if self.weights is not None and target in self.weights:
+            return self.weights[target]
+        return super().fetch_attr(target)

@@ -84,6 +84,18 @@ class _Accumulator:
                                self.xtx.float() if self.xtx is not None else None, self.lo, self.hi)
 
 
+def stats_of(values: list[dict[str, torch.Tensor]], *, hessian: bool, sample_rows: int) -> dict[str, ActivationStats]:
+    """:class:`ActivationStats` of each name from its values, one ``{name: tensor}`` per batch (what
+    ``ir.interpret.ResumableRun.advance`` returns)."""
+    accs: dict[str, _Accumulator] = {}
+    for batch in values:
+        for name, x in batch.items():
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+                raise RuntimeError(f"node {name!r} (a linear's input) is not a floating-point tensor")
+            accs.setdefault(name, _Accumulator(sample_rows, hessian)).add(x)
+    return {name: acc.finish() for name, acc in accs.items()}
+
+
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:
     return torch.arange(n) if n <= k else torch.linspace(0, n - 1, k).long()
 

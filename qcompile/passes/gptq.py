@@ -27,8 +27,7 @@ models (``gptq_targets.paired_stats``), and GPTQ runs on ``gptq_math.float_targe
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,11 +42,12 @@ from qcompile.ir.annotations import (
     set_result,
 )
 from qcompile.ir.graph import get_attr, linear_nodes, module_path, set_attr
+from qcompile.ir.interpret import ResumableRun
 from qcompile.passes.base import PassContext, PassResult, register_pass
-from qcompile.passes.calibration import ActivationStats
+from qcompile.passes.calibration import ActivationStats, stats_of
 from qcompile.passes.clip_search_math import DEFAULT_RATIOS, GridSearchInfo, search_grid
 from qcompile.passes.gptq_math import GPTQInfo, float_target, gptq_quantize
-from qcompile.passes.gptq_targets import PairedStats, paired_stats
+from qcompile.passes.gptq_targets import PairedStats, paired_runs, paired_stats
 from qcompile.passes.weight_quantization import OUTPUT_ERROR_ROWS, WeightQuantizer, output_error
 
 TARGETS = ("quantized", "float")
@@ -164,6 +164,12 @@ class GPTQ(WeightQuantizer):
         biasless = 0
         errors, ratios, input_errors, dead, captures = [], [], [], 0, 0
         wrote = False
+        # one resumable run (two for float targets) carries the calibration batches through the graph
+        # group by group: each group's inputs are computed once, with the earlier groups quantized
+        if self.targets == "float":
+            runs: tuple[ResumableRun, ...] = paired_runs(gm, originals, ctx.calibration)
+        else:
+            runs = (ResumableRun(gm, ctx.calibration.batches),)
         for group in groups:
             if wrote:
                 ctx.graph_version += 1  # earlier weights changed: the statistics cache is stale
@@ -171,11 +177,17 @@ class GPTQ(WeightQuantizer):
             nodes = [n for n, _ in group]
             if self.targets == "float":
                 stats: dict[str, ActivationStats | PairedStats] = dict(
-                    paired_stats(gm, nodes, originals, ctx.calibration, OUTPUT_ERROR_ROWS))
+                    paired_stats(gm, nodes, originals, ctx.calibration, OUTPUT_ERROR_ROWS, runs=runs))
             else:
-                with _quiet(ctx):  # the calibration bar would take over the layer bar
-                    stats = dict(ctx.activation_stats(gm, nodes, hessian=True, sample_rows=OUTPUT_ERROR_ROWS))
+                source_of = {n.name: n.args[0].name for n in nodes}
+                by_source = stats_of(runs[0].advance(sorted(set(source_of.values()))), hessian=True,
+                                     sample_rows=OUTPUT_ERROR_ROWS)
+                stats = {name: by_source[src] for name, src in source_of.items()}
             captures += 1
+            late = [n.name for n in nodes if runs[0].executed(n)]
+            if late:  # an input came after one of these linears: their new weights must reach the next stage
+                runs[0].restart_from_inputs(f"linear(s) {', '.join(late)} ran before their group's inputs were "
+                                            "measured: later groups re-run the graph from the inputs")
             for node, decision in group:
                 path, target = module_path(node), node.args[1].target
                 weight = originals.setdefault(target, get_attr(gm, target))
@@ -224,6 +236,7 @@ class GPTQ(WeightQuantizer):
                     ctx.progress.advance_layer()
         out: dict[str, Any] = {"quantized": len(todo), "groups": len(groups), "captures": captures,
                                "dead_channels": dead}
+        notes = [f"gptq calibration: {r.note}" for r in runs if r.note]
         if errors:
             out["mean_weight_rel_error"] = float(torch.tensor(errors).mean())
             out["mean_proxy_loss_ratio"] = float(torch.tensor(ratios).mean())
@@ -232,8 +245,10 @@ class GPTQ(WeightQuantizer):
         if self.bias_correction:
             out["bias_corrected"] = len(biases)
             if biasless:
-                out["notes"] = [f"gptq bias_correction: {biasless} quantized linear(s) have no bias of their own "
-                                "(or share it), left uncorrected"]
+                notes.append(f"gptq bias_correction: {biasless} quantized linear(s) have no bias of their own "
+                             "(or share it), left uncorrected")
+        if notes:
+            out["notes"] = notes
         return PassResult(bool(todo), out)
 
 
@@ -280,12 +295,3 @@ def _writable_weights(gm: fx.GraphModule, quantized: set[fx.Node]) -> set[str]:
             readers.setdefault(n.target, []).extend((n, user) for user in n.users)
     return {t for t, uses in readers.items()
             if uses and all(user in quantized and user.args[1] is attr for attr, user in uses)}
-
-
-@contextlib.contextmanager
-def _quiet(ctx: PassContext) -> Iterator[None]:
-    progress, ctx.progress = ctx.progress, None
-    try:
-        yield
-    finally:
-        ctx.progress = progress

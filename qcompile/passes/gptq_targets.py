@@ -10,12 +10,12 @@ model's, ``XWᵀ`` with ``X`` the float model's inputs to the same layer. The le
 (damped like GPTQ's Hessian); this module captures ``H̃`` and ``Δ``: every calibration batch runs
 through the working graph (earlier layers quantized) and through the same graph with the float
 weights bound instead, and the rows of the two runs, which come from the same tokens, are paired.
-Each run stops as soon as the layer inputs asked for have been recorded.
+Both runs are ``ir.interpret.ResumableRun``s: each stops at the layer inputs asked for and the next
+layer's call carries on from there, so a whole GPTQ pass runs the graph about twice in all.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.ir.interpret import flat_inputs
+from qcompile.ir.interpret import ResumableRun
 from qcompile.passes.calibration import Calibration
 
 
@@ -50,61 +50,37 @@ def _evenly_spaced(n: int, k: int) -> torch.Tensor:
     return torch.arange(n) if n <= k else torch.linspace(0, n - 1, k).long()
 
 
-class _Stop(Exception):
-    """Every input asked for has been recorded for this batch."""
+def _rows(name: str, x: Any) -> torch.Tensor:
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        raise RuntimeError(f"node {name!r} (a linear's input) is not a floating-point tensor")
+    return x.detach().reshape(-1, x.shape[-1]).float()
 
 
-class _Run(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, sources: set[str], weights: Mapping[str, torch.Tensor] | None):
-        super().__init__(gm)
-        self.sources, self.weights = sources, weights
-        self.seen: dict[str, torch.Tensor] = {}
-
-    def fetch_attr(self, target: str) -> Any:
-        if self.weights is not None and target in self.weights:
-            return self.weights[target]
-        return super().fetch_attr(target)
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.sources:
-            if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
-                raise RuntimeError(f"node {n.name!r} (a linear's input) is not a floating-point tensor")
-            self.seen[n.name] = out.detach().reshape(-1, out.shape[-1]).float()
-            if len(self.seen) == len(self.sources):
-                raise _Stop
-        return out
-
-
-def _inputs_of(gm: fx.GraphModule, args: tuple, kwargs: dict, sources: set[str],
-               weights: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    run = _Run(gm, sources, weights)
-    with contextlib.suppress(_Stop):
-        run.run(*flat_inputs(gm, args, kwargs))
-    missing = sources - set(run.seen)
-    if missing:
-        raise RuntimeError(f"calibration recorded no values for node(s) {', '.join(sorted(missing))}")
-    return run.seen
+def paired_runs(gm: fx.GraphModule, float_weights: Mapping[str, torch.Tensor],
+                calibration: Calibration) -> tuple[ResumableRun, ResumableRun]:
+    """The two runs :func:`paired_stats` reads, resumable across a sequential pass: ``gm`` as it
+    is, and ``gm`` with ``float_weights`` bound."""
+    return (ResumableRun(gm, calibration.batches),
+            ResumableRun(gm, calibration.batches, weights=dict(float_weights)))
 
 
 def paired_stats(gm: fx.GraphModule, nodes: list[fx.Node], float_weights: Mapping[str, torch.Tensor],
-                 calibration: Calibration, sample_rows: int = 256) -> dict[str, PairedStats]:
+                 calibration: Calibration, sample_rows: int = 256,
+                 runs: tuple[ResumableRun, ResumableRun] | None = None) -> dict[str, PairedStats]:
     """:class:`PairedStats` of each linear in ``nodes`` (keyed by node name; linears reading one
     input share it): ``gm`` as it is (earlier layers quantized) against ``gm`` with
-    ``float_weights`` (attribute target → float tensor) bound in their place."""
+    ``float_weights`` (attribute target → float tensor) bound in their place. ``runs`` (from
+    :func:`paired_runs`) carries both runs on from the previous call instead of starting over."""
     source_of = {n.name: n.args[0].name for n in nodes if isinstance(n.args[0], fx.Node)}
-    sources = set(source_of.values())
+    sources = sorted(set(source_of.values()))
+    quant_run, float_run = runs if runs is not None else paired_runs(gm, float_weights, calibration)
+    quant_values, float_values = quant_run.advance(sources), float_run.advance(sources)
     acc: dict[str, dict[str, Any]] = {s: {"rows": 0, "h": None, "c": None, "sx": 0.0, "sxq": 0.0, "samples": [],
                                           "err": 0.0, "ref": 0.0} for s in sources}
     with torch.no_grad():
-        for i, (args, kwargs) in enumerate(calibration.batches):
-            try:
-                quant = _inputs_of(gm, args, kwargs, sources, None)
-                ref = _inputs_of(gm, args, kwargs, sources, float_weights)
-            except Exception as e:
-                raise ValueError(f"calibration batch {i} does not run through the graph: {type(e).__name__}: {e}") from e
+        for quant, ref in zip(quant_values, float_values, strict=True):
             for src in sources:
-                xq, x = quant[src], ref[src]
+                xq, x = _rows(src, quant[src]), _rows(src, ref[src])
                 a = acc[src]
                 h = xq.t().double() @ xq.double()
                 c = (x - xq).t().double() @ xq.double()

@@ -29,7 +29,8 @@ def tied_reduce(values: torch.Tensor, index: torch.Tensor | None, size: int, red
     values = values.double()
     if index is None:
         return values.clone()
-    return torch.zeros(size, dtype=torch.float64).scatter_reduce(0, index, values, reduce, include_self=False)
+    return torch.zeros(size, dtype=torch.float64, device=values.device).scatter_reduce(
+        0, index.to(values.device), values, reduce, include_self=False)
 
 
 def normalize_scale(s: torch.Tensor) -> torch.Tensor:

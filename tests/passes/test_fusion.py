@@ -82,12 +82,13 @@ def test_epilogues_fuse_exactly(family, recipe, silu, residual):
 
 
 def test_epilogues_on_the_triton_path_match_the_graph():
-    """The fused graph with the Triton kernels (the interpreter on CPU), bf16: the same logits as the
-    unfused graph on the same kernels, to bf16 rounding."""
+    """The fused graph with the Triton kernels (the interpreter on CPU, the GPU where there is one), bf16:
+    the same logits as the unfused graph on the same kernels, to bf16 rounding."""
     from qcompile.codegen import gemm
 
-    model = tiny_model("llama").to(torch.bfloat16)
-    ids = torch.randint(0, VOCAB, (2, 5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama").to(device, torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 5), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = qcompile.compile(model, {"input_ids": ids}, recipe="w4a16", progress=False, verify=False)

@@ -206,6 +206,32 @@ def test_layers_are_quantized_in_sequence():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("targets", ["quantized", "float"])
+def test_resumed_calibration_runs_equal_runs_from_the_inputs(targets, monkeypatch):
+    """The calibration run carried from group to group (each node once per batch) and the run that
+    restarts from the inputs for every group produce bit-identical GPTQ weights; the restart says so."""
+    from qcompile.ir import interpret
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    trace = torch.randint(0, VOCAB, (2, 16))
+    calibration = [torch.randint(0, VOCAB, (2, 24)) for _ in range(3)]
+
+    def compiled():
+        return qcompile.compile(model, trace, recipe="w4a16", calibration=calibration, progress=False, verify=False,
+                                passes=["canonicalize", "assign_quant_specs", gptq_pass.GPTQ(targets=targets), "lower"])
+
+    resumed = compiled()
+    monkeypatch.setattr(interpret, "RESUMABLE_MAX_BYTES", 0)
+    restarted = compiled()
+    a, b = _lowered_weights(resumed), _lowered_weights(restarted)
+    assert a.keys() == b.keys() and len(a) >= 14
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    notes = [n for n in restarted.report().notes if "gptq calibration" in n]
+    assert notes and "re-run the graph from the inputs" in notes[0]
+    assert not [n for n in resumed.report().notes if "gptq calibration" in n]
+
+
 def _logits(out):
     out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
     return out.detach().double().flatten()
