@@ -51,7 +51,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +80,23 @@ WARMUPS = 3
 QCOMPILE_RECIPES = {
     "minilm": ("w4a16-gptq-fit", "w4a16-rotate-gptq-fit", "w4a16-sym-rotate-gptq-fit", "w4a16", "w8a16",
                "w8a8-smooth", "w8a8-pt-smooth"),
-    "decoder": ("w4a16-gptq-fit", "w4a16-sym-rotate-gptq-fit", "w4a16", "w8a16", "w8a8-smooth", "w8a8-pt-smooth"),
+    "decoder": ("w4a16-gptq-fit", "w4a16-gptq-fit+head", "w4a16-sym-rotate-gptq-fit", "w4a16", "w4a16+head", "w8a16",
+                "w8a8-smooth", "w8a8-pt-smooth", "w8a8-pt-smooth+head"),
 }
 QCOMPILE_SAME_KIND = {"w4a16": "int4", "w8a16": "int8 weight-only", "w8a8": "int8 W8A8"}
 """What each recipe family is compared with (the rows' ``kind``)."""
+
+
+def qcompile_recipe(name: str) -> str | qcompile.Recipe:
+    """``recipe[+head]``: ``+head`` quantizes the LM head too, with the recipe's weight format, as ONNX
+    Runtime's ``MatMulNBits`` quantizer does (qcompile's recipes keep it 16-bit)."""
+    base, _, flag = name.partition("+")
+    if not flag:
+        return base
+    if flag != "head":
+        raise SystemExit(f"recipe {name!r}: unknown flag +{flag} (known: +head)")
+    recipe = qcompile.get_recipe(base)
+    return replace(recipe.with_overrides({"lm_head": recipe.weight}), name=name)
 
 
 @dataclass
@@ -359,7 +372,8 @@ def qcompile_rows(m: Model, out: Path, recipes: tuple[str, ...], cache: Path | N
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cm = compile_cached(cache, m.torch_model, dict(m.example), recipe=recipe, calibration=m.calibration,
+                cm = compile_cached(cache, m.torch_model, dict(m.example), recipe=qcompile_recipe(recipe),
+                                    calibration=m.calibration,
                                     tokenizer=m.tokenizer, progress=False, verify=False)
                 report = export(cm, dict(m.example), str(path), target="ort-cpu")
         except Exception as e:  # a recipe the exporter refuses: recorded, the others still run

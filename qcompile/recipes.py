@@ -172,6 +172,13 @@ _ROTATED = tuple(_derived(_BY_NAME[n], "rotate-gptq", "rotation folding (passes/
                           ROTATE_GPTQ_PASSES, {**GPTQ_OPTIONS, "fold_norm_scales": {"when": "always"}})
                  for n in ("w4a16", "w8a8", "w4a8", "w4a4", "nvfp4"))
 
+WEIGHT_GROUP_ROTATION = 128
+"""The W4A16 fitted recipes rotate each 128-channel weight group on its own (``rotate_online(group_size=128)``,
+``I ⊗ Q_128``): weight-only quantization needs outliers spread within a group only. On the real MiniLM,
+``w4a16-sym-rotate-gptq-fit``: held-out cosine 0.99033 against 0.99035 with the full 384/1536 rotations
+(benchmarks/accuracy.py protocol, CPU, 2026-12-02), with one 128 x 128 MatMul per transform in ONNX
+Runtime instead of two factors and a sign Mul (docs/benchmarks/onnx-ort-cpu.md)."""
+
 GPTQ_FIT_OPTIONS = {"gptq": {"damp": 0.3, "grid": "mse", "targets": "float"}}
 """GPTQ fitted to the float model: each group's grid searched for the least weight error
 (``grid="mse"``, passes/clip_search_math.py), each layer fitted to the float model's outputs
@@ -187,7 +194,9 @@ _FIT = (
     *(_derived(_BY_NAME[base], "rotate-gptq-fit",
                "rotation folding with online Hadamards (passes/rotation.py), then GPTQ on error-minimising grids, "
                "fitted to the float model's outputs", ROTATE_GPTQ_PASSES,
-               {**GPTQ_FIT_OPTIONS, "fold_norm_scales": {"when": "always"}}) for base in ("w4a16", "w4a16-sym", "w4a8")),
+               {**GPTQ_FIT_OPTIONS, "fold_norm_scales": {"when": "always"},
+                **({"rotate_online": {"group_size": WEIGHT_GROUP_ROTATION}} if base != "w4a8" else {})})
+      for base in ("w4a16", "w4a16-sym", "w4a8")),
 )
 """The W4A16 recipes that fit the float model (``GPTQ_FIT_OPTIONS``): without online rotation
 (no run-time cost beyond the int4 GEMM) and with it (post-norm encoders: an online Hadamard before

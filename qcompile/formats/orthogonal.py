@@ -289,11 +289,17 @@ def _sylvester_tensor(s: int, dtype: torch.dtype, device: torch.device) -> torch
 
 
 def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
+                       scale: float, groups: int = 1) -> torch.Tensor:
     """``x · Q`` along the last dimension for ``Q = diag(signs) · (H_p ⊗ block) · scale``,
     ``p = n / block.shape[0]`` (``n / 1`` without a block): the reference of the online transform
-    (``qcompile::hadamard_transform``). Computes in float32 (float64 stays float64), returns the
-    input dtype."""
+    (``qcompile::hadamard_transform``). ``groups > 1``: ``Q = I_groups ⊗ Q_g``, the same transform
+    over each run of ``g = n / groups`` consecutive channels (``signs`` and ``block`` sized for
+    ``g``). Computes in float32 (float64 stays float64), returns the input dtype."""
+    if groups != 1:
+        if groups < 1 or x.shape[-1] % groups:
+            raise ValueError(f"hadamard_transform: {groups} groups do not divide the last dimension {x.shape[-1]}")
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        return hadamard_transform(grouped, signs, block, scale).reshape(x.shape)
     n = x.shape[-1]
     m = block.shape[0] if block is not None else 1
     if n % m or not is_power_of_two(n // m):
@@ -330,21 +336,28 @@ class Rotation:
     block: torch.Tensor | None
     scale: float
     block_is_hadamard: bool = True
+    groups: int = 1
+    """``I_groups ⊗ Q_g``: the factors above describe ``Q_g`` over ``g = n / groups`` channels."""
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x · Q`` along the last dimension (float64 in, float64 out)."""
-        return hadamard_transform(x, self.signs, self.block, self.scale)
+        return hadamard_transform(x, self.signs, self.block, self.scale, self.groups)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """``x · Qᵀ`` along the last dimension."""
+        shape = x.shape
+        x = x.reshape(*shape[:-1], self.groups, shape[-1] // self.groups)
         block_t = self.block.t() if self.block is not None else None  # Qᵀ = c · (H_p ⊗ Bᵀ) · diag(s)
         y = hadamard_transform(x, None, block_t, self.scale)
-        return y * self.signs.to(y.dtype) if self.signs is not None else y
+        y = y * self.signs.to(y.dtype) if self.signs is not None else y
+        return y.reshape(shape)
 
     def matrix(self) -> torch.Tensor:
         return self.apply(torch.eye(self.n, dtype=torch.float64))
 
     def describe(self) -> str:
+        if self.groups > 1:
+            return f"{self.n} = {self.groups} groups of {self.n // self.groups}: {describe(self.n // self.groups)}"
         return describe(self.n) if self.kind == "hadamard" else f"{self.n}: dense random orthogonal"
 
 
@@ -365,6 +378,20 @@ def rotation_factors(n: int, seed: int = 0, kind: str = "hadamard") -> Rotation:
     p = _two_adic(n)
     block = random_orthogonal(n // p, derive_seed(seed, "block"))
     return Rotation(n, kind, seed, signs, p, block, 1.0 / math.sqrt(p), block_is_hadamard=False)
+
+
+def grouped_rotation_factors(n: int, group: int, seed: int = 0, kind: str = "hadamard") -> Rotation:
+    """``I_{n/group} ⊗ Q_group``: one rotation of size ``group`` (:func:`rotation_factors`) applied to
+    each run of ``group`` consecutive channels. For weight-only quantization with groups of that
+    size it spreads a group's outliers as a full rotation does (docs/rotation.md), at a fraction of
+    the online cost."""
+    if group < 1 or n % group:
+        raise ValueError(f"rotation group {group} does not divide size {n}")
+    if group == n:
+        return rotation_factors(n, seed, kind)
+    base = rotation_factors(group, seed, kind)
+    return Rotation(n, base.kind, seed, base.signs, base.p, base.block, base.scale, base.block_is_hadamard,
+                    groups=n // group)
 
 
 def rotation(n: int, seed: int = 0, kind: str = "hadamard") -> torch.Tensor:

@@ -68,23 +68,25 @@ def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("qcompile::hadamard_transform", mutates_args=())
 def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
+                       scale: float, groups: int = 1) -> torch.Tensor:
     """The online rotation ``x ← x · Q`` along the last dimension, ``Q = diag(signs) · (H_p ⊗ block)
     · scale`` with ``H_p`` the ``±1`` Sylvester matrix of ``p = n / block.shape[0]`` (a power of
     two) and ``block`` an ``m × m`` matrix (``±1`` Hadamard or random orthogonal; ``None``: m = 1).
-    ``rotate_online`` inserts it before a linear whose weight absorbed ``Q`` (exact). This is the
+    ``groups > 1``: ``I_groups ⊗ Q`` (``Q`` over ``n / groups`` channels, applied to each run of
+    them). ``rotate_online`` inserts it before a linear whose weight absorbed ``Q`` (exact). This is the
     reference (``formats.orthogonal.hadamard_transform``: float32, float64 kept); on CUDA,
     ``qcompile.codegen.hadamard`` registers a Triton fast Walsh–Hadamard kernel for it, loaded on
     the first CUDA call (importing qcompile does not import triton)."""
     if x.is_cuda:
         from qcompile.codegen.hadamard import cuda_hadamard_transform
 
-        return cuda_hadamard_transform(x, signs, block, scale)
-    return _hadamard_reference(x, signs, block, scale)
+        return cuda_hadamard_transform(x, signs, block, scale, groups)
+    return _hadamard_reference(x, signs, block, scale, groups)
 
 
 @hadamard_transform.register_fake
-def _(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float,
+      groups: int = 1) -> torch.Tensor:
     return torch.empty_like(x)
 
 

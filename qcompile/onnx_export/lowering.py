@@ -20,7 +20,9 @@ which:
 - ``qcompile::hadamard_transform`` → ``hadamard`` (``ops.py``): ``Q = diag(signs) · (H_p ⊗ B) · scale``
   regrouped as ``diag(signs) · (H_a ⊗ R)``, ``H_p = H_a ⊗ H_{p/a}`` and ``R = (H_{p/a} ⊗ B) · scale``
   (:func:`hadamard_factors`: ``c = p/a · m`` the smallest with ``c² ≥ n``); five ONNX nodes, ``O(n √n)``
-  work, never a dense ``n × n`` matrix (but for ``n = m``: the block alone).
+  work, never a dense ``n × n`` matrix (but for ``n = m``: the block alone). A grouped transform
+  (``groups = k``, ``Q = I_k ⊗ Q_g``) is three nodes: ``Reshape`` to ``[…, k, g]``, one ``MatMul`` by
+  the ``g × g`` matrix ``Q_g`` with the signs folded in, ``Reshape`` back.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from qcompile.codegen.outlier_ops import (
 )
 from qcompile.formats import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantSpec
 from qcompile.formats.orthogonal import hadamard_matrix, is_power_of_two
+from qcompile.formats.orthogonal import hadamard_transform as orthogonal_transform
 from qcompile.ir.graph import add_get_attr, erase_dead_attrs, get_attr, module_path
 from qcompile.ir.ops import CHANNEL_SCALE, HADAMARD_TRANSFORM, LAYER_NORM, RMS_NORM
 from qcompile.onnx_export import repack
@@ -227,8 +230,31 @@ def _right_factor_name(gm: fx.GraphModule, c: int, right: torch.Tensor) -> str:
     return f"hadamard_right_{c}_{i}"
 
 
+def _lower_grouped_hadamard(gm: fx.GraphModule, node: fx.Node, val: torch.Tensor) -> None:
+    """``I_k ⊗ Q_g`` → ``hadamard(x, None, None, R, rank, k)`` with ``R = Q_g`` (signs folded in, float32):
+    ONNX ``Reshape`` to ``[…, k, g]``, one ``MatMul`` by ``R``, ``Reshape`` back."""
+    x, signs, block, scale, groups = node.args
+    n = int(val.shape[-1])
+    g = n // groups
+    for t in (signs, block):
+        if isinstance(t, fx.Node) and t.op != "get_attr":
+            raise OnnxExportError(f"node {node.name}: hadamard_transform whose {t.name} is computed, not a constant")
+    tensors = [get_attr(gm, t.target) if isinstance(t, fx.Node) else None for t in (signs, block)]
+    right = orthogonal_transform(torch.eye(g, dtype=torch.float64), tensors[0], tensors[1], float(scale)).float()
+    right_node = _constant(gm, _right_factor_name(gm, g, right), right, node)
+    node.target = HADAMARD
+    node.args = (x, None, None, right_node, val.dim(), int(groups))
+
+
 def _lower_hadamard(gm: fx.GraphModule, node: fx.Node) -> None:
-    x, signs, block, scale = node.args
+    if len(node.args) > 4 and node.args[4] != 1:
+        val = node.meta.get("val")
+        if val is None:
+            raise OnnxExportError(f"node {node.name}: hadamard_transform whose input size is unknown (no shape "
+                                  "recorded on the node)")
+        _lower_grouped_hadamard(gm, node, val)
+        return
+    x, signs, block, scale = node.args[:4]
     n = _last_dim(gm, node) or _last_dim(gm, x)
     m = _last_dim(gm, block) if isinstance(block, fx.Node) else 1
     val = node.meta.get("val")

@@ -208,15 +208,18 @@ def _translate_uint8_per_tensor_matmul(x, b, b_scale, bias):
 # ------------------------------------------------------------------------- online Hadamard
 @torch.library.custom_op("qcompile_onnx::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor, signs: torch.Tensor | None, left: torch.Tensor | None, right: torch.Tensor,
-             rank: int) -> torch.Tensor:
+             rank: int, groups: int = 1) -> torch.Tensor:
     """``x · diag(signs) · (left ⊗ right)`` along the last dimension (see the module docstring): the
     last axis viewed as ``[a, c]`` (``a`` = ``left``'s order, 1 without it, ``c`` = ``right``'s),
     ``left`` applied from the left, ``right`` from the right; ``rank`` is ``x``'s (for the translation's
-    constant shapes)."""
+    constant shapes). ``groups > 1`` (no ``left``): ``x · (I_groups ⊗ right)``, the last axis viewed as
+    ``[groups, c]``."""
     c = right.shape[0]
     y = x.float()
     if signs is not None:
         y = y * signs.float()
+    if groups > 1:
+        return (y.reshape(*x.shape[:-1], groups, c) @ right.float()).reshape(x.shape).to(x.dtype)
     if left is None:
         return (y @ right.float()).to(x.dtype)
     y = torch.matmul(left.float(), y.reshape(*x.shape[:-1], x.shape[-1] // c, c)) @ right.float()
@@ -224,19 +227,27 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None, left: torch.Tensor | N
 
 
 @hadamard.register_fake
-def _(x, signs, left, right, rank):
+def _(x, signs, left, right, rank, groups=1):
     return torch.empty_like(x)
 
 
-def _translate_hadamard(x, signs, left, right, rank):
+def _static_rows(v) -> int:
+    shape = v.shape if v.shape is not None else getattr(v.const_value, "shape", None)
+    if shape is None:
+        raise ValueError(f"qcompile_onnx::hadamard: the factor {v.name} has no static shape")
+    return int(shape[0])
+
+
+def _translate_hadamard(x, signs, left, right, rank, groups=1):
     y = op.Mul(x, signs) if signs is not None else x
+    keep = [0] * (rank - 1)  # Reshape's 0: copy that axis from the input (batch, sequence stay dynamic)
+    c = _static_rows(right)
+    if groups > 1:  # I_groups ⊗ right: Reshape, one MatMul, Reshape
+        y = op.MatMul(op.Reshape(y, _const(keep + [groups, c], np.int64)), right)
+        return op.Reshape(y, _const(keep + [groups * c], np.int64))
     if left is None:
         return op.MatMul(y, right)
-    shapes = [v.shape if v.shape is not None else getattr(v.const_value, "shape", None) for v in (left, right)]
-    if any(shape is None for shape in shapes):
-        raise ValueError(f"qcompile_onnx::hadamard: the factors {left.name}, {right.name} have no static shape")
-    a, c = int(shapes[0][0]), int(shapes[1][0])
-    keep = [0] * (rank - 1)  # Reshape's 0: copy that axis from the input (batch, sequence stay dynamic)
+    a = _static_rows(left)
     y = op.Reshape(y, _const(keep + [a, c], np.int64))
     y = op.MatMul(op.MatMul(left, y), right)
     return op.Reshape(y, _const(keep + [a * c], np.int64))

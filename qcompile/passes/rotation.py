@@ -41,7 +41,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.formats.orthogonal import KINDS, Rotation, covered, derive_seed, rotation_factors
+from qcompile.formats.orthogonal import (
+    KINDS,
+    Rotation,
+    covered,
+    derive_seed,
+    grouped_rotation_factors,
+    rotation_factors,
+)
 from qcompile.ir.annotations import decision_of, set_decision
 from qcompile.ir.graph import (
     MODULE_PATH,
@@ -67,8 +74,11 @@ class RotationError(ValueError):
     """A rotation pass cannot apply to this graph as it is (the message says what to change)."""
 
 
-def make_rotation(size: int, seed: int, kind: str) -> Rotation:
-    """The rotation every pass here uses (one place, so that tests can swap it)."""
+def make_rotation(size: int, seed: int, kind: str, group: int | None = None) -> Rotation:
+    """The rotation every pass here uses (one place, so that tests can swap it); ``group``: the
+    block-diagonal ``I ⊗ Q_group`` (``formats.orthogonal.grouped_rotation_factors``)."""
+    if group is not None and group < size:
+        return grouped_rotation_factors(size, group, seed, kind)
     return rotation_factors(size, seed, kind)
 
 
@@ -521,18 +531,27 @@ class RotateOnline(_RotationPass):
     quantized decision are targets. Each transform has its own seed (derived from the pass seed and
     its index); its buffers are ``<path>.online_signs`` / ``<path>.online_block`` of the first
     linear it feeds.
+
+    ``group_size``: rotate each run of that many consecutive input channels on its own
+    (``Q = I ⊗ Q_g``, the op's ``groups``) where it divides the input size, else the whole input.
+    For weight-only recipes whose quantization groups have that size it keeps the accuracy of the
+    full rotation at a fraction of the online cost (docs/rotation.md); activation quantization
+    over a whole row wants the full one (``None``, the default).
     """
 
     runs_after = ("assign_quant_specs", "fold_norm_scales", "rotate_residual", "rotate_heads")
 
-    def __init__(self, kind: str = "hadamard", seed: int = 0, targets: str = "auto"):
+    def __init__(self, kind: str = "hadamard", seed: int = 0, targets: str = "auto", group_size: int | None = None):
         super().__init__(kind, seed)
         if targets not in TARGETS:
             raise ValueError(f"rotate_online: targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 2):
+            raise ValueError(f"rotate_online: group_size must be an integer of at least 2 or None, got {group_size!r}")
         self.targets = targets
+        self.group_size = group_size
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "targets": self.targets}
+        return {**super().options(), "targets": self.targets, "group_size": self.group_size}
 
     def _targets(self, gm: fx.GraphModule) -> str:
         if self.targets != "auto":
@@ -541,7 +560,8 @@ class RotateOnline(_RotationPass):
 
     def _apply(self, gm: fx.GraphModule, compute: bool, saved: dict[fx.Node, dict] | None) -> PassResult:
         groups: dict[fx.Node, list[fx.Node]] = {}
-        plan: list[tuple[fx.Node, list[fx.Node], str, int, int]] = []  # input, linears, kind, seed, size
+        plan: list[tuple[fx.Node, list[fx.Node], str, int, int, int | None]] = []  # input, linears, kind, seed,
+        # size, rotation group (None: the whole input)
         if saved is None:
             mode = self._targets(gm)
             for lin in [n for n in gm.graph.nodes if is_linear(n)]:
@@ -551,7 +571,9 @@ class RotateOnline(_RotationPass):
                 if mode == "all" or _is_down(lin):
                     groups.setdefault(lin.args[0], []).append(lin)
             for i, (x, lins) in enumerate(groups.items()):
-                plan.append((x, lins, self.kind, derive_seed(self.seed, "online", i), _last(x)))
+                size, gs = _last(x), self.group_size
+                plan.append((x, lins, self.kind, derive_seed(self.seed, "online", i), size,
+                             gs if gs is not None and gs < size and size % gs == 0 else None))
         else:
             by_group: dict[int, list[fx.Node]] = {}
             for lin, info in saved.items():
@@ -565,25 +587,28 @@ class RotateOnline(_RotationPass):
                 if _last(lins[0].args[0]) != info["size"]:
                     raise RotationError(f"rotate_online: recorded transform {g} has size {info['size']}, "
                                         f"its input {_last(lins[0].args[0])}")
-                plan.append((lins[0].args[0], lins, info["kind"], info["seed"], info["size"]))
+                plan.append((lins[0].args[0], lins, info["kind"], info["seed"], info["size"], info.get("group_size")))
         weights = _Weights(gm, compute, "_r4")
         sizes: dict[str, str] = {}
-        for g, (x, lins, kind, seed, size) in enumerate(plan):
-            rot = make_rotation(size, seed, kind)  # buffers are rebuilt from the seed at load too
+        for g, (x, lins, kind, seed, size, group) in enumerate(plan):
+            rot = make_rotation(size, seed, kind, group)  # buffers are rebuilt from the seed at load too
             signs, block = _online_buffers(rot)
             path = module_path(lins[0]) or lins[0].name
             s_node = _attr_node(gm, f"{path}.online_signs", signs) if signs is not None else None
             b_node = _attr_node(gm, f"{path}.online_block", block) if block is not None else None
+            args = (x, s_node, b_node, float(rot.scale)) + ((rot.groups,) if rot.groups > 1 else ())
             with gm.graph.inserting_before(lins[0]):
-                t = gm.graph.call_function(HADAMARD_TRANSFORM, (x, s_node, b_node, float(rot.scale)))
+                t = gm.graph.call_function(HADAMARD_TRANSFORM, args)
             if _val(x) is not None:
                 t.meta["val"] = _val(x)
             t.meta[MODULE_PATH] = path
             for lin in lins:
                 lin.update_arg(0, t)
                 weights.replace(lin, _weight_node(lin), ("online", g), rot.apply, lambda n, li=lin: li.update_arg(1, n))
-                _record(lin, self.name, {"kind": kind, "seed": seed, "size": size, "group": g, "targets": mode})
-            sizes[str(size)] = covered(size) if kind == "hadamard" else "random"
+                _record(lin, self.name, {"kind": kind, "seed": seed, "size": size, "group": g, "targets": mode,
+                                         "group_size": group})
+            whole = covered(group or size) if kind == "hadamard" else "random"
+            sizes[str(size)] = f"{size // group} groups of {group}: {whole}" if group else whole
         erase_dead_attrs(gm)
         stats = {"targets": mode, "transforms_inserted": len(plan), "linears": sum(len(p[1]) for p in plan),
                  "sizes": sizes}

@@ -87,3 +87,19 @@ def test_op_on_cpu_is_the_reference_and_cuda_fallback():
     torch.testing.assert_close(HADAMARD_TRANSFORM(x, r.signs, r.block, r.scale), r.apply(x), rtol=0, atol=1e-12)
     torch.testing.assert_close(hadamard.cuda_hadamard_transform(x, r.signs, r.block, r.scale), r.apply(x), rtol=0, atol=1e-12)
     hadamard.register_cuda_kernel()  # idempotent
+
+
+@pytest.mark.parametrize(("n", "group"), [(384, 128), (1536, 128), (768, 64)])
+def test_grouped_transform_runs_the_kernel_per_group(n, group):
+    """``groups > 1`` (``I ⊗ Q_g``): the kernel on each group as a row, against float64
+    (through the op's CUDA entry, which the interpreter runs on CPU)."""
+    from qcompile.formats.orthogonal import grouped_rotation_factors
+
+    r = grouped_rotation_factors(n, group, seed=3)
+    x = torch.randn(2, 5, n, device=DEV)
+    y = hadamard.cuda_hadamard_transform(x, r.signs, r.block, r.scale, r.groups)
+    ref = r.apply(x.double().cpu())
+    assert y.shape == x.shape and not torch.isnan(y).any()
+    assert float((y.double().cpu() - ref).abs().max() / ref.abs().max()) <= TOL[torch.float32]
+    with pytest.raises(ValueError, match="do not divide"):
+        hadamard.cuda_hadamard_transform(x, r.signs, r.block, r.scale, 7)

@@ -198,6 +198,30 @@ def test_bert_rotated_with_mask(tmp_path):
     _assert_matches_compiled(path, cm, {"input_ids": fresh, "attention_mask": mask})
 
 
+def test_bert_grouped_rotation_is_three_nodes_per_transform(tmp_path):
+    """``rotate_online(group_size=32)``: each transform ``I ⊗ Q_32`` exports as Reshape, one MatMul by a
+    32 x 32 matrix with the signs folded in, Reshape (no sign Mul, no left factor); ONNX Runtime equals
+    the compiled model."""
+    from qcompile.passes.rotation import RotateOnline
+
+    ids = tiny_inputs()[0]
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    passes = ["canonicalize", "assign_quant_specs", RotateOnline(targets="all", group_size=32), "quantize_weights",
+              "lower"]
+    cm = qcompile.compile(tiny_model("bert", layers=1), example, target="ort-cpu", recipe="w4a16-sym", passes=passes,
+                          progress=False, verify=False)
+    path = tmp_path / "bert.onnx"
+    export_onnx(cm, example, path)
+    model = onnx.load(str(path))
+    hadamard_factors = [t for t in model.graph.initializer if "hadamard_right" in t.name]
+    assert hadamard_factors and all(list(t.dims) == [32, 32] for t in hadamard_factors)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and any("hadamard_right" in i for i in n.input)]
+    assert len(matmuls) == 4  # Q/K/V share one; the output projection, intermediate and output dense one each
+    assert not any(n.op_type == "Mul" and any("online_signs" in i for i in n.input) for n in model.graph.node)
+    fresh = _fresh_ids()
+    _assert_matches_compiled(path, cm, {"input_ids": fresh, "attention_mask": torch.ones_like(fresh)})
+
+
 def test_minilm_w4a16(tmp_path):
     from qcompile.demo import load_minilm
 

@@ -113,6 +113,21 @@ def test_online_op_reference_and_dtypes():
     torch.testing.assert_close(yb.double(), x.bfloat16().double() @ r.matrix(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(("n", "group"), [(384, 128), (1536, 128), (96, 12), (64, 64)])
+def test_grouped_rotations_are_block_diagonal_and_orthonormal(n, group):
+    r = orth.grouped_rotation_factors(n, group, seed=4)
+    q = r.matrix()
+    torch.testing.assert_close(q, torch.block_diag(*[orth.rotation_factors(group, seed=4).matrix()] * (n // group)),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(q @ q.t(), torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
+    x = torch.randn(2, 5, n, dtype=torch.float64)
+    torch.testing.assert_close(r.apply_transpose(r.apply(x)), x, rtol=0, atol=1e-10)
+    y = HADAMARD_TRANSFORM(x, r.signs, r.block, r.scale, r.groups)
+    torch.testing.assert_close(y, x @ q, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="does not divide"):
+        orth.grouped_rotation_factors(n, 7 if n % 7 else 5, seed=4)
+
+
 # ------------------------------------------------------------------------------ exactness per family
 SKIP_R1 = {"bert": "post-norm", "gemma": "canonicalize did not recognize it"}
 
@@ -253,6 +268,35 @@ def test_minilm_rotate_online_is_exact_and_improves_w4a4():
     assert ours["mean_cosine"] >= base["mean_cosine"] + 0.05, (base, ours)  # measured 0.794 -> 0.929 (12 sentences)
 
 
+def test_grouped_online_rotation_is_exact_and_restored(tmp_path):
+    """``rotate_online(group_size=...)``: one transform per input as before, each ``I ⊗ Q_g`` (the
+    op's ``groups``), exact in float64; sizes it does not divide are rotated whole; the artifact
+    restores the grouping."""
+    model = tiny_model("bert")  # post-norm: every quantized input, hidden 64, intermediate 128
+    passes = ["canonicalize", "assign_quant_specs", RotateOnline(targets="all", group_size=32), "quantize_weights",
+              "lower"]
+    cm = qcompile.compile(model, tiny_inputs(), recipe="w4a16", passes=passes, verify=True, progress=False)
+    rec = next(p for p in cm.report().passes if p["name"] == "rotate_online")
+    assert rec["verified_rel_error"] is not None and rec["verified_rel_error"] <= 1e-6
+    assert rec["stats"]["sizes"] == {"64": "2 groups of 32: hadamard", "128": "4 groups of 32: hadamard"}
+    transforms = [n for n in cm.graph_module.graph.nodes if n.target is HADAMARD_TRANSFORM]
+    assert len(transforms) == 8 and sorted({n.args[4] for n in transforms}) == [2, 4]
+    cm.save(tmp_path / "art")
+    loaded = qcompile.load(tmp_path / "art", tiny_model("bert"))
+    assert [n.args[4] for n in loaded.graph_module.graph.nodes if n.target is HADAMARD_TRANSFORM] == [
+        n.args[4] for n in transforms]
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded(*inputs)), logits(cm(*inputs)), rtol=0, atol=0)
+    whole = RotateOnline(targets="all", group_size=48)  # divides neither 64 nor 128: whole rotations
+    cm = qcompile.compile(model, tiny_inputs(), recipe="w4a16", verify=True, progress=False,
+                          passes=["canonicalize", "assign_quant_specs", whole, "quantize_weights", "lower"])
+    rec = next(p for p in cm.report().passes if p["name"] == "rotate_online")
+    assert rec["stats"]["sizes"] == {"64": "hadamard", "128": "hadamard"}
+    with pytest.raises(ValueError, match="group_size"):
+        RotateOnline(group_size=1)
+
+
 # ------------------------------------------------------------------------------ artifacts
 def test_save_load_round_trip_restores_without_recomputing(tmp_path, monkeypatch):
     model = tiny_model("llama")
@@ -267,7 +311,8 @@ def test_save_load_round_trip_restores_without_recomputing(tmp_path, monkeypatch
     real = rotation_pass.make_rotation
     monkeypatch.setattr(rotation_pass, "_fold", lambda fn, w: folds.append(w.shape))
     monkeypatch.setattr(rotation_pass, "make_rotation",
-                        lambda size, seed, kind: rotations.append((size, seed, kind)) or real(size, seed, kind))
+                        lambda size, seed, kind, group=None: rotations.append((size, seed, kind)) or real(size, seed, kind,
+                                                                                                  group))
     loaded = qcompile.load(tmp_path / "art", fresh)
     assert folds == []  # the rotated weights come from the artifact, not from the rebuilt model
     recorded = sorted((d.extras["rotate_online"]["size"], d.extras["rotate_online"]["seed"], "hadamard")

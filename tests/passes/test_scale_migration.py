@@ -244,6 +244,27 @@ def test_tied_scales_follow_the_channel_map():
     assert s[1] == 1.0 and s[0] > s[2]  # a channel that never fires keeps 1
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recipe", ["w8a8-smooth", "w4a16-awq"])
+def test_scale_migration_runs_on_the_models_device(device, recipe):
+    """Smoothing and AWQ on a model on ``device`` (GQA: the tied channel map), calibration there too:
+    the statistics and the folded scales stay on the model's device (on CUDA, a CPU tensor in
+    ``tied_reduce`` once failed every smoothed recipe)."""
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(0, VOCAB, (2, 12), device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = qcompile.compile(model, {"input_ids": ids}, recipe=recipe, calibration=[{"input_ids": ids}],
+                              progress=False, verify=False)
+    with torch.no_grad():
+        ref, out = model(ids).logits, cm(ids).logits
+    assert out.device.type == device
+    assert torch.nn.functional.cosine_similarity(ref.flatten().double(), out.flatten().double(), dim=0) > 0.99
+
+
 def test_clip_search_never_loses_on_its_rows():
     w, x = torch.randn(32, 64), torch.randn(128, 64)
     w[0, 0] = 12.0  # one outlier weight: clipping its group pays

@@ -132,8 +132,15 @@ def _is_sign_matrix(b: torch.Tensor | None) -> bool:
     return _EXACT[key]
 
 
-def cuda_hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The op on CUDA tensors: the Triton kernel, or the reference for calls it does not take."""
+def cuda_hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, block: torch.Tensor | None, scale: float,
+                            groups: int = 1) -> torch.Tensor:
+    """The op on CUDA tensors: the Triton kernel, or the reference for calls it does not take;
+    ``groups > 1`` runs it on each group as a row of its own."""
+    if groups != 1:
+        if groups < 1 or x.shape[-1] % groups:
+            raise ValueError(f"hadamard_transform: {groups} groups do not divide the last dimension {x.shape[-1]}")
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        return cuda_hadamard_transform(grouped, signs, block, scale).reshape(x.shape)
     if unsupported_reason(x, signs, block) is None:
         return triton_hadamard_transform(x, signs, block, scale)
     from qcompile.formats.orthogonal import hadamard_transform
