@@ -133,6 +133,23 @@ def profile_decode(cm, decoder, ids: torch.Tensor, new: int, steps: int = 8) -> 
             "top": [{"us": us, "calls": c, "name": n[:120]} for us, c, n in top_kernels(by_name, steps, 25)]}
 
 
+def profile_prefill(cm, ids: torch.Tensor) -> dict:
+    """GPU time of one prefill (``generate(ids, 1)``) by kernel kind, and the gap: wall time minus the
+    kernels' sum (host dispatch the GPU waits for, the prefill being eager)."""
+    cm.generate(ids, 1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    by_name = kernel_times(lambda: cm.generate(ids, 1))
+    wall_us = (time.perf_counter() - t) * 1e6
+    by_kind: dict[str, float] = {}
+    for name, times in by_name.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times)
+    kernel_us = sum(by_kind.values())
+    return {"kernels": sum(len(v) for v in by_name.values()), "wall_us": wall_us, "kernel_us": kernel_us,
+            "gap_us": wall_us - kernel_us, "by_kind_us": by_kind,
+            "top": [{"us": us, "calls": c, "name": n[:120]} for us, c, n in top_kernels(by_name, 1, 15)]}
+
+
 def parse_config(config: str) -> tuple[str, str | None, bool, bool]:
     """``recipe[:kv][+tc][+head]`` as (recipe, kv cache, torch.compile step, quantized LM head)."""
     spec, *flags = config.split("+")
@@ -200,6 +217,8 @@ def qcompile_rows(model, config: str, cm, compile_s: float, batches: list[int], 
         cm.generate(ids, 1)
         _, stats = cm.generate(ids, 1, return_stats=True)
         rows.append({"config": config, "batch": 1, "prefill_tokens": prefill_tokens, "ttft_ms": stats.prefill_s * 1e3})
+        if profile:
+            rows[-1]["prefill_profile"] = profile_prefill(cm, ids)
         print(json.dumps(rows[-1]), flush=True)
     if long_context:
         rows.append({"config": config, **long_context_row(decoder, *long_context)})
@@ -234,6 +253,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
+    ap.add_argument("--hf-prefill-only", action="store_true", help="of the Hugging Face rows, only the prefill")
     ap.add_argument("--memory-context", type=int, default=0, metavar="T",
                     help="also the peak GPU memory of a batch-1 generation at T tokens of context (e.g. 32768)")
     ap.add_argument("--profile", action="store_true",
@@ -252,7 +272,7 @@ def main() -> None:
            "layers": args.layers, "prompt": args.prompt, "new": args.new, "copy_TBps": bw / 1e12, "rows": []}
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
     with torch.no_grad():
-        if not args.no_hf:
+        if not args.no_hf and not args.hf_prefill_only:
             ids = torch.randint(0, 32000, (1, args.prompt), device="cuda")
             res["hf_eager_tokps_b1"] = hf_eager_tokps(model, ids, 32)
             for b in batches:

@@ -197,13 +197,17 @@ _FIT = (
                {**GPTQ_FIT_OPTIONS, "fold_norm_scales": {"when": "always"},
                 **({"rotate_online": {"group_size": WEIGHT_GROUP_ROTATION}} if base != "w4a8" else {})})
       for base in ("w4a16", "w4a16-sym", "w4a8")),
+    _derived(_BY_NAME["nvfp4"], "smooth-gptq-fit", "SmoothQuant scales, then GPTQ fitted to the float model's outputs",
+             SMOOTH_GPTQ_PASSES, {"gptq": {k: v for k, v in GPTQ_FIT_OPTIONS["gptq"].items() if k != "grid"}}),
 )
 """The W4A16 recipes that fit the float model (``GPTQ_FIT_OPTIONS``): without online rotation
 (no run-time cost beyond the int4 GEMM) and with it (post-norm encoders: an online Hadamard before
 every quantized linear, pre-norm decoders: residual rotation plus one before down_proj). The
 symmetric one is for ONNX Runtime: ``MatMulNBits`` stores float32 scales, so group-128 symmetric is
 4.25 bits per weight there and asymmetric 4.28 (docs/onnx-export.md). ``w4a8-rotate-gptq-fit`` fits
-the same way with fp8 activations (the fit sees the quantized activations)."""
+the same way with fp8 activations (the fit sees the quantized activations); ``nvfp4-smooth-gptq-fit``
+is ``nvfp4-smooth-gptq`` with the fit's damping and float targets (NVFP4's e4m3 block scales leave no
+grid to search; rotation hurts NVFP4: docs/accuracy-minilm.md)."""
 
 SPLIT_PASSES = ("canonicalize", "assign_quant_specs", "split_outliers", "quantize_weights", "lower")
 ARC_PASSES = ("canonicalize", "assign_quant_specs", "split_outliers", "quantize_weights", "residual_channels", "lower")

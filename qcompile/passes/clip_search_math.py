@@ -137,11 +137,11 @@ def search_grid(weight: torch.Tensor, spec: QuantSpec, *, objective: str = "mse"
     asym = not spec.symmetric
     hi = wg.amax(-1, keepdim=True).clamp_min(0) if asym else wg.abs().amax(-1, keepdim=True)
     lo = wg.amin(-1, keepdim=True).clamp_max(0) if asym else -hi
-    r = torch.tensor(ratios)
+    r = torch.tensor(ratios, device=w.device)
     pairs = torch.cartesian_prod(r, r) if asym and asym_pairs else torch.stack([r, r], dim=1)  # (r_lo, r_hi)
     chunk = max(1, CANDIDATE_ELEMENTS // max(w.numel(), 1))
-    best_err = torch.full((n, groups), float("inf"))
-    best = torch.zeros(n, groups, dtype=torch.long)
+    best_err = torch.full((n, groups), float("inf"), device=w.device)
+    best = torch.zeros(n, groups, dtype=torch.long, device=w.device)
     for start in range(0, len(pairs), chunk):
         cand = pairs[start:start + chunk]
         clipped = torch.minimum(torch.maximum(wg, lo * cand[:, 0, None, None, None]), hi * cand[:, 1, None, None, None])

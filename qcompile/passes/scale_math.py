@@ -169,7 +169,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: 
         return torch.minimum(torch.maximum(wg, lo * r), hi * r)
 
     def group_errors(candidates: list[torch.Tensor]) -> list[torch.Tensor]:  # each [n, groups]
-        out = [torch.empty(n, groups) for _ in candidates]
+        out = [torch.empty(n, groups, device=w.device) for _ in candidates]
         for start in range(0, n, row_chunk):
             rows = slice(start, start + row_chunk)
             deqs = dequantized_rows([wc[rows].reshape(-1, groups * g)[:, :k] for wc in candidates], spec)
@@ -180,7 +180,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: 
 
     errors = torch.stack(group_errors([clipped(torch.tensor(float(r))) for r in ratios]))  # [ratios, n, groups]
     best = errors.argmin(0)
-    ratio = torch.tensor([float(r) for r in ratios])[best]
+    ratio = torch.tensor([float(r) for r in ratios], device=w.device)[best]
     result = clipped(ratio[..., None]).reshape(n, -1)[:, :k].contiguous()
     ref = (x @ w.t()).double().pow(2).sum().clamp_min(1e-30)
     deq_before, deq_after = dequantized_rows([w, result], spec)

@@ -169,9 +169,9 @@ class _ScaleMigration(Pass):
             sub = self.scale(alpha, *stat).float().double()
             if mapped is None:
                 return sub, sub
-            s = torch.ones(size, dtype=torch.float64)
-            s[mapped] = sub
-            return s, s[index]
+            s = torch.ones(size, dtype=torch.float64, device=sub.device)
+            s[mapped.to(sub.device)] = sub
+            return s, s[index.to(sub.device)]
 
         alphas = self.candidates()
         scales = [full(a) for a in alphas]

@@ -232,6 +232,19 @@ def test_resumed_calibration_runs_equal_runs_from_the_inputs(targets, monkeypatc
     assert not [n for n in resumed.report().notes if "gptq calibration" in n]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fitted_gptq_runs_on_the_models_device(device):
+    """``w4a16-gptq-fit`` (searched grids, float targets) with the model and the calibration on ``device``."""
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(0, VOCAB, (2, 12), device=device)
+    cm = qcompile.compile(model, {"input_ids": ids}, recipe="w4a16-gptq-fit", calibration=[{"input_ids": ids}],
+                          progress=False, verify=False)
+    with torch.no_grad():
+        ref, out = _logits(model(ids)), _logits(cm(ids))
+    assert out.device.type == device
+    assert torch.nn.functional.cosine_similarity(ref, out, dim=0) > 0.99
+
+
 def _logits(out):
     out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
     return out.detach().double().flatten()
