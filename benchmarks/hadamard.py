@@ -14,6 +14,7 @@ times, in CUDA graphs (``triton.testing.do_bench_cudagraph``; plain ``do_bench``
 Prints a table and writes ``$OUT/hadamard.json`` (or ``--out``). Run on the device machine:
 
     python benchmarks/hadamard.py            # H200: about a minute
+    python benchmarks/hadamard.py --group 128   # the grouped transform (rotate_online(group_size=128))
 """
 
 from __future__ import annotations
@@ -49,47 +50,51 @@ def bench(fn, rep: int) -> tuple[float, str]:
         return 1e3 * do_bench(fn, rep=rep, return_mode="median"), "do_bench"
 
 
-def _measure(x, signs, block, scale, q_dense, w, rep) -> tuple[dict[str, float], str]:
-    from qcompile.codegen.hadamard import triton_hadamard_transform
+def _measure(x, signs, block, scale, groups, q_dense, w, rep) -> tuple[dict[str, float], str]:
+    from qcompile.codegen.hadamard import cuda_hadamard_transform
     from qcompile.formats.orthogonal import hadamard_transform
     from qcompile.ir.ops import HADAMARD_TRANSFORM
 
     t = {}
-    t["triton"], how = bench(lambda: triton_hadamard_transform(x, signs, block, scale), rep)
-    t["op"], _ = bench(lambda: HADAMARD_TRANSFORM(x, signs, block, scale), rep)
-    t["torch_ref"], _ = bench(lambda: hadamard_transform(x, signs, block, scale), rep)
+    t["triton"], how = bench(lambda: cuda_hadamard_transform(x, signs, block, scale, groups), rep)
+    t["op"], _ = bench(lambda: HADAMARD_TRANSFORM(x, signs, block, scale, groups), rep)
+    t["torch_ref"], _ = bench(lambda: hadamard_transform(x, signs, block, scale, groups), rep)
     t["dense"], _ = bench(lambda: x @ q_dense, rep)
     t["gemm"], _ = bench(lambda: torch.matmul(x, w.t()), rep)
     return t, how
 
 
-def run(dims: list[int], ms: list[int], rep: int, seed: int = 0, device: str = "cuda") -> list[dict]:
-    from qcompile.codegen.hadamard import launch_config, triton_hadamard_transform
-    from qcompile.formats.orthogonal import describe, rotation_factors
+def run(dims: list[int], ms: list[int], rep: int, seed: int = 0, device: str = "cuda",
+        group: int | None = None) -> list[dict]:
+    """``group``: the grouped transform ``I ⊗ Q_group`` (``rotate_online(group_size=...)``) instead of
+    the whole-K rotation."""
+    from qcompile.codegen.hadamard import cuda_hadamard_transform, launch_config
+    from qcompile.formats.orthogonal import describe, grouped_rotation_factors, rotation_factors
     from qcompile.ir.ops import HADAMARD_TRANSFORM
 
     dev = torch.device(device)
     rows = []
     for k in dims:
         n_out = GEMMS.get(k, 4096)
-        rot = rotation_factors(k, seed=seed)
+        rot = grouped_rotation_factors(k, group, seed=seed) if group else rotation_factors(k, seed=seed)
         signs = rot.signs.float().to(dev)
         block = rot.block.float().to(dev) if rot.block is not None else None
         scale = float(rot.scale)
         q_dense = rot.matrix().to(dev, torch.bfloat16)
         w = (torch.randn(n_out, k, device=dev) / math.sqrt(k)).to(torch.bfloat16)
-        cfg = launch_config(k, block.shape[0] if block is not None else 1)
+        cfg = launch_config(k // rot.groups, block.shape[0] if block is not None else 1)
         for m in ms:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-            y = triton_hadamard_transform(x, signs, block, scale)
+            y = cuda_hadamard_transform(x, signs, block, scale, rot.groups)
             ref = rot.apply(x.double().cpu())
             err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
-            y_op = HADAMARD_TRANSFORM(x, signs, block, scale)
+            y_op = HADAMARD_TRANSFORM(x, signs, block, scale, rot.groups)
             same = bool(torch.equal(y_op, y))
-            t, how = _measure(x, signs, block, scale, q_dense, w, rep)
+            t, how = _measure(x, signs, block, scale, rot.groups, q_dense, w, rep)
             moved = 2 * m * k * x.element_size()
             rows.append({
-                "K": k, "N": n_out, "M": m, "construction": describe(k), "config": cfg, "timing": how,
+                "K": k, "N": n_out, "M": m, "construction": rot.describe() if group else describe(k), "config": cfg,
+                "timing": how,
                 "max_rel_error_vs_float64": err, "op_matches_wrapper": same,
                 "us": {name: round(v, 3) for name, v in t.items()},
                 "transform_over_gemm": round(t["triton"] / t["gemm"], 4),
@@ -121,21 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", type=int, nargs="*", default=list(MS))
     ap.add_argument("--rep", type=int, default=200, help="milliseconds of timing per measurement")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--group", type=int, default=None, help="time the grouped transform I ⊗ Q_group instead")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/hadamard.py needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
 
-    rows = run(args.dims, args.ms, args.rep)
+    rows = run(args.dims, args.ms, args.rep, group=args.group)
     print()
     print(table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "rows": rows, "table": table(rows)}
-    (out / "hadamard.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out / 'hadamard.json'}")
+    name = f"hadamard-group{args.group}.json" if args.group else "hadamard.json"
+    (out / name).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out / name}")
     bad = [r for r in rows if r["max_rel_error_vs_float64"] > 2e-2 or not r["op_matches_wrapper"]]
     return 1 if bad else 0
 
