@@ -312,9 +312,83 @@ def smollm2(recipes: list[str], peers: bool, window: int = 256, device: str = "c
         print(f"  {name:24s} ppl {p:.2f} ({p / base:.3f}x)  {rows[-1]['bits']:.2f} b/w  {rows[-1]['seconds']:.0f} s",
               flush=True)
         del cm
+    if peers:
+        try:
+            rows += _smollm2_ort_peers(model.cpu(), [w.cpu() for w in windows], base)
+        except ImportError as e:
+            rows.append({"who": "ONNX Runtime", "method": f"not run: {e}"})
     info = {"heldout_tokens": int(sum(len(w) for w in windows)), "windows": len(windows), "window": window,
             "calibration_windows": len(calib_batches), "device": device}
     return rows, info
+
+
+def _smollm2_ort_peers(model: torch.nn.Module, windows: list[torch.Tensor], base: float) -> list[dict]:
+    """ONNX Runtime's own quantizers on SmolLM2's ONNX export (``torch.onnx.export``, dynamo), perplexity
+    on the same windows: ``MatMulNBits`` at block 64 (576 = 9 · 64; the LM head excluded, as qcompile's
+    recipes keep it 16-bit) and ``quantize_dynamic`` int8 per channel."""
+    import logging
+
+    import onnx
+    from onnx_ort import (  # benchmarks/, on sys.path as the script's directory
+        _Logits,
+        bits_per_weight,
+        session,
+    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    for name in ("onnxruntime.quantization", ""):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    tmp = Path(tempfile.mkdtemp())
+    fp32 = tmp / "smollm2.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_Logits(model).eval(), (), kwargs={"input_ids": windows[0][None]}, dynamo=True,
+                                    dynamic_shapes={"input_ids": {1: torch.export.Dim("sequence", min=2, max=2048)}},
+                                    input_names=["input_ids"], output_names=["logits"], verbose=False)
+    program.save(str(fp32))
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    head = next(n.name for n in reversed(graph.node) if n.op_type in ("MatMul", "Gemm"))
+
+    def ppl(path: Path) -> float:
+        sess = session(path)
+        nll, count = 0.0, 0
+        for w in windows:
+            logits = torch.from_numpy(sess.run(None, {"input_ids": w[None].numpy()})[0])[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+            count += len(w) - 1
+        return float(torch.exp(torch.tensor(nll / count)))
+
+    rows = []
+    configs = [("MatMulNBits default, block 64, asymmetric", DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=False)),
+               ("MatMulNBits default, block 64, symmetric", DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=True)),
+               ("MatMulNBits HQQ, block 64", HQQWeightOnlyQuantConfig(block_size=64)),
+               ("MatMulNBits default, block 32, asymmetric", DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False))]
+    for label, cfg in configs:
+        start = time.perf_counter()
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), nodes_to_exclude=[head], algo_config=cfg)
+        q.process()
+        out = tmp / "q.onnx"
+        for stale in (out, out.with_name(out.name + ".data")):
+            stale.unlink(missing_ok=True)
+        q.model.save_model_to_file(str(out), True)
+        p = ppl(out)
+        rows.append({"who": "ONNX Runtime", "method": label + " (LM head float)", "bits": bits_per_weight(out),
+                     "ppl": p, "ratio": p / base, "seconds": time.perf_counter() - start})
+        print(f"  {label:44s} ppl {p:.2f} ({p / base:.3f}x)", flush=True)
+    out = tmp / "int8.onnx"
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=[head],
+                     use_external_data_format=True)
+    p = ppl(out)
+    rows.append({"who": "ONNX Runtime", "method": "quantize_dynamic int8 per channel (W8A8, LM head float)",
+                 "bits": bits_per_weight(out), "ppl": p, "ratio": p / base})
+    print(f"  quantize_dynamic int8                        ppl {p:.2f} ({p / base:.3f}x)", flush=True)
+    rows.append({"who": "ONNX Runtime", "method": f"(the float32 file in ONNX Runtime: perplexity {ppl(fp32):.2f})"})
+    return rows
 
 
 # ----------------------------------------------------------------------------- output
