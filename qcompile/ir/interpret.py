@@ -137,11 +137,27 @@ class ResumableRun:
         self.restart = False
         self.note: str | None = None
         self._envs: list[dict[fx.Node, Any]] = [self._bound_inputs(a, k) for a, k in batches]
+        self._check_inputs()
         self._interp = _BoundAttrInterpreter(gm, weights)
 
     def _bound_inputs(self, args: tuple, kwargs: dict) -> dict[fx.Node, Any]:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         return dict(zip(placeholders, flat_inputs(self.gm, args, kwargs), strict=True))
+
+    def _check_inputs(self) -> None:
+        """Each batch's inputs against the traced inputs' ranks and static sizes: a stage may stop
+        before any node reads an input, so a wrong shape must be caught here, not by a kernel."""
+        for i, env in enumerate(self._envs):
+            for node, value in env.items():
+                traced = node.meta.get("val")
+                if not (isinstance(traced, torch.Tensor) and isinstance(value, torch.Tensor)):
+                    continue
+                static = [_static_size(d) for d in traced.shape]
+                if value.dim() != len(static) or any(d is not None and d != v for d, v in zip(static, value.shape)):
+                    shapes = [tuple(t.shape) for t in env.values() if isinstance(t, torch.Tensor)]
+                    want = tuple(d if d is not None else "*" for d in static)
+                    raise ValueError(f"calibration batch {i} (input shapes {shapes}) does not fit the traced model: "
+                                     f"input {node.name} has shape {tuple(value.shape)}, the graph takes {want}")
 
     def advance(self, names: Iterable[str]) -> list[dict[str, Any]]:
         """Per batch, ``{name: value}`` of the nodes ``names`` (run up to the last of them)."""
@@ -169,8 +185,9 @@ class ResumableRun:
                             env[node] = self._interp.run_node(node)
                 except Exception as e:
                     shapes = [tuple(t.shape) for t in flat_inputs(self.gm, args, kwargs) if isinstance(t, torch.Tensor)]
-                    raise ValueError(f"calibration batch {i} (input shapes {shapes}) does not run through the graph "
-                                     f"at node {node.name}: {type(e).__name__}: {e}") from e
+                    raise ValueError(f"calibration batch {i} (input shapes {shapes}) does not fit the traced model "
+                                     f"(at node {node.name}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                     ) from e
                 missing = [n.name for n in wanted if n not in env]
                 if missing:
                     raise RuntimeError(f"node(s) {', '.join(missing)} ran before stage {self.stop} and are no longer "
@@ -205,6 +222,14 @@ class ResumableRun:
                 seen.add(id(v))
                 total += v.numel() * v.element_size()
         return total
+
+
+def _static_size(d: Any) -> int | None:
+    """A traced dimension's size if it is fixed (an int, or a SymInt that is a constant), else None."""
+    if isinstance(d, int):
+        return d
+    node = getattr(d, "node", None)
+    return node.maybe_as_int() if node is not None and hasattr(node, "maybe_as_int") else None
 
 
 class _BoundAttrInterpreter(fx.Interpreter):

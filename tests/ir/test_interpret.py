@@ -95,8 +95,15 @@ def test_a_node_freed_before_the_stop_is_an_error_that_names_it():
         run.advance([a.name])
 
 
-def test_a_batch_that_does_not_fit_names_the_batch_and_the_node():
+def test_a_batch_that_does_not_fit_names_the_batch_and_the_input():
+    """Checked against the traced input's static sizes before any stage (a stage may stop before a
+    node reads the input); without traced shapes, the node that fails is named."""
+    from qcompile.frontend import export_model
+
+    exported = export_model(Chain().eval(), (torch.randn(4, 8),), {})
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(input shapes \[\(4, 5\)\]\) does not fit .*has shape"):
+        ResumableRun(exported.gm, [((torch.randn(4, 5),), {})])
     gm = _graph()
     run = ResumableRun(gm, [((torch.randn(4, 5),), {})])
-    with pytest.raises(ValueError, match=r"calibration batch 0 .*\(4, 5\).* at node linear"):
+    with pytest.raises(ValueError, match=r"calibration batch 0 .* does not fit the traced model \(at node linear\)"):
         run.advance([_node(gm, "c").name])
