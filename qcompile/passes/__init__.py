@@ -28,8 +28,9 @@ from qcompile.passes.gptq import GPTQ
 from qcompile.passes.mixed_precision import MixedPrecision
 from qcompile.passes.norm_folding import FoldNormScales
 from qcompile.passes.outlier_splitting import OutlierSplit, ResidualChannels
-from qcompile.passes.rotation import RotateOnline, RotateResidual
+from qcompile.passes.rotation import RotateResidual
 from qcompile.passes.rotation_heads import RotateHeads
+from qcompile.passes.rotation_online import RotateOnline
 from qcompile.passes.scale_migration import AWQ, AWQClip, OSShift, SmoothQuant
 from qcompile.passes.spec_assignment import AssignQuantSpecs
 from qcompile.passes.weight_quantization import QuantizeWeights, WeightQuantizer

@@ -202,7 +202,7 @@ def test_bert_grouped_rotation_is_three_nodes_per_transform(tmp_path):
     """``rotate_online(group_size=32)``: each transform ``I ⊗ Q_32`` exports as Reshape, one MatMul by a
     32 x 32 matrix with the signs folded in, Reshape (no sign Mul, no left factor); ONNX Runtime equals
     the compiled model."""
-    from qcompile.passes.rotation import RotateOnline
+    from qcompile.passes.rotation_online import RotateOnline
 
     ids = tiny_inputs()[0]
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -17,8 +17,9 @@ from qcompile.ir.ops import HADAMARD_TRANSFORM
 from qcompile.ir.verify import VerificationError
 from qcompile.passes.base import PassContext, PassManager, PassRequirementError
 from qcompile.passes.norm_folding import FoldNormScales
-from qcompile.passes.rotation import RotateOnline, RotateResidual, RotationError
+from qcompile.passes.rotation import RotateResidual, RotationError
 from qcompile.passes.rotation_heads import RotateHeads
+from qcompile.passes.rotation_online import RotateOnline
 from qcompile.recipes import get_recipe
 from tests.outlier_models import outlier_setup
 from tests.tiny_models import FAMILIES, VOCAB, _perturb_norms, tiny_inputs, tiny_model
