@@ -131,6 +131,7 @@ class ResumableRun:
         self.max_bytes = RESUMABLE_MAX_BYTES if max_bytes is None else max_bytes
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.position = {n: i for i, n in enumerate(self.nodes)}
+        self._by_name = {n.name: n for n in self.nodes}
         last = len(self.nodes)  # read by the output: live to the end
         self.last_use = {n: max((self.position.get(u, last) for u in n.users), default=-1) for n in self.nodes}
         self.stop = -1
@@ -161,8 +162,7 @@ class ResumableRun:
 
     def advance(self, names: Iterable[str]) -> list[dict[str, Any]]:
         """Per batch, ``{name: value}`` of the nodes ``names`` (run up to the last of them)."""
-        by_name = {n.name: n for n in self.nodes}
-        wanted = [by_name[name] for name in names]
+        wanted = [self._by_name[name] for name in names]
         end = max(self.position[n] for n in wanted)
         start = self.stop + 1
         if self.restart:
